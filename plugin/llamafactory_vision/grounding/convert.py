@@ -1,0 +1,383 @@
+"""Convert COCO detection and RefCOCO annotations into ``grounding`` jsonl rows.
+
+- :func:`convert_coco`: COCO ``instances_*.json`` -> one ``detect`` row per (image, category) listing every
+  non-crowd box of that category, ``ref`` = category name.
+- :func:`convert_refcoco`: RefCOCO/RefCOCO+/RefCOCOg refs joined with their COCO instances by ``ann_id`` ->
+  one ``rec`` row per sentence.
+
+Boxes stay in COCO's ``xywh`` pixels (``bbox_format: "xywh"``). Where the image record gives ``width``/``height``
+a box reaching past the image is clipped to it (COCO has a few), so every written box passes the ``grounding``
+format's validation; a box with no area is skipped and counted. Image paths are ``os.path.join(images_dir,
+file_name)`` as given: pass an absolute ``images_dir`` or one relative to the ``dataset_dir`` you will train with.
+
+Command line (mounted as ``llamafactory-vision convert``)::
+
+    llamafactory-vision convert coco --instances instances_val2017.json --images val2017 --out coco_val.jsonl
+    llamafactory-vision convert refcoco --refs refs.json --instances instances.json --images train2014 \\
+        --out refcoco_val.jsonl --split val [--allow-pickle]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..boxes import to_xyxy
+
+PICKLE_SUFFIXES = (".p", ".pkl", ".pickle")
+_REQUIRED = object()  # default of `_Record.get` for a field that must be present
+
+
+@dataclass(frozen=True)
+class ConvertStats:
+    """What a conversion wrote and skipped.
+
+    Attributes:
+        rows (int): rows written.
+        images (int): distinct images referenced by the rows.
+        objects (int): boxes written (summed over rows; a RefCOCO box is counted once per sentence).
+        skipped_crowd (int): ``iscrowd`` annotations left out (COCO).
+        skipped_degenerate (int): boxes with no area (after clipping to the image) left out.
+        clipped (int): boxes clipped to the image bounds.
+        skipped_empty_sentences (int): RefCOCO sentences that are empty after stripping.
+    """
+
+    rows: int
+    images: int
+    objects: int
+    skipped_crowd: int = 0
+    skipped_degenerate: int = 0
+    clipped: int = 0
+    skipped_empty_sentences: int = 0
+
+
+class _Record:
+    """Field access on one JSON record whose errors name the file, the record and the field."""
+
+    def __init__(self, path: Path, where: str, record: Any) -> None:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: {where}: expected a JSON object, got {type(record).__name__}")
+        self.path, self.where, self.record = path, where, record
+
+    def error(self, field: str, message: str) -> ValueError:
+        return ValueError(f"{self.path}: {self.where}.{field}: {message}")
+
+    def get(self, field: str, kind: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
+        if field not in self.record:
+            if default is not _REQUIRED:
+                return default
+            raise self.error(field, "missing field")
+        value = self.record[field]
+        if not isinstance(value, kind) or isinstance(value, bool) and bool not in _as_tuple(kind):
+            raise self.error(field, f"expected {_kind_name(kind)}, got {type(value).__name__} {value!r}")
+        return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in _as_tuple(kind))
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        with path.open("rb") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def _records(path: Path, data: Any, key: str) -> list[_Record]:
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise ValueError(f"{path}: expected a COCO instances object with a list under {key!r}")
+    return [_Record(path, f"{key}[{i}]", record) for i, record in enumerate(data[key])]
+
+
+@dataclass(frozen=True)
+class _Image:
+    path: str
+    size: tuple[float, float] | None  # (width, height) when the record gives both
+
+
+def _index_images(path: Path, data: Any, images_dir: str) -> dict[int, _Image]:
+    images: dict[int, _Image] = {}
+    for rec in _records(path, data, "images"):
+        image_id = rec.get("id", int)
+        width, height = rec.get("width", (int, float), None), rec.get("height", (int, float), None)
+        size = (float(width), float(height)) if width is not None and height is not None else None
+        images[image_id] = _Image(os.path.join(images_dir, rec.get("file_name", str)), size)
+    return images
+
+
+def _largest_below(total: float, start: float) -> float:
+    """The largest ``w`` with ``start + w <= total`` in floating point (``total - start`` may overshoot by an ulp)."""
+    width = total - start
+    while start + width > total:
+        width = math.nextafter(width, -math.inf)
+    return width
+
+
+def _xywh_box(rec: _Record, image: _Image) -> tuple[list[float] | None, bool]:
+    """Validated ``xywh`` box of an annotation, clipped to the image when its size is known.
+
+    Returns:
+        (box or None when it has no area, whether it was clipped).
+    """
+    # BoxError is a ValueError naming the field passed here.
+    x1, y1, x2, y2 = to_xyxy(rec.get("bbox", list), "xywh", field=f"{rec.path}: {rec.where}.bbox")
+    box = list(rec.record["bbox"])  # unclipped boxes keep their numbers exactly as written
+    clipped = False
+    if image.size is not None:
+        width, height = image.size
+        cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, width), min(y2, height)
+        if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+            clipped = True
+            box = [cx1, cy1, _largest_below(cx2, cx1), _largest_below(cy2, cy1)]
+        x1, y1, x2, y2 = cx1, cy1, cx2, cy2
+    if not (x1 < x2 and y1 < y2):
+        return None, clipped
+    return box, clipped
+
+
+def _write_rows(out_jsonl: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    out = Path(out_jsonl)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def convert_coco(instances_json: str | Path, images_dir: str, out_jsonl: str | Path) -> ConvertStats:
+    """COCO instances -> ``detect`` rows, one per (image, category) with every non-crowd box of that category.
+
+    Rows follow the order of ``images`` in the file, categories in order of first annotation; images without a
+    usable annotation get no row. ``iscrowd`` annotations are skipped and counted.
+
+    Args:
+        instances_json (str | Path): COCO ``instances_*.json`` (``images``, ``annotations``, ``categories``).
+        images_dir (str): folder the ``file_name`` of each image is joined to.
+        out_jsonl (str | Path): output file (parents created, overwritten).
+
+    Returns:
+        ConvertStats: counts of rows, images, boxes and of what was skipped or clipped.
+
+    Raises:
+        ValueError: naming the file, the record (``annotations[12]``) and the field that is missing or invalid.
+    """
+    path = Path(instances_json)
+    data = _load_json(path)
+    images = _index_images(path, data, images_dir)
+    categories = {rec.get("id", int): rec.get("name", str) for rec in _records(path, data, "categories")}
+
+    grouped: dict[int, dict[int, list[list[float]]]] = {}  # image id -> category id -> boxes (insertion-ordered)
+    crowd = degenerate = clipped = 0
+    for rec in _records(path, data, "annotations"):
+        image_id, category_id = rec.get("image_id", int), rec.get("category_id", int)
+        if image_id not in images:
+            raise rec.error("image_id", f"{image_id} is not the id of any entry in 'images'")
+        if category_id not in categories:
+            raise rec.error("category_id", f"{category_id} is not the id of any entry in 'categories'")
+        if rec.get("iscrowd", (int, bool), 0):
+            crowd += 1
+            continue
+        box, was_clipped = _xywh_box(rec, images[image_id])
+        clipped += was_clipped
+        if box is None:
+            degenerate += 1
+            continue
+        grouped.setdefault(image_id, {}).setdefault(category_id, []).append(box)
+
+    rows = [
+        {
+            "images": [images[image_id].path],
+            "objects": [{"ref": categories[category_id], "bbox": box} for box in boxes],
+            "bbox_format": "xywh",
+            "task": "detect",
+        }
+        for image_id in images
+        for category_id, boxes in grouped.get(image_id, {}).items()
+    ]
+    _write_rows(out_jsonl, rows)
+    return ConvertStats(
+        rows=len(rows),
+        images=len(grouped),
+        objects=sum(len(row["objects"]) for row in rows),
+        skipped_crowd=crowd,
+        skipped_degenerate=degenerate,
+        clipped=clipped,
+    )
+
+
+def load_refs(refs_path: str | Path, allow_pickle: bool = False) -> list[Any]:
+    """Load RefCOCO refs: a JSON list, or the original ``refs(unc).p`` pickle when ``allow_pickle`` is True.
+
+    Raises:
+        ValueError: for a pickle without ``allow_pickle`` (unpickling can run arbitrary code), for invalid JSON,
+            or when the content is not a list.
+    """
+    path = Path(refs_path)
+    with path.open("rb") as f:
+        head = f.read(2)
+    # Protocol 2+ pickles start with PROTO (0x80); the Python 2 refs files may also be protocol 0 ("(lp0").
+    looks_pickled = path.suffix.lower() in PICKLE_SUFFIXES or head[:1] == b"\x80" or head == b"(l"
+    if looks_pickled and not allow_pickle:
+        raise ValueError(
+            f"{path} is a pickle file; loading a pickle can run arbitrary code, so it is refused by default. "
+            "If you trust the file, pass allow_pickle=True (command line: --allow-pickle), or convert it to JSON."
+        )
+    if looks_pickled:
+        with path.open("rb") as f:
+            # The refs pickles were written by Python 2: latin1 decodes any Python 2 byte string.
+            refs = pickle.load(f, encoding="latin1")
+    else:
+        refs = _load_json(path)
+    if not isinstance(refs, list):
+        raise ValueError(f"{path}: expected a list of refs, got {type(refs).__name__}")
+    return refs
+
+
+def convert_refcoco(
+    refs_path: str | Path,
+    instances_json: str | Path,
+    images_dir: str,
+    out_jsonl: str | Path,
+    split: str | None = None,
+    allow_pickle: bool = False,
+) -> ConvertStats:
+    """RefCOCO refs + COCO instances -> ``rec`` rows, one per sentence, with the referred annotation's box.
+
+    Args:
+        refs_path (str | Path): refs as a JSON list of ``{"ref_id", "ann_id", "image_id", "split",
+            "sentences": [{"sent": ...}, ...]}``; the original pickle only with ``allow_pickle``.
+        instances_json (str | Path): the COCO instances holding every ``ann_id`` (RefCOCO ships its own
+            ``instances.json``).
+        images_dir (str): folder the image ``file_name`` is joined to (COCO train2014 for RefCOCO).
+        out_jsonl (str | Path): output file (parents created, overwritten).
+        split (str | None): keep only refs of this split (``train``, ``val``, ``testA``, ...). Default: all.
+        allow_pickle (bool): allow loading a pickled refs file. Default False.
+
+    Returns:
+        ConvertStats: counts of rows, images and boxes, and of skipped or clipped boxes and empty sentences.
+
+    Raises:
+        ValueError: naming the file, the record (``refs[3]``) and the field that is missing or invalid; for an
+            unknown ``split`` (listing the splits present); for a pickle without ``allow_pickle``.
+    """
+    refs_file, instances_file = Path(refs_path), Path(instances_json)
+    refs = [_Record(refs_file, f"refs[{i}]", ref) for i, ref in enumerate(load_refs(refs_file, allow_pickle))]
+    data = _load_json(instances_file)
+    images = _index_images(instances_file, data, images_dir)
+    annotations = {rec.get("id", int): rec for rec in _records(instances_file, data, "annotations")}
+
+    if split is not None:
+        splits = sorted({str(ref.get("split", str)) for ref in refs})
+        if split not in splits:
+            raise ValueError(f"split={split!r}: {refs_file} has no ref of that split; splits present: {splits}")
+        refs = [ref for ref in refs if ref.get("split", str) == split]
+
+    rows: list[dict[str, Any]] = []
+    image_paths: set[str] = set()
+    degenerate = clipped = empty = 0
+    for ref in refs:
+        ann_id = ref.get("ann_id", int)
+        if ann_id not in annotations:
+            raise ref.error("ann_id", f"{ann_id} is not the id of any annotation in {instances_file}")
+        ann = annotations[ann_id]
+        image_id = ann.get("image_id", int)
+        if ref.get("image_id", int, image_id) != image_id:
+            raise ref.error("image_id", f"{ref.record['image_id']} differs from annotation {ann_id}'s {image_id}")
+        if image_id not in images:
+            raise ann.error("image_id", f"{image_id} is not the id of any entry in 'images'")
+        box, was_clipped = _xywh_box(ann, images[image_id])
+        clipped += was_clipped
+        if box is None:
+            degenerate += 1
+            continue
+        for j, sentence in enumerate(ref.get("sentences", list)):
+            text = _Record(ref.path, f"{ref.where}.sentences[{j}]", sentence).get("sent", str).strip()
+            if not text:
+                empty += 1
+                continue
+            rows.append(
+                {
+                    "images": [images[image_id].path],
+                    "objects": [{"ref": text, "bbox": box}],
+                    "bbox_format": "xywh",
+                    "task": "rec",
+                }
+            )
+            image_paths.add(images[image_id].path)
+    _write_rows(out_jsonl, rows)
+    return ConvertStats(
+        rows=len(rows),
+        images=len(image_paths),
+        objects=len(rows),
+        skipped_degenerate=degenerate,
+        clipped=clipped,
+        skipped_empty_sentences=empty,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``convert {coco,refcoco}`` to a parent CLI's subparsers; the parsed namespace's ``func`` runs it.
+
+    Usage in the parent: ``args = parser.parse_args(argv); return args.func(args)``.
+    """
+    convert = subparsers.add_parser("convert", help="convert COCO / RefCOCO annotations to grounding jsonl")
+    sources = convert.add_subparsers(dest="source", required=True)
+
+    coco = sources.add_parser("coco", help="COCO instances -> detect rows (one per image x category)")
+    coco.add_argument("--instances", required=True, help="COCO instances_*.json")
+    coco.add_argument("--images", required=True, help="folder holding the images (joined to each file_name)")
+    coco.add_argument("--out", required=True, help="output .jsonl")
+    coco.set_defaults(func=run_convert)
+
+    refcoco = sources.add_parser("refcoco", help="RefCOCO refs + COCO instances -> rec rows (one per sentence)")
+    refcoco.add_argument(
+        "--refs", required=True, help="refs as JSON (or the original refs(unc).p with --allow-pickle)"
+    )
+    refcoco.add_argument("--instances", required=True, help="COCO instances json holding the referred annotations")
+    refcoco.add_argument("--images", required=True, help="folder holding the images (joined to each file_name)")
+    refcoco.add_argument("--out", required=True, help="output .jsonl")
+    refcoco.add_argument("--split", default=None, help="keep one split only, e.g. val, testA, testB")
+    refcoco.add_argument(
+        "--allow-pickle", action="store_true", help="allow a pickled refs file (only for files you trust)"
+    )
+    refcoco.set_defaults(func=run_convert)
+    return convert
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Handler of ``convert``: runs the conversion and prints its :class:`ConvertStats` as JSON."""
+    if args.source == "coco":
+        stats = convert_coco(args.instances, args.images, args.out)
+    else:
+        stats = convert_refcoco(args.refs, args.instances, args.images, args.out, args.split, args.allow_pickle)
+    print(json.dumps({"out": str(args.out), **asdict(stats)}, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry: ``argv`` is what follows ``llamafactory-vision``, e.g. ``["convert", "coco", ...]``."""
+    parser = argparse.ArgumentParser(prog="llamafactory-vision")
+    add_convert_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

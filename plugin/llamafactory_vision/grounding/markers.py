@@ -1,0 +1,61 @@
+"""Neutral box markers: how a box travels from the dataset converter to the model-specific text.
+
+The converter cannot know the size the model will see (LLaMA-Factory decides it later, from the processor), so it
+writes each box as a marker holding the box normalised to the original image. The grounding plugin renders markers
+into the family's exact text inside ``process_messages``, once the final image size is known. Markers never reach a
+tokenizer.
+
+Syntax: ``⟦lfv:objects <image index> <json list of {"ref", "box"}>⟧`` (an answer) and
+``⟦lfv:region <image index> <json box>⟧`` (a box inside a prompt); the JSON is ASCII-only, so it never contains ``⟧``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+
+from llamafactory_vision.grounding.formats import BoxCodec, GroundedObject
+
+_MARKER = re.compile(r"⟦lfv:(objects|region) (\d+) (.*?)⟧", re.DOTALL)
+
+Size = tuple[int, int]
+
+
+def objects_marker(image_index: int, objects: Sequence[GroundedObject]) -> str:
+    """Marker for an answer listing ``objects`` (boxes normalised xyxy in [0, 1] of image ``image_index``)."""
+    payload = [{"ref": o.ref, "box": list(o.box)} for o in objects]
+    return f"⟦lfv:objects {image_index} {json.dumps(payload, ensure_ascii=True)}⟧"
+
+
+def region_marker(image_index: int, box: Sequence[float]) -> str:
+    """Marker for a region (normalised xyxy in [0, 1]) mentioned in a prompt."""
+    return f"⟦lfv:region {image_index} {json.dumps(list(box))}⟧"
+
+
+def has_markers(text: str) -> bool:
+    return _MARKER.search(text) is not None
+
+
+def marker_objects(text: str) -> list[GroundedObject]:
+    """Objects of every answer marker in ``text``, in order (region markers are not objects)."""
+    return [
+        GroundedObject(ref=item["ref"], box=tuple(item["box"]))
+        for kind, _, payload in _MARKER.findall(text)
+        if kind == "objects"
+        for item in json.loads(payload)
+    ]
+
+
+def render_markers(text: str, codec: BoxCodec, model_size: Callable[[int], Size]) -> str:
+    """Replace every marker in ``text`` with ``codec``'s text; ``model_size(i)`` gives image ``i``'s
+    (width, height) as the model sees it."""
+
+    def render(match: re.Match) -> str:
+        kind, index, payload = match.group(1), int(match.group(2)), json.loads(match.group(3))
+        size = model_size(index)
+        if kind == "region":
+            return codec.format_region(tuple(payload), size)
+        return codec.format_answer([GroundedObject(ref=o["ref"], box=tuple(o["box"])) for o in payload], size)
+
+    return _MARKER.sub(render, text)

@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny offline models, synthetic grounding data, and a runner for the real CLIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+GROUND_TEMPLATE = {"qwen2_vl": "qwen2_vl_ground", "qwen2_5_vl": "qwen2_5_vl_ground", "qwen3_vl": "qwen3_vl_ground"}
+STOCK_TEMPLATE = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl_nothink"}
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("LLAMAFACTORY_VISION_DISABLE", None)
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run one of the venv's console scripts (``llamafactory-cli``, ``llamafactory-vision``) or python."""
+    exe = args[0] if args[0] == sys.executable else str(BIN / args[0])
+    result = subprocess.run(
+        [exe, *args[1:]], cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=900
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} exited {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}\n"
+            f"--- stderr ---\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def write_yaml(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in config.items()}))
+    return path
+
+
+def train_config(model: Path, data_dir: Path, out: Path, template: str, **extra) -> dict:
+    """A minimal LoRA SFT config for the tiny models (a few steps, CPU)."""
+    return {
+        "model_name_or_path": model,
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "dataset": "synth_ground_train",
+        "dataset_dir": data_dir,
+        "template": template,
+        "cutoff_len": 512,
+        "output_dir": out,
+        "overwrite_output_dir": True,
+        "per_device_train_batch_size": 2,
+        "max_steps": 2,
+        "learning_rate": 1.0e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 0,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from llamafactory_vision.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("models")
+    return {family: build_tiny(family, root / family, seed=0) for family in (*QWEN_FAMILIES, "llava")}
+
+
+@pytest.fixture(scope="session")
+def varied_data(tmp_path_factory) -> Path:
+    """Synthetic grounding set with tiny, very wide, very tall and larger-than-max_pixels images."""
+    from llamafactory_vision.synth import generate_grounding
+
+    root = tmp_path_factory.mktemp("varied")
+    generate_grounding(root, n=40, seed=1, val_frac=0.25, preset="varied")
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    from llamafactory_vision.synth import generate_grounding
+
+    root = tmp_path_factory.mktemp("demo")
+    generate_grounding(root, n=12, seed=2, val_frac=0.34, preset="demo")
+    return root
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

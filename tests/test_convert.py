@@ -1,0 +1,176 @@
+"""COCO / RefCOCO -> grounding jsonl conversion on small handmade fixtures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+from llamafactory_vision.boxes import to_xyxy
+from llamafactory_vision.grounding.convert import (
+    ConvertStats,
+    add_convert_parser,
+    convert_coco,
+    convert_refcoco,
+    main,
+)
+
+INSTANCES = {
+    "images": [
+        {"id": 1, "file_name": "a.jpg", "width": 640, "height": 480},
+        {"id": 2, "file_name": "b.jpg", "width": 100, "height": 50},
+        {"id": 3, "file_name": "empty.jpg", "width": 10, "height": 10},
+    ],
+    "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}],
+    "annotations": [
+        {"id": 10, "image_id": 1, "category_id": 18, "bbox": [10, 20, 30, 40], "iscrowd": 0},
+        {"id": 11, "image_id": 1, "category_id": 1, "bbox": [100.5, 50.25, 60, 120], "iscrowd": 0},
+        {"id": 12, "image_id": 1, "category_id": 18, "bbox": [300, 200, 50, 60], "iscrowd": 0},
+        {"id": 13, "image_id": 1, "category_id": 1, "bbox": [0, 0, 640, 480], "iscrowd": 1},
+        {"id": 14, "image_id": 2, "category_id": 1, "bbox": [90, 10, 20.3, 10]},  # reaches past x = 100
+        {"id": 15, "image_id": 2, "category_id": 18, "bbox": [5, 5, 0, 10], "iscrowd": 0},  # no width
+        {"id": 16, "image_id": 3, "category_id": 1, "bbox": [1, 1, 2, 2], "iscrowd": 1},
+    ],
+}
+
+REFS = [
+    {"ref_id": 0, "ann_id": 11, "image_id": 1, "split": "train", "sentences": [{"sent": "man in red"}]},
+    {
+        "ref_id": 1,
+        "ann_id": 12,
+        "image_id": 1,
+        "split": "val",
+        "sentences": [{"sent": "dog on the right"}, {"sent": "  "}, {"sent": "brown dog"}],
+    },
+    {"ref_id": 2, "ann_id": 14, "image_id": 2, "split": "testA", "sentences": [{"sent": "person at the edge"}]},
+]
+
+
+def _write(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_coco_rows_group_boxes_by_image_and_category(tmp_path: Path) -> None:
+    instances = _write(tmp_path / "instances.json", INSTANCES)
+    stats = convert_coco(instances, "/data/coco", tmp_path / "out" / "coco.jsonl")
+    rows = _rows(tmp_path / "out" / "coco.jsonl")
+    assert rows[:2] == [
+        {
+            "images": ["/data/coco/a.jpg"],
+            "objects": [{"ref": "dog", "bbox": [10, 20, 30, 40]}, {"ref": "dog", "bbox": [300, 200, 50, 60]}],
+            "bbox_format": "xywh",
+            "task": "detect",
+        },
+        {
+            "images": ["/data/coco/a.jpg"],
+            "objects": [{"ref": "person", "bbox": [100.5, 50.25, 60, 120]}],
+            "bbox_format": "xywh",
+            "task": "detect",
+        },
+    ]
+    # The box reaching past the right edge is clipped to x2 <= 100 exactly (as the grounding format checks it).
+    assert rows[2]["images"] == ["/data/coco/b.jpg"] and rows[2]["objects"][0]["ref"] == "person"
+    x1, y1, x2, y2 = to_xyxy(rows[2]["objects"][0]["bbox"], "xywh")
+    assert (x1, y1, y2) == (90, 10, 20) and 99.99 < x2 <= 100
+    assert len(rows) == 3
+    assert stats == ConvertStats(
+        rows=3, images=2, objects=4, skipped_crowd=2, skipped_degenerate=1, clipped=1, skipped_empty_sentences=0
+    )
+
+
+def test_refcoco_rows_one_per_sentence(tmp_path: Path) -> None:
+    instances = _write(tmp_path / "instances.json", INSTANCES)
+    refs = _write(tmp_path / "refs.json", REFS)
+    stats = convert_refcoco(refs, instances, "imgs", tmp_path / "ref.jsonl")
+    rows = _rows(tmp_path / "ref.jsonl")
+    assert [(row["objects"][0]["ref"], row["images"][0]) for row in rows] == [
+        ("man in red", "imgs/a.jpg"),
+        ("dog on the right", "imgs/a.jpg"),
+        ("brown dog", "imgs/a.jpg"),
+        ("person at the edge", "imgs/b.jpg"),
+    ]
+    assert rows[1] == {
+        "images": ["imgs/a.jpg"],
+        "objects": [{"ref": "dog on the right", "bbox": [300, 200, 50, 60]}],
+        "bbox_format": "xywh",
+        "task": "rec",
+    }
+    assert stats.rows == 4 and stats.images == 2 and stats.skipped_empty_sentences == 1 and stats.clipped == 1
+
+
+def test_refcoco_split_filter(tmp_path: Path) -> None:
+    instances = _write(tmp_path / "instances.json", INSTANCES)
+    refs = _write(tmp_path / "refs.json", REFS)
+    convert_refcoco(refs, instances, "imgs", tmp_path / "val.jsonl", split="val")
+    assert [row["objects"][0]["ref"] for row in _rows(tmp_path / "val.jsonl")] == ["dog on the right", "brown dog"]
+    with pytest.raises(ValueError, match=r"split='testC'.*testA"):
+        convert_refcoco(refs, instances, "imgs", tmp_path / "x.jsonl", split="testC")
+
+
+def test_pickled_refs_need_the_flag(tmp_path: Path) -> None:
+    instances = _write(tmp_path / "instances.json", INSTANCES)
+    refs = tmp_path / "refs(unc).p"
+    refs.write_bytes(pickle.dumps(REFS, protocol=2))
+    with pytest.raises(ValueError, match="allow-pickle"):
+        convert_refcoco(refs, instances, "imgs", tmp_path / "x.jsonl")
+    assert not (tmp_path / "x.jsonl").exists()
+    # Content decides too: a pickle renamed to .json is still refused.
+    disguised = tmp_path / "refs.json"
+    disguised.write_bytes(refs.read_bytes())
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        convert_refcoco(disguised, instances, "imgs", tmp_path / "x.jsonl")
+    stats = convert_refcoco(refs, instances, "imgs", tmp_path / "x.jsonl", split="train", allow_pickle=True)
+    assert stats.rows == 1 and _rows(tmp_path / "x.jsonl")[0]["objects"][0]["ref"] == "man in red"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "pattern"),
+    [
+        (lambda d: d["annotations"][1].pop("bbox"), r"instances\.json: annotations\[1\]\.bbox: missing field"),
+        (lambda d: d["annotations"][2].update(bbox=[1, 2, 3]), r"annotations\[2\]\.bbox.*4 numbers"),
+        (lambda d: d["annotations"][0].update(bbox=[1, "x", 3, 4]), r"annotations\[0\]\.bbox.*numbers"),
+        (lambda d: d["annotations"][3].update(category_id=99), r"annotations\[3\]\.category_id: 99"),
+        (lambda d: d["images"][1].update(file_name=None), r"images\[1\]\.file_name: expected str"),
+    ],
+)
+def test_errors_name_file_record_and_field(tmp_path: Path, mutate, pattern: str) -> None:
+    data = json.loads(json.dumps(INSTANCES))
+    mutate(data)
+    instances = _write(tmp_path / "instances.json", data)
+    with pytest.raises(ValueError, match=pattern):
+        convert_coco(instances, "imgs", tmp_path / "x.jsonl")
+
+
+def test_refcoco_errors_name_the_ref(tmp_path: Path) -> None:
+    instances = _write(tmp_path / "instances.json", INSTANCES)
+    refs = _write(tmp_path / "refs.json", [REFS[0], {**REFS[1], "ann_id": 404}])
+    with pytest.raises(ValueError, match=r"refs\.json: refs\[1\]\.ann_id: 404"):
+        convert_refcoco(refs, instances, "imgs", tmp_path / "x.jsonl")
+    refs = _write(tmp_path / "refs.json", [{**REFS[0], "sentences": [{"raw": "no sent"}]}])
+    with pytest.raises(ValueError, match=r"refs\[0\]\.sentences\[0\]\.sent: missing field"):
+        convert_refcoco(refs, instances, "imgs", tmp_path / "x.jsonl")
+
+
+def test_cli_standalone_and_mounted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    instances = _write(tmp_path / "instances.json", INSTANCES)
+    refs = _write(tmp_path / "refs.json", REFS)
+    argv = ["convert", "coco", "--instances", str(instances), "--images", "imgs", "--out", str(tmp_path / "c.jsonl")]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["skipped_crowd"] == 2
+    assert len(_rows(tmp_path / "c.jsonl")) == 3
+
+    parent = argparse.ArgumentParser(prog="llamafactory-vision")
+    add_convert_parser(parent.add_subparsers(dest="command", required=True))
+    args = parent.parse_args(
+        ["convert", "refcoco", "--refs", str(refs), "--instances", str(instances), "--images", "imgs"]
+        + ["--out", str(tmp_path / "r.jsonl"), "--split", "testA"]
+    )
+    assert args.func(args) == 0
+    assert [row["objects"][0]["ref"] for row in _rows(tmp_path / "r.jsonl")] == ["person at the edge"]

@@ -1,0 +1,164 @@
+"""eval/ground_eval.py end to end, as a subprocess on a hand-made generated_predictions.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "eval" / "ground_eval.py"
+GRAY, GREEN, RED, BLUE = (128, 128, 128), (0, 200, 0), (230, 0, 0), (0, 90, 255)
+
+
+def run_eval(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "plugin"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    return path
+
+
+def row(predict, label, **extra):
+    return {"prompt": "<|im_start|>user\nWhere is it?<|im_end|>", "predict": predict, "label": label, **extra}
+
+
+@pytest.fixture()
+def qwen2_run(tmp_path: Path) -> dict:
+    """Qwen2-VL predictions (0-1000) covering perfect, shifted, unparseable, head and garbage rows."""
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (200, 100), GRAY).save(tmp_path / "imgs" / "wide.png")
+    Image.new("RGB", (300, 300), GRAY).save(tmp_path / "imgs" / "square.png")
+    head = [{"xyxy_1000": [100, 200, 500, 800], "xyxy_model": [0, 0, 1, 1]}]
+    predictions = write_jsonl(
+        tmp_path / "generated_predictions.jsonl",
+        [
+            row("the red car(100,200),(500,800)", "the red car(100,200),(500,800)", predict_boxes_head=head),  # 0
+            row("(250,0),(750,500)", "(0,0),(500,500)"),  # 1: IoU 1/3
+            "this line is not json",  # 2
+            {"prompt": "x", "predict": 5, "label": "(0,0),(1,1)"},  # 3: predict not a string
+            row("I do not see it", "(100,100),(200,200)"),  # 4: unparseable prediction
+            row("(0,0),(1000,1000)", "(0,0),(1000,1000)"),  # 5: its image is missing
+            row("(0,0),(10,10)", "(0,0),(10,10)", predict_boxes_head="oops"),  # 6: unreadable head boxes
+        ],
+    )
+    dataset = write_jsonl(
+        tmp_path / "ground.jsonl",
+        [
+            {"images": ["imgs/wide.png"], "objects": []},
+            {"image": "imgs/square.png", "objects": []},
+            {"images": ["imgs/wide.png"]},
+            {"images": ["imgs/wide.png"]},
+            {"images": [str(tmp_path / "imgs" / "square.png")]},  # absolute path
+            {"images": ["imgs/missing.png"]},
+            {"images": ["imgs/wide.png"]},
+        ],
+    )
+    vis, out = tmp_path / "vis", tmp_path / "out" / "metrics.json"
+    proc = run_eval(
+        "--predictions", str(predictions), "--out", str(out), "--visualize", str(vis), "--images", str(dataset)
+    )
+    assert proc.returncode == 0, proc.stderr
+    return {"stdout": json.loads(proc.stdout), "out": out, "vis": vis, "stderr": proc.stderr}
+
+
+def test_cli_metrics(qwen2_run):
+    m = qwen2_run["stdout"]
+    assert m["family"] == "qwen2_vl"
+    assert m["bad_rows"] == 3
+    assert m["rows"] == 4 and m["n"] == 4  # rows 0, 1, 4, 5
+    assert m["acc@0.5"] == pytest.approx(2 / 4)
+    assert m["acc@0.75"] == pytest.approx(2 / 4)
+    assert m["miou"] == pytest.approx((1 + 1 / 3 + 0 + 1) / 4)
+    assert m["precision@0.5"] == pytest.approx(2 / 3)
+    assert m["parse_failures"] == 1 and m["label_parse_failures"] == 0
+    assert m["head_n"] == 1 and m["head_acc@0.5"] == pytest.approx(1.0)
+    assert json.loads(qwen2_run["out"].read_text()) == m
+
+
+def test_cli_visualize(qwen2_run):
+    m, vis = qwen2_run["stdout"], qwen2_run["vis"]
+    assert sorted(p.name for p in vis.iterdir()) == ["00000.png", "00001.png", "00004.png"]
+    assert m["visualized"] == 3 and m["visualize_failures"] == 1
+    assert "missing.png" in qwen2_run["stderr"]
+
+    # row 1 on a 300x300 image: label (0,0),(500,500) -> (0, 0, 150, 150) green, predicted -> (75, 0, 225, 150) red
+    image = Image.open(vis / "00001.png").convert("RGB")
+    assert image.size == (300, 300)
+    assert image.getpixel((0, 100)) == GREEN
+    assert image.getpixel((225, 100)) == RED
+    assert image.getpixel((200, 250)) == GRAY
+    # row 0 on a 200x100 image: (100,200),(500,800) -> (20, 20, 100, 80); the head box (blue) is drawn last
+    image = Image.open(vis / "00000.png").convert("RGB")
+    assert image.size == (200, 100)
+    assert image.getpixel((20, 50)) == BLUE
+    assert image.getpixel((150, 50)) == GRAY
+
+
+def test_cli_json_answers_need_a_family(tmp_path: Path):
+    Image.new("RGB", (64, 64), GRAY).save(tmp_path / "a.png")
+    label = json.dumps([{"bbox_2d": [10, 10, 40, 40], "label": "cup"}])
+    predictions = write_jsonl(tmp_path / "p.jsonl", [row(f"```json\n{label}\n```", label)])
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"images": ["a.png"]}])
+
+    proc = run_eval("--predictions", str(predictions))
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)
+    assert m["family"] == "json" and m["acc@0.5"] == 1.0
+
+    proc = run_eval("--predictions", str(predictions), "--visualize", str(tmp_path / "v"), "--images", str(dataset))
+    assert proc.returncode != 0 and "--family" in proc.stderr
+    proc = run_eval(
+        "--predictions", str(predictions), "--visualize", str(tmp_path / "v"), "--images", str(dataset),
+        "--family", "qwen2_5_vl",
+    )  # fmt: skip
+    assert proc.returncode != 0 and "--model" in proc.stderr
+    assert not (tmp_path / "v").exists()
+
+
+def test_cli_visualize_qwen2_5_vl_model_view_pixels(tmp_path: Path):
+    from llamafactory_vision.tiny import build_tiny
+    from transformers import AutoProcessor
+
+    model_dir = build_tiny("qwen2_5_vl", tmp_path / "model")
+    Image.new("RGB", (640, 480), GRAY).save(tmp_path / "a.png")
+    # Oracle for the model view: the real image processor's patch grid (640x480 is below image_max_pixels, so
+    # LLaMA-Factory's own resize leaves it alone).
+    image_processor = AutoProcessor.from_pretrained(model_dir).image_processor
+    _, grid_h, grid_w = image_processor(images=[Image.open(tmp_path / "a.png")])["image_grid_thw"][0].tolist()
+    model_w, model_h = grid_w * image_processor.patch_size, grid_h * image_processor.patch_size
+    assert (model_w, model_h) != (640, 480)  # the tiny processor's pixel cap shrinks it: the test has teeth
+    # the box covering (0.25, 0.25)-(0.5, 0.5) of the image, in model-view pixels
+    box = [model_w // 4, model_h // 4, model_w // 2, model_h // 2]
+    label = json.dumps([{"bbox_2d": box, "label": "cup"}])
+    predictions = write_jsonl(tmp_path / "p.jsonl", [row(label, label)])
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"images": ["a.png"]}])
+
+    vis = tmp_path / "v"
+    proc = run_eval(
+        "--predictions", str(predictions), "--visualize", str(vis), "--images", str(dataset),
+        "--family", "qwen2_5_vl", "--model", str(model_dir),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["visualized"] == 1
+    image = Image.open(vis / "00000.png").convert("RGB")
+    # (0.25, 0.25, 0.5, 0.5) of 640x480 is (160, 120, 320, 240) in original pixels: the red box (drawn last)
+    assert image.getpixel((160, 200)) == RED
+    assert image.getpixel((320, 200)) == RED
+    assert image.getpixel((240, 240)) == RED
+    assert image.getpixel((400, 200)) == GRAY
