@@ -231,7 +231,9 @@ def visualize(
             continue
         label, predict = parse_answer(obj["label"]), parse_answer(obj["predict"])
         image = draw_boxes(image, to_pixels(label.boxes, codec, model_size, image.size), LABEL_COLOR, label.refs)
-        image = draw_boxes(image, to_pixels(predict.boxes, codec, model_size, image.size), PREDICT_COLOR, predict.refs)
+        image = draw_boxes(
+            image, to_pixels(predict.boxes, codec, model_size, image.size), PREDICT_COLOR, predict.refs, "bottom"
+        )
         if head:
             image = draw_boxes(image, to_pixels(head, codec, model_size, image.size), HEAD_COLOR)
         image.save(args.visualize / f"{index:05d}.png")

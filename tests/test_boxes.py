@@ -200,6 +200,8 @@ def test_to_xyxy_formats_and_types():
         ("1,2,3,4", "xyxy", "not_a_sequence"),
         (None, "xyxy", "not_a_sequence"),
         (12, "xyxy", "not_a_sequence"),
+        (np.float64(3.0), "xyxy", "not_a_sequence"),
+        (torch.tensor(3.0), "xyxy", "not_a_sequence"),
         ([1, 2, 3], "xyxy", "wrong_length"),
         ([1, 2, 3, 4, 5], "xywh", "wrong_length"),
         ([1, "2", 3, 4], "xyxy", "not_numeric"),

@@ -87,15 +87,15 @@ def test_registry():
 
 
 @pytest.mark.parametrize("family", sorted(REGIONS))
-def test_box_open_pattern_precedes_each_box(family):
+def test_box_pattern_brackets_each_box(family):
     codec = get_codec(family)
     text = codec.format_answer(THREE, MODEL_SIZE)
-    matches = list(re.finditer(codec.box_open_pattern, text))
+    matches = list(re.finditer(codec.box_pattern, text))
     assert len(matches) == len(THREE)
     for match, obj in zip(matches, THREE):
-        first = codec.format_region(obj.box, MODEL_SIZE)
-        first_number = re.search(r"[\d.]+", first).group()
-        assert text[match.end() :].lstrip(" ([").startswith(first_number)
+        numbers = re.findall(r"[\d.]+", codec.format_region(obj.box, MODEL_SIZE))
+        between = text[match.end("open") : match.start("close")]
+        assert re.findall(r"[\d.]+", between) == numbers
 
 
 # ---------------------------------------------------------------------------------------------------------------

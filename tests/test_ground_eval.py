@@ -38,9 +38,10 @@ def row(predict, label, **extra):
     return {"prompt": "<|im_start|>user\nWhere is it?<|im_end|>", "predict": predict, "label": label, **extra}
 
 
-@pytest.fixture()
-def qwen2_run(tmp_path: Path) -> dict:
-    """Qwen2-VL predictions (0-1000) covering perfect, shifted, unparseable, head and garbage rows."""
+@pytest.fixture(scope="module")
+def qwen2_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Qwen2-VL predictions (0-1000) covering perfect, shifted, unparseable, head and garbage rows; run once."""
+    tmp_path = tmp_path_factory.mktemp("qwen2_run")
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (200, 100), GRAY).save(tmp_path / "imgs" / "wide.png")
     Image.new("RGB", (300, 300), GRAY).save(tmp_path / "imgs" / "square.png")
@@ -162,3 +163,16 @@ def test_cli_visualize_qwen2_5_vl_model_view_pixels(tmp_path: Path):
     assert image.getpixel((320, 200)) == RED
     assert image.getpixel((240, 240)) == RED
     assert image.getpixel((400, 200)) == GRAY
+
+
+def test_draw_boxes_copies_and_survives_wild_boxes():
+    from llamafactory_vision.grounding.visualize import draw_boxes
+
+    image = Image.new("L", (100, 50), 128)
+    boxes = [(10, 10, 40, 40), (90, 45, -1e30, 1e30), (float("nan"), 0, 5, 5), (60, 5, 60, 30)]
+    out = draw_boxes(image, boxes, "red", labels=["a", "wild", None, "zero width"], caption_at="bottom")
+    assert image.getpixel((10, 20)) == 128 and out.mode == "RGB" and out.size == (100, 50)  # input untouched
+    assert out.getpixel((10, 20)) == (255, 0, 0)  # left edge of the first box
+    assert out.getpixel((60, 20)) == (255, 0, 0)  # a zero-width box is still drawn as a line
+    with pytest.raises(ValueError, match="labels has 1"):
+        draw_boxes(image, boxes, "red", labels=["a"])

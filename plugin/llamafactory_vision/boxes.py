@@ -90,7 +90,9 @@ def to_xyxy(box: Sequence[Any], fmt: str = "xyxy", field: str = "box") -> tuple[
     _check_format(fmt, "fmt")
     if isinstance(box, (str, bytes)) or not isinstance(box, (Sequence, Tensor)) and not hasattr(box, "__array__"):
         raise BoxError(field, "not_a_sequence", f"expected a sequence of 4 numbers, got {type(box).__name__} {box!r}")
-    values = list(box.tolist() if hasattr(box, "tolist") else box)
+    values = box.tolist() if hasattr(box, "tolist") else list(box)
+    if not isinstance(values, list):  # a 0-d array or tensor
+        raise BoxError(field, "not_a_sequence", f"expected a sequence of 4 numbers, got the scalar {values!r}")
     if len(values) != 4:
         raise BoxError(field, "wrong_length", f"expected 4 numbers, got {len(values)}: {values!r}")
     for value in values:

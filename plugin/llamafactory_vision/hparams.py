@@ -34,7 +34,42 @@ class VisionDataArguments(DataArguments):
 
 @dataclass
 class VisionFinetuningArguments(FinetuningArguments):
-    pass
+    bbox_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Train a bbox regression head jointly with the LM loss (grounding templates only). It reads the "
+            "last hidden state at each box in the target text and predicts cxcywh in [0, 1] of the image."
+        },
+    )
+    bbox_loss_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the bbox head loss added to the LM loss."}
+    )
+    bbox_l1_weight: float = field(
+        default=5.0, metadata={"help": "Weight of the L1 term inside the bbox head loss (DETR: 5)."}
+    )
+    bbox_giou_weight: float = field(
+        default=2.0, metadata={"help": "Weight of the GIoU term inside the bbox head loss (DETR: 2)."}
+    )
+    bbox_head_layers: int = field(
+        default=3, metadata={"help": "Number of linear layers of the bbox head MLP (the last one starts at zero)."}
+    )
+    bbox_head_source: Literal["box_start", "box_end"] = field(
+        default="box_start",
+        metadata={
+            "help": "Hidden state the head reads: `box_start` (the token opening a box: <|box_start|> for Qwen2-VL, "
+            "the `[` after \"bbox_2d\": for Qwen2.5/3-VL) or `box_end` (the token closing it)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bbox_head_source not in ("box_start", "box_end"):
+            raise ValueError(f"`bbox_head_source` must be box_start or box_end, got {self.bbox_head_source!r}.")
+        if self.bbox_head_layers < 1:
+            raise ValueError(f"`bbox_head_layers` must be >= 1, got {self.bbox_head_layers}.")
+        for name in ("bbox_loss_weight", "bbox_l1_weight", "bbox_giou_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
 
 
 def _model_type(model_args: ModelArguments) -> str:
@@ -55,7 +90,18 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
 
     model_args = next(a for a in parsed if isinstance(a, ModelArguments))
     data_args = next(a for a in parsed if isinstance(a, DataArguments))
+    finetuning_args = next(a for a in parsed if isinstance(a, FinetuningArguments))
     spec = get_grounding_spec(data_args.template)
+    if finetuning_args.bbox_head:
+        if spec is None:
+            raise ValueError(
+                f"`bbox_head: true` needs a grounding template (qwen2_vl_ground, qwen2_5_vl_ground, qwen3_vl_ground), "
+                f"got template {data_args.template!r}."
+            )
+        if finetuning_args.stage != "sft":
+            raise ValueError(f"`bbox_head: true` trains with `stage: sft`, got stage {finetuning_args.stage!r}.")
+        if data_args.packing or data_args.neat_packing:
+            raise ValueError("`bbox_head: true` does not support `packing`/`neat_packing` (box positions per row).")
     if spec is not None and model_args.model_name_or_path is not None:
         model_type = _model_type(model_args)
         if model_type not in spec.model_types:

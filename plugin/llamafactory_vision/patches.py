@@ -82,6 +82,26 @@ def wrap_align_dataset(loader: ModuleType) -> None:
     loader.align_dataset = align_dataset
 
 
+def select_dataset_processor(loader: ModuleType) -> None:
+    """``data.loader._get_dataset_processor``: the bbox head needs box targets beside the tokens, which the host's
+    supervised processor drops. Our workflow asks ``get_dataset`` for stage ``BBOX_STAGE`` and gets our processor;
+    every other stage reaches the host's choice."""
+    head_data = _ours("llamafactory_vision.grounding.head_data")
+    host_get = loader._get_dataset_processor
+
+    @functools.wraps(host_get)
+    def _get_dataset_processor(data_args, stage, template, tokenizer, processor, do_generate=False):
+        if stage != head_data.BBOX_STAGE:
+            return host_get(data_args, stage, template, tokenizer, processor, do_generate)
+        if do_generate:  # generation needs prompts only, as for plain SFT
+            return host_get(data_args, "sft", template, tokenizer, processor, do_generate)
+        return head_data.GroundingBBoxDatasetProcessor(
+            template=template, tokenizer=tokenizer, processor=processor, data_args=data_args
+        )
+
+    loader._get_dataset_processor = _get_dataset_processor
+
+
 def extend_arguments(parser: ModuleType) -> None:
     """``hparams.parser._TRAIN_ARGS/_INFER_ARGS/_EVAL_ARGS``: swap in our argument subclasses so our YAML keys parse
     (unknown keys still raise), and wrap ``_parse_train_args/_parse_infer_args/_parse_eval_args`` to validate settings
@@ -125,15 +145,28 @@ def dispatch_sft(tuner: ModuleType) -> None:
     tuner.run_sft = run_sft
 
 
+def export_bbox_head(tuner: ModuleType) -> None:
+    """``train.tuner.export_model``: the host exports (and merges) the model; a bbox head lives in its own files
+    beside the adapter or model, so it is copied into ``export_dir`` too."""
+    host_export = tuner.export_model
+
+    @functools.wraps(host_export)
+    def export_model(args=None):
+        host_export(args)
+        _ours("llamafactory_vision.grounding.bbox_head").export_head(tuner.get_infer_args(args))
+
+    tuner.export_model = export_model
+
+
 # Order matters for modules imported before install(): plugins before the templates that use them.
 HOOKS: dict[str, tuple[Callable[[ModuleType], None], ...]] = {
     "llamafactory.data.mm_plugin": (register_mm_plugins,),
     "llamafactory.data.template": (register_templates,),
     "llamafactory.data.parser": (extend_dataset_attr,),
     "llamafactory.data.converter": (register_dataset_converter,),
-    "llamafactory.data.loader": (wrap_align_dataset,),
+    "llamafactory.data.loader": (wrap_align_dataset, select_dataset_processor),
     "llamafactory.hparams.parser": (extend_arguments,),
-    "llamafactory.train.tuner": (dispatch_sft,),
+    "llamafactory.train.tuner": (dispatch_sft, export_bbox_head),
 }
 
 

@@ -61,6 +61,7 @@ from transformers import (
     TokenizersBackend,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN_PRETOKENIZE_REGEX
 from transformers.video_processing_utils import BaseVideoProcessor
 
 
@@ -87,10 +88,6 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
 LLAVA_LEADING_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>")
 LLAVA_TRAILING_TOKENS: tuple[str, ...] = ("<image>", "<pad>")
 
-# Qwen2's pre-tokenizer regex: every digit is its own pre-token, so "120" is always "1", "2", "0".
-QWEN_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
 
 _LLAVA_IMAGE_SIZE = 32
 _LLAVA_PATCH_SIZE = 8
@@ -207,9 +204,9 @@ def _corpus() -> list[str]:
     colors = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple", "gray", "brown", "pink")
     sizes = ("small", "large", "big", "tiny", "little")
     objects = (
-        "circle", "square", "triangle", "rectangle", "star", "ellipse", "car", "dog", "cat", "person", "man",
-        "woman", "tree", "house", "cup", "ball", "box", "bird", "chair", "table", "sky", "hat", "shape",
-    )
+        "circle square triangle rectangle star ellipse car dog cat person man woman tree house cup ball box bird "
+        "chair table sky hat shape"
+    ).split()
     places = ("left", "right", "top", "bottom", "center", "middle", "corner", "edge", "background")
     prompts = (
         "Locate the {d} in the image.",
@@ -258,8 +255,9 @@ def _corpus() -> list[str]:
 def train_byte_level_bpe(vocab_size: int = BPE_VOCAB_SIZE, leading_special_tokens: Sequence[str] = ()) -> Tokenizer:
     """Train a Qwen2-style byte-level BPE on the built-in corpus.
 
-    The normalizer, pre-tokenizer and decoder are exactly the ones ``transformers.Qwen2Tokenizer`` rebuilds
-    on load, so a reloaded tokenizer splits text the same way as the trained one.
+    The normalizer, pre-tokenizer (Qwen2's regex: every digit is its own pre-token, then byte-level) and
+    decoder are exactly the ones ``transformers.Qwen2Tokenizer`` rebuilds on load, so a reloaded tokenizer
+    splits text the same way as the trained one.
     ``leading_special_tokens`` get ids 0.. before the byte alphabet (Llama-style <unk>/<s>/</s>).
     """
     tokenizer = Tokenizer(models.BPE())
@@ -301,6 +299,7 @@ def build_qwen_tokenizer(chat_template: str) -> Qwen2Tokenizer:
         pad_token=QWEN_SPECIAL_TOKENS[0],
         chat_template=chat_template,
     )
+    # eos starts as <|endoftext|> so that it takes the first special id; the rest follow in order.
     tokenizer.add_special_tokens({"extra_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
     tokenizer.eos_token = "<|im_end|>"
     return tokenizer
@@ -322,9 +321,10 @@ def build_llava_tokenizer(chat_template: str) -> TokenizersBackend:
         add_eos_token=False,
         chat_template=chat_template,
     )
+    image_token, pad_token = LLAVA_TRAILING_TOKENS
     # Two calls so that <image> gets the lower id, as in llava-hf (<image> 32000, <pad> 32001).
-    tokenizer.add_special_tokens({"extra_special_tokens": ["<image>"]})
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.add_special_tokens({"extra_special_tokens": [image_token]})
+    tokenizer.add_special_tokens({"pad_token": pad_token})
     return tokenizer
 
 

@@ -37,6 +37,7 @@ Box = tuple[float, float, float, float]
 
 OBJECT_REF_START, OBJECT_REF_END = "<|object_ref_start|>", "<|object_ref_end|>"
 BOX_START, BOX_END = "<|box_start|>", "<|box_end|>"
+RELATIVE_SCALE = 1000  # Qwen2-VL and Qwen3-VL write coordinates as ints in [0, 1000] of the image
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,13 @@ class BoxCodec(ABC):
 
     Attributes:
         family (str): registry name, e.g. ``"qwen2_vl"``.
-        box_open_pattern (str): regex matching the text right before a box's coordinates; the bbox head reads the
-            hidden state of the token that holds the match's last character.
+        box_pattern (str): regex matching one box as written, with groups ``open`` (the text right before the
+            coordinates) and ``close`` (the text right after them). The bbox head reads the hidden state of the token
+            holding the last character of one of the two groups (``bbox_head_source``: box_start or box_end).
     """
 
     family: ClassVar[str]
-    box_open_pattern: ClassVar[str]
+    box_pattern: ClassVar[str]
 
     @abstractmethod
     def encode_box(self, box_norm: Sequence[float], model_size: tuple[int, int]) -> list[int] | list[float]:
@@ -100,14 +102,13 @@ class Qwen2VLCodec(BoxCodec):
     """Qwen2-VL: special tokens around ``(x1,y1),(x2,y2)``, ints 0-1000 of the image; objects concatenated."""
 
     family = "qwen2_vl"
-    box_open_pattern = re.escape(BOX_START)
-    scale = 1000
+    box_pattern = rf"(?P<open>{re.escape(BOX_START)})[^<]*?(?P<close>{re.escape(BOX_END)})"
 
     def encode_box(self, box_norm: Sequence[float], model_size: tuple[int, int]) -> list[int]:
-        return _scale_to_ints(box_norm, self.scale, self.scale)
+        return _scale_to_ints(box_norm, RELATIVE_SCALE, RELATIVE_SCALE)
 
     def decode_box(self, coords: Sequence[float], model_size: tuple[int, int]) -> Box:
-        return _unscale(coords, self.scale, self.scale)
+        return _unscale(coords, RELATIVE_SCALE, RELATIVE_SCALE)
 
     def format_region(self, box_norm: Sequence[float], model_size: tuple[int, int]) -> str:
         x1, y1, x2, y2 = self.encode_box(box_norm, model_size)
@@ -123,7 +124,7 @@ class Qwen2VLCodec(BoxCodec):
 class _QwenJsonCodec(BoxCodec):
     """Qwen2.5-VL / Qwen3-VL: a JSON list of ``{"bbox_2d": [...], "label": ...}``; subclasses set the scale."""
 
-    box_open_pattern = r'"bbox_2d":\s*\['
+    box_pattern = r'(?P<open>"bbox_2d":\s*\[)[^\]]*(?P<close>\])'
 
     @abstractmethod
     def _scale(self, model_size: tuple[int, int]) -> tuple[float, float]:
@@ -160,7 +161,7 @@ class Qwen3VLCodec(_QwenJsonCodec):
     family = "qwen3_vl"
 
     def _scale(self, model_size: tuple[int, int]) -> tuple[float, float]:
-        return 1000, 1000
+        return RELATIVE_SCALE, RELATIVE_SCALE
 
 
 class LlavaCodec(BoxCodec):
@@ -172,7 +173,7 @@ class LlavaCodec(BoxCodec):
     """
 
     family = "llava"
-    box_open_pattern = r"\[(?=\s*[-+.\d])"
+    box_pattern = r"(?P<open>\[)(?=\s*[-+.\d])[^\]]*(?P<close>\])"
     decimals = 3
 
     @staticmethod
@@ -313,7 +314,7 @@ def parse_answer(text: str) -> ParsedAnswer:
     if not isinstance(text, str):
         raise TypeError(f"parse_answer expects str, got {type(text).__name__}")
 
-    # (start, end, coords, label from JSON) for every candidate; overlapping ones resolved earliest-longest first.
+    # (start, end, number strings, JSON label, is JSON) per candidate; overlaps go to the earliest, then longest.
     candidates = []
     for pattern in (_JSON_BOX, _PAIR_BOX, _LIST_BOX):
         for match in pattern.finditer(text):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
@@ -29,6 +30,7 @@ def draw_boxes(
     boxes_xyxy_pixels: Sequence[Sequence[float]],
     color: str | tuple[int, int, int],
     labels: Sequence[str | None] | None = None,
+    caption_at: Literal["top", "bottom"] = "top",
 ) -> Image.Image:
     """Return a copy of ``image`` (as RGB) with ``boxes_xyxy_pixels`` outlined in ``color``.
 
@@ -38,11 +40,14 @@ def draw_boxes(
             the rectangle they span, parts outside the image are cut off, boxes with a non-finite coordinate are
             skipped.
         color: a PIL colour name or RGB tuple.
-        labels: optional ``N`` captions, drawn on a ``color`` tab above each box (inside it at the top edge);
-            ``None`` entries get no caption.
+        labels: optional ``N`` captions, drawn on a ``color`` tab at each box's edge; ``None`` entries get none.
+        caption_at: ``"top"`` puts the tab above the box (inside it when the image ends there), ``"bottom"`` below
+            it (or inside), so two sets of boxes drawn on one image keep their captions apart. Default ``"top"``.
 
     Line width and font size scale with the image so boxes stay visible on large images and legible on small ones.
     """
+    if caption_at not in ("top", "bottom"):
+        raise ValueError(f"caption_at must be 'top' or 'bottom', got {caption_at!r}")
     if labels is not None and len(labels) != len(boxes_xyxy_pixels):
         raise ValueError(f"labels has {len(labels)} entries but boxes_xyxy_pixels has {len(boxes_xyxy_pixels)}")
     out = image.convert("RGB")  # convert always returns a new image
@@ -64,7 +69,10 @@ def draw_boxes(
             pad = width
             tab_h = bottom - top + 2 * pad
             tab_x = max(x1, 0)
-            tab_y = y1 - tab_h if y1 - tab_h >= 0 else max(y1, 0)  # above the box when there is room
+            if caption_at == "top":  # outside the box when there is room
+                tab_y = y1 - tab_h if y1 - tab_h >= 0 else max(y1, 0)
+            else:
+                tab_y = y2 if y2 + tab_h <= out.height else min(y2, out.height) - tab_h
             tab = (tab_x, tab_y, tab_x + right - left + 2 * pad, tab_y + tab_h)
             draw.rectangle(tab, fill=rgb)
             draw.text((tab_x + pad - left, tab_y + pad - top), caption, fill=_text_color(rgb), font=font)

@@ -1,7 +1,8 @@
-"""SFT with a grounding template: the host's SFT workflow, with IoU metrics in evaluate/predict.
+"""SFT with a grounding template: the host's SFT workflow, with IoU metrics and the optional bbox head.
 
-Mirrors ``llamafactory.train.sft.workflow.run_sft`` step for step (the host offers no seam to change its metric);
-what differs is marked ``# grounding:``.
+Mirrors ``llamafactory.train.sft.workflow.run_sft`` step for step (the host offers no seam to change its metric,
+collator or trainer); what differs is marked ``# grounding:``. With ``bbox_head: false`` the dataset, collator and
+trainer are the host's own, so training is exactly the host's.
 """
 
 from __future__ import annotations
@@ -19,18 +20,27 @@ from llamafactory.train.sft.metric import ComputeAccuracy, ComputeSimilarity, ev
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from llamafactory.train.trainer_utils import create_modelcard_and_push
 
-from llamafactory_vision.grounding.metrics import GroundingMetricAccumulator
+from llamafactory_vision.grounding.bbox_head import attach_head
+from llamafactory_vision.grounding.formats import get_codec
+from llamafactory_vision.grounding.head_data import BBOX_STAGE, GroundingBBoxCollator
+from llamafactory_vision.grounding.metrics import GroundingMetricAccumulator, head_boxes_for_family
+from llamafactory_vision.grounding.templates import get_grounding_spec
+from llamafactory_vision.grounding.trainer import BBoxLossConfig, GroundingTrainer
 
 logger = get_logger(__name__)
 
 
 @dataclass
 class ComputeGroundingMetrics:
-    """ROUGE/BLEU from the host's ``ComputeSimilarity`` plus acc@0.5, acc@0.75, mIoU on the decoded boxes."""
+    """ROUGE/BLEU from the host's ``ComputeSimilarity`` plus acc@0.5, acc@0.75, mIoU on the decoded boxes, and
+    head_acc@0.5, head_acc@0.75, head_miou when the trainer predicted head boxes (``head_boxes``, rows in order)."""
 
     tokenizer: object
+    family: str
+    head_boxes: list | None = None
     similarity: ComputeSimilarity = field(init=False)
     boxes: GroundingMetricAccumulator = field(init=False, default_factory=GroundingMetricAccumulator)
+    _seen: int = field(init=False, default=0)
 
     def __post_init__(self):
         self.similarity = ComputeSimilarity(tokenizer=self.tokenizer)
@@ -39,12 +49,19 @@ class ComputeGroundingMetrics:
         pad = self.tokenizer.pad_token_id
         preds = np.where(eval_preds.predictions != IGNORE_INDEX, eval_preds.predictions, pad)
         labels = np.where(eval_preds.label_ids != IGNORE_INDEX, eval_preds.label_ids, pad)
+        head = None
+        if self.head_boxes is not None:
+            rows = self.head_boxes[self._seen : self._seen + len(preds)]
+            head = [head_boxes_for_family(row, self.family) for row in rows]
+            self._seen += len(preds)
         self.boxes.update(
             self.tokenizer.batch_decode(preds, skip_special_tokens=True),
             self.tokenizer.batch_decode(labels, skip_special_tokens=True),
+            head_boxes=head,
         )
         text_scores = self.similarity(eval_preds, compute_result=compute_result)
         if compute_result:
+            self._seen = 0
             return {**text_scores, **self.boxes.compute()}
         return None
 
@@ -53,10 +70,28 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    dataset_module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    head_on = finetuning_args.bbox_head
+    stage = BBOX_STAGE if head_on else "sft"  # grounding: the head's processor keeps box targets
+    dataset_module = get_dataset(template, model_args, data_args, training_args, stage=stage, **tokenizer_module)
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
+    family = get_grounding_spec(data_args.template).box_family
 
-    data_collator = SFTDataCollatorWith4DAttentionMask(
+    trainer_class, trainer_extra, collator_class = CustomSeq2SeqTrainer, {}, SFTDataCollatorWith4DAttentionMask
+    if head_on:  # grounding: the bbox head
+        head = attach_head(model, model_args, finetuning_args, training_args.do_train)
+        _report_cut_boxes(dataset_module)
+        trainer_class, collator_class = GroundingTrainer, GroundingBBoxCollator
+        trainer_extra = dict(
+            bbox_loss=BBoxLossConfig(
+                finetuning_args.bbox_loss_weight,
+                finetuning_args.bbox_l1_weight,
+                finetuning_args.bbox_giou_weight,
+                head.config.source,
+            ),
+            box_pattern=get_codec(family).box_pattern,
+        )
+
+    data_collator = collator_class(
         template=template,
         model=model if not training_args.predict_with_generate else None,
         pad_to_multiple_of=8 if training_args.do_train else None,
@@ -70,7 +105,7 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
 
     metric_module = {}
     if training_args.predict_with_generate:
-        metric_module["compute_metrics"] = ComputeGroundingMetrics(tokenizer=tokenizer)  # grounding: IoU metrics
+        metric_module["compute_metrics"] = ComputeGroundingMetrics(tokenizer, family)  # grounding: IoU metrics
     elif finetuning_args.compute_accuracy:
         metric_module["compute_metrics"] = ComputeAccuracy()
         metric_module["preprocess_logits_for_metrics"] = eval_logit_processor
@@ -82,7 +117,7 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
     gen_kwargs["eos_token_id"] = list(dict.fromkeys(stop_ids))
     gen_kwargs["pad_token_id"] = tokenizer.pad_token_id
 
-    trainer = CustomSeq2SeqTrainer(
+    trainer = trainer_class(
         model=model,
         args=training_args,
         finetuning_args=finetuning_args,
@@ -92,7 +127,10 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
         **dataset_module,
         **tokenizer_module,
         **metric_module,
+        **trainer_extra,
     )
+    if head_on and training_args.predict_with_generate:
+        metric_module["compute_metrics"].head_boxes = trainer.predicted_head_boxes
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -105,7 +143,10 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
         if trainer.is_world_process_zero() and finetuning_args.plot_loss:
-            plot_loss(training_args.output_dir, keys=["loss", "eval_loss", "eval_accuracy"])
+            keys = ["loss", "eval_loss", "eval_accuracy"]
+            if head_on:
+                keys += ["lm_loss", "bbox_l1", "bbox_giou"]
+            plot_loss(training_args.output_dir, keys=keys)
 
     if training_args.predict_with_generate:
         tokenizer.padding_side = "left"
@@ -122,3 +163,14 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
         trainer.save_predictions(dataset_module["eval_dataset"], predict_results, generating_args.skip_special_tokens)
 
     create_modelcard_and_push(trainer, model_args, data_args, training_args, finetuning_args)
+
+
+def _report_cut_boxes(dataset_module) -> None:
+    for split, dataset in dataset_module.items():
+        if dataset is not None and "bbox_cut" in dataset.column_names:
+            cut = sum(dataset["bbox_cut"])
+            if cut:
+                logger.warning_rank0(
+                    f"bbox head: {cut} box(es) in the {split} split were cut off by `cutoff_len` and are not trained "
+                    "by the head (raise cutoff_len to keep them)."
+                )

@@ -1,0 +1,147 @@
+"""Bbox regression head: an MLP reading the LM's last hidden state at each box in the text.
+
+Coordinates: the head predicts ``cxcywh`` in [0, 1] of the image *as the model sees it* (normalised coordinates are
+the same for the original image, since resizing never crops). Which token it reads is ``bbox_head_source``:
+``box_start`` (the token that opens a box: ``<|box_start|>`` for Qwen2-VL, the ``[`` after ``"bbox_2d":`` for
+Qwen2.5/3-VL; the head predicts the box before the text does) or ``box_end`` (the token that closes it).
+
+Saved as ``bbox_head.safetensors`` + ``bbox_head_config.json`` beside the adapter or the full model.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+HEAD_WEIGHTS = "bbox_head.safetensors"
+HEAD_CONFIG = "bbox_head_config.json"
+SOURCES = ("box_start", "box_end")
+
+
+@dataclass(frozen=True)
+class BBoxHeadConfig:
+    hidden_size: int
+    num_layers: int = 3
+    source: str = "box_start"
+
+    def __post_init__(self):
+        if self.num_layers < 1:
+            raise ValueError(f"bbox_head_layers must be >= 1, got {self.num_layers}.")
+        if self.source not in SOURCES:
+            raise ValueError(f"bbox_head_source must be one of {SOURCES}, got {self.source!r}.")
+
+
+class BBoxHead(nn.Module):
+    """``num_layers`` linear layers (ReLU between), sigmoid output; the last layer starts at zero, so an untrained head
+    predicts the centred box (0.5, 0.5, 0.5, 0.5) and adds no gradient noise to the LM at the start.
+
+    Layers are named ``bbox_fc{i}`` so that ``lora_target: all`` (which targets linear layers by their last name) never
+    picks them up.
+    """
+
+    def __init__(self, config: BBoxHeadConfig):
+        super().__init__()
+        self.config = config
+        width = config.hidden_size
+        for i in range(config.num_layers):
+            self.add_module(f"bbox_fc{i}", nn.Linear(width, 4 if i == config.num_layers - 1 else width))
+        last = getattr(self, f"bbox_fc{config.num_layers - 1}")
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """hidden: ``Tensor[..., hidden_size]`` -> ``Tensor[..., 4]`` cxcywh in [0, 1] of the model-view image."""
+        x = hidden.to(self.bbox_fc0.weight.dtype)
+        for i in range(self.config.num_layers):
+            x = getattr(self, f"bbox_fc{i}")(x)
+            if i < self.config.num_layers - 1:
+                x = torch.relu(x)
+        return torch.sigmoid(x)
+
+
+def save_head(head: BBoxHead, directory: str | Path) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(directory / HEAD_WEIGHTS))
+    (directory / HEAD_CONFIG).write_text(json.dumps(asdict(head.config), indent=2))
+
+
+def load_head(directory: str | Path) -> BBoxHead:
+    """Restore a head saved by :func:`save_head` (safetensors only: nothing is unpickled)."""
+    directory = Path(directory)
+    if not (directory / HEAD_WEIGHTS).is_file():
+        raise FileNotFoundError(
+            f"`bbox_head: true` but {directory} has no {HEAD_WEIGHTS}: this checkpoint was trained without the bbox "
+            "head. Set `bbox_head: false`, or point to a checkpoint trained with it."
+        )
+    head = BBoxHead(BBoxHeadConfig(**json.loads((directory / HEAD_CONFIG).read_text())))
+    head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
+    return head
+
+
+def head_dir(model_args) -> Path:
+    """Where a trained head lives: beside the last adapter if one is loaded, else beside the model."""
+    if model_args.adapter_name_or_path:
+        return Path(model_args.adapter_name_or_path[-1])
+    return Path(model_args.model_name_or_path)
+
+
+def attach_head(model: nn.Module, model_args, finetuning_args, is_trainable: bool) -> BBoxHead:
+    """Give ``model`` its head as submodule ``bbox_head`` (so DDP, the optimizer and checkpoints see it): the trained
+    one from :func:`head_dir` if there is one, a fresh one when training starts from a model without a head."""
+    source = head_dir(model_args)
+    if (source / HEAD_WEIGHTS).is_file() or not is_trainable:
+        head = load_head(source)
+        if head.config.hidden_size != model.get_input_embeddings().embedding_dim:
+            raise ValueError(f"{source / HEAD_CONFIG}: the head was trained for another model (hidden size).")
+    else:
+        hidden_size = model.get_input_embeddings().embedding_dim
+        head = BBoxHead(BBoxHeadConfig(hidden_size, finetuning_args.bbox_head_layers, finetuning_args.bbox_head_source))
+    head.requires_grad_(is_trainable)
+    model.add_module("bbox_head", head.to(model.device))
+    return head
+
+
+def export_head(parsed_infer_args) -> None:
+    """Copy the head files into ``export_dir`` after ``llamafactory-cli export`` (``bbox_head: true`` only)."""
+    model_args, _, finetuning_args, _ = parsed_infer_args
+    if not finetuning_args.bbox_head:
+        return
+    source = head_dir(model_args)
+    load_head(source)  # fails clearly when there is no head to export
+    for name in (HEAD_WEIGHTS, HEAD_CONFIG):
+        shutil.copy(source / name, Path(model_args.export_dir) / name)
+
+
+def find_box_spans(token_texts: Sequence[str], box_pattern: str) -> list[tuple[int, int]]:
+    """Token indices ``(open, close)`` of every box written in a token sequence.
+
+    ``token_texts``: each token decoded on its own (special tokens kept), so that character offsets map back to
+    tokens whatever the tokenizer merged. ``open``/``close``: the tokens holding the last character of the pattern's
+    ``open``/``close`` groups (see ``BoxCodec.box_pattern``).
+    """
+    ends = []
+    total = 0
+    for text in token_texts:
+        total += len(text)
+        ends.append(total)
+    text = "".join(token_texts)
+    return [
+        (bisect.bisect_right(ends, m.end("open") - 1), bisect.bisect_right(ends, m.end("close") - 1))
+        for m in re.finditer(box_pattern, text)
+    ]
+
+
+def select_anchor(spans: Tensor, source: str) -> Tensor:
+    """spans: ``Tensor[..., 2]`` (open, close) token indices -> ``Tensor[...]`` of the indices ``source`` reads."""
+    return spans[..., SOURCES.index(source)]
