@@ -25,7 +25,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llamafactory_vision.boxes import HOST_IMAGE_MAX_PIXELS, HOST_IMAGE_MIN_PIXELS, model_view_size
+from llamafactory_vision.boxes import (
+    HOST_IMAGE_MAX_PIXELS,
+    HOST_IMAGE_MIN_PIXELS,
+    BoxError,
+    model_view_size,
+    normalize_xyxy,
+    to_xyxy,
+)
 from llamafactory_vision.grounding.formats import Box, BoxCodec, get_codec, parse_answer
 from llamafactory_vision.grounding.metrics import HEAD_BOX_FIELDS, grounding_scores, head_boxes_for_family
 from llamafactory_vision.grounding.visualize import draw_boxes
@@ -196,6 +203,35 @@ def to_pixels(
     return [(x1 * width, y1 * height, x2 * width, y2 * height) for x1, y1, x2, y2 in normalised]
 
 
+def dataset_boxes(row: Any, image_size: tuple[int, int]) -> list[Box] | None:
+    """A grounding row's object boxes, normalised xyxy; None when the row has no readable boxes."""
+    if not isinstance(row, dict) or not isinstance(row.get("objects"), list):
+        return None
+    try:
+        return [
+            normalize_xyxy(to_xyxy(o["bbox"], row.get("bbox_format") or "xyxy"), image_size) for o in row["objects"]
+        ]
+    except (BoxError, KeyError, TypeError):
+        return None
+
+
+def check_alignment(index: int, label: list[Box], row: Any, image_size: tuple[int, int], tolerance: float) -> None:
+    """Stop if a prediction's label boxes are not the boxes of dataset row ``index`` (normalised, within
+    ``tolerance``): predictions carry no image path, so rows are paired by position, and a dataset whose invalid
+    rows were skipped (``grounding_invalid: skip``) no longer lines up."""
+    expected = dataset_boxes(row, image_size)
+    if expected is None or not label or row.get("task", "rec") == "reg":
+        return
+    if len(expected) != len(label) or any(
+        abs(a - b) > tolerance for box, exp in zip(label, expected) for a, b in zip(box, exp)
+    ):
+        raise SystemExit(
+            f"error: predictions row {index} does not match row {index} of --images (label boxes {label} vs "
+            f"dataset boxes {expected}, normalised). Rows are paired by position: pass the dataset file the "
+            "predictions were made from, without rows skipped by `grounding_invalid: skip`."
+        )
+
+
 def visualize(
     rows: list[tuple[int, dict[str, Any]]],
     heads: list[list[Box] | None],
@@ -230,6 +266,10 @@ def visualize(
             failed += 1
             continue
         label, predict = parse_answer(obj["label"]), parse_answer(obj["predict"])
+        label_norm = [codec.decode_box(box, model_size=model_size) for box in label.boxes]
+        # one unit of the coarsest written grid (1/1000, or a model-view pixel) plus rounding
+        tolerance = 1.5 / min(1000, *model_size)
+        check_alignment(index, label_norm, dataset[index], image.size, tolerance)
         image = draw_boxes(image, to_pixels(label.boxes, codec, model_size, image.size), LABEL_COLOR, label.refs)
         image = draw_boxes(
             image, to_pixels(predict.boxes, codec, model_size, image.size), PREDICT_COLOR, predict.refs, "bottom"

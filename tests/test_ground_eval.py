@@ -61,8 +61,8 @@ def qwen2_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     dataset = write_jsonl(
         tmp_path / "ground.jsonl",
         [
-            {"images": ["imgs/wide.png"], "objects": []},
-            {"image": "imgs/square.png", "objects": []},
+            {"images": ["imgs/wide.png"], "objects": [{"ref": "the red car", "bbox": [20, 20, 100, 80]}]},
+            {"image": "imgs/square.png", "objects": [{"ref": "x", "bbox": [0, 0, 150, 150]}]},
             {"images": ["imgs/wide.png"]},
             {"images": ["imgs/wide.png"]},
             {"images": [str(tmp_path / "imgs" / "square.png")]},  # absolute path
@@ -76,6 +76,17 @@ def qwen2_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     assert proc.returncode == 0, proc.stderr
     return {"stdout": json.loads(proc.stdout), "out": out, "vis": vis, "stderr": proc.stderr}
+
+
+def test_visualize_refuses_predictions_that_do_not_line_up(tmp_path: Path) -> None:
+    Image.new("RGB", (200, 100), GRAY).save(tmp_path / "a.png")
+    predictions = write_jsonl(tmp_path / "p.jsonl", [row("(0,0),(500,500)", "(0,0),(500,500)")])
+    # the dataset's first row is another object: e.g. an invalid row was skipped before predict
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"images": ["a.png"], "objects": [{"ref": "y", "bbox": [50, 0, 200, 100]}]}])
+    proc = run_eval("--predictions", str(predictions), "--visualize", str(tmp_path / "v"), "--images", str(dataset),
+                    "--family", "qwen2_vl")  # fmt: skip
+    assert proc.returncode != 0
+    assert "predictions row 0 does not match row 0 of --images" in proc.stderr
 
 
 def test_cli_metrics(qwen2_run):

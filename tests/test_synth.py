@@ -183,9 +183,9 @@ def test_demo_preset_is_learnable(tmp_path: Path) -> None:
     for row in _rows(tmp_path / "ground_train.jsonl") + _rows(tmp_path / "ground_val.jsonl"):
         assert row["task"] == "rec" and row["bbox_format"] == "xyxy" and len(row["objects"]) == 1
         width, height = Image.open(tmp_path / row["images"][0]).size
-        assert 0.55 <= width / height <= 1.7 and max(width, height) <= 300 and min(width, height) >= 80
+        assert 0.7 <= width / height <= 1.4 and max(width, height) <= 160 and min(width, height) >= 65
         x1, y1, x2, y2 = row["objects"][0]["bbox"]
-        assert 0.12 * min(width, height) <= max(x2 - x1, y2 - y1) <= 0.6 * min(width, height)
+        assert 0.25 * min(width, height) <= max(x2 - x1, y2 - y1) <= 0.75 * min(width, height)
         colour, shape = row["objects"][0]["ref"].split(" ")[1:]
         assert colour in ("red", "green", "blue") and shape in ("circle", "square", "triangle")
 

@@ -30,22 +30,18 @@ from llamafactory_vision.grounding.templates import get_grounding_spec
 
 # LLaMA-Factory 0.9.5's defaults when the YAML sets neither key (mm_plugin.py, `getattr(processor, ..., default)`).
 HOST_MAX_PIXELS, HOST_MIN_PIXELS = 768 * 768, 32 * 32
+RELATIVE_FAMILIES = ("qwen2_vl", "qwen3_vl")  # ints 0-1000 of the original image; qwen2_5_vl: model-view pixels
 
 SETTINGS: dict[str, dict[str, int]] = {
     "default": {},
     "max_64x64x4": {"image_max_pixels": 64 * 64 * 4},
     "max_300x300_min_128x128": {"image_max_pixels": 300 * 300, "image_min_pixels": 128 * 128},
 }
-# Qwen2.5-VL is the family whose text depends on the resize: every setting. The 0-1000 families must give the same
-# integers at any size, shown with the default and the smallest model view.
-CASES = [
-    (family, setting)
-    for family in QWEN_FAMILIES
-    for setting in SETTINGS
-    if family == "qwen2_5_vl" or setting != "max_300x300_min_128x128"
-]
+# Qwen2.5-VL is the family whose text depends on the resize: every setting. The 0-1000 families must write the same
+# integers at any size: the default here, another setting in the predict-time test (keeps this file fast).
+CASES = [(family, setting) for family in QWEN_FAMILIES for setting in SETTINGS if family == "qwen2_5_vl"]
+CASES += [(family, "default") for family in RELATIVE_FAMILIES]
 
-RELATIVE_FAMILIES = ("qwen2_vl", "qwen3_vl")
 USER_TURN = re.compile(r"<\|im_start\|>user\n(.*)<\|im_end\|>\n<\|im_start\|>assistant\n$", re.DOTALL)
 IMAGE_EXPANSION = re.compile(r"<\|vision_start\|>((?:<\|image_pad\|>)*)<\|vision_end\|>")
 TURN_END = "<|im_end|>\n"
@@ -108,11 +104,14 @@ def box_scale(family: str, view: ModelView) -> tuple[int, int]:
 
 @dataclass
 class Tokenized:
-    """One decoded row: ``prompt`` (everything the labels mask) and ``target`` (the supervised text)."""
+    """One tokenized row: ``prompt`` (everything the labels mask) and ``target`` (the supervised text), decoded
+    with special tokens kept, and their token ids."""
 
     image: str
     prompt: str
     target: str
+    prompt_ids: list[int]
+    target_ids: list[int]
 
     @property
     def user_text(self) -> str:
@@ -122,10 +121,18 @@ class Tokenized:
         return IMAGE_EXPANSION.sub("", match.group(1))
 
 
-def run_host_pipeline(model: Path, data_dir: Path, template: str, workdir: Path, dataset: str, **extra):
+def run_host_pipeline(
+    model: Path, data_dir: Path, template: str, workdir: Path, dataset: str, predict: bool = False, **extra
+):
     """``get_train_args`` -> ``load_tokenizer`` -> ``get_template_and_fix_tokenizer`` -> ``get_dataset``, as
-    ``llamafactory-cli train`` does; returns the tokenizer module, the template and the decoded rows."""
+    ``llamafactory-cli train`` does; returns the tokenizer module, the template and the decoded rows.
+
+    ``predict``: tokenize ``dataset`` as the eval set of a ``do_predict`` + ``predict_with_generate`` run (the
+    host's unsupervised processor: the prompt in ``input_ids``, the answer alone in ``labels``)."""
     config = train_config(model, data_dir, workdir, template, dataset=dataset, cutoff_len=8192, overwrite_cache=True)
+    if predict:
+        del config["dataset"]
+        config.update(do_train=False, do_predict=True, predict_with_generate=True, eval_dataset=dataset)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in {**config, **extra}.items()}
     model_args, data_args, training_args, _, _ = get_train_args(config)
     tokenizer_module = load_tokenizer(model_args)
@@ -133,28 +140,29 @@ def run_host_pipeline(model: Path, data_dir: Path, template: str, workdir: Path,
     host_template = get_template_and_fix_tokenizer(tokenizer, data_args)
     rows = get_dataset(host_template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
     decoded = []
-    for row in rows["train_dataset"]:
+    for row in rows["eval_dataset" if predict else "train_dataset"]:
         assert len(row["images"]) == 1
-        prompt_ids = [t for t, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX]
-        target_ids = [t for t in row["labels"] if t != IGNORE_INDEX]
+        if predict:
+            prompt_ids, target_ids = row["input_ids"], row["labels"]
+        else:
+            prompt_ids = [t for t, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX]
+            target_ids = [t for t in row["labels"] if t != IGNORE_INDEX]
         decoded.append(
             Tokenized(
                 image=row["images"][0],
                 prompt=tokenizer.decode(prompt_ids, skip_special_tokens=False),
                 target=tokenizer.decode(target_ids, skip_special_tokens=False),
+                prompt_ids=prompt_ids,
+                target_ids=target_ids,
             )
         )
     return tokenizer_module, host_template, decoded
 
 
-def read_rows(data_dir: Path, *files: str) -> dict[str, dict]:
+def read_rows(data_dir: Path, file_name: str) -> dict[str, dict]:
     """Dataset rows keyed by their image's absolute path (one image per row, each image used once)."""
-    rows = {}
-    for name in files:
-        for line in (data_dir / name).read_text().splitlines():
-            row = json.loads(line)
-            rows[str(data_dir / row["images"][0])] = row
-    return rows
+    rows = (json.loads(line) for line in (data_dir / file_name).read_text().splitlines())
+    return {str(data_dir / row["images"][0]): row for row in rows}
 
 
 def check_row(family: str, row: dict, sample: Tokenized, view: ModelView) -> list[str]:
@@ -197,28 +205,50 @@ def check_row(family: str, row: dict, sample: Tokenized, view: ModelView) -> lis
 def test_every_box_in_the_tokenized_labels_matches_the_oracle(tmp_path, tiny_models, varied_data, family, setting):
     extra = SETTINGS[setting]
     tokenizer_module, host_template, samples = run_host_pipeline(
-        tiny_models[family], varied_data, GROUND_TEMPLATE[family], tmp_path, "synth_ground_train,synth_ground_val",
-        **extra,
+        tiny_models[family], varied_data, GROUND_TEMPLATE[family], tmp_path, "synth_ground_train", **extra
     )
-    rows = read_rows(varied_data, "ground_train.jsonl", "ground_val.jsonl")
-    assert sorted(s.image for s in samples) == sorted(rows), "rows were dropped or images changed"
+    rows = read_rows(varied_data, "ground_train.jsonl")
     # The data must exercise what this test is about.
     assert {r.get("task", "rec") for r in rows.values()} == {"rec", "reg", "detect"}
     assert {r.get("bbox_format", "xyxy") for r in rows.values()} == {"xyxy", "xywh", "cxcywh"}
+    sizes = set()
+    for path in rows:
+        with Image.open(path) as image:
+            sizes.add(image.size)
+    assert max(w / h for w, h in sizes) > 7 and max(h / w for w, h in sizes) > 7, f"no very wide/tall image: {sizes}"
+    assert min(w * h for w, h in sizes) <= 64 * 48, f"no tiny image: {sizes}"
+    assert max(w * h for w, h in sizes) > extra.get("image_max_pixels", HOST_MAX_PIXELS), f"none downscaled: {sizes}"
+    check_samples(family, samples, rows, tokenizer_module, host_template, extra)
 
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_predict_time_prompts_and_labels_match_the_oracle(tmp_path, tiny_models, varied_data, family):
+    """The eval split of a predict run goes through the host's unsupervised processor: same boxes (the val rows
+    are checked here only, the train rows in the test above)."""
+    extra = SETTINGS["max_300x300_min_128x128"]
+    tokenizer_module, host_template, samples = run_host_pipeline(
+        tiny_models[family], varied_data, GROUND_TEMPLATE[family], tmp_path, "synth_ground_val", predict=True,
+        **extra,
+    )
+    rows = read_rows(varied_data, "ground_val.jsonl")
+    assert {r.get("task", "rec") for r in rows.values()} == {"rec", "reg", "detect"}
+    check_samples(family, samples, rows, tokenizer_module, host_template, extra)
+
+
+def check_samples(
+    family: str, samples: list[Tokenized], rows: dict[str, dict], tokenizer_module, host_template, extra: dict
+) -> None:
+    """Every tokenized sample against its dataset row (see :func:`check_row`); all mismatches in one report."""
+    assert sorted(s.image for s in samples) == sorted(rows), "rows were dropped or images changed"
     max_pixels = extra.get("image_max_pixels", HOST_MAX_PIXELS)
     min_pixels = extra.get("image_min_pixels", HOST_MIN_PIXELS)
-    errors, sizes = [], set()
+    errors = []
     for sample in samples:
         view = real_model_view(
             host_template.mm_plugin, tokenizer_module["processor"], sample.image, max_pixels, min_pixels
         )
-        with Image.open(sample.image) as image:
-            sizes.add(image.size)
         errors += [f"{Path(sample.image).name}: {e}" for e in check_row(family, rows[sample.image], sample, view)]
     assert not errors, "\n".join(errors)
-    assert max(w / h for w, h in sizes) > 7 and max(h / w for w, h in sizes) > 7, f"no very wide/tall image: {sizes}"
-    assert min(w * h for w, h in sizes) <= 64 * 48 and max(w * h for w, h in sizes) > max_pixels, sizes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,9 +309,10 @@ def golden_data(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("family", QWEN_FAMILIES)
 def test_golden_rendered_text(tmp_path, tiny_models, golden_data, family):
-    _, _, samples = run_host_pipeline(
+    tokenizer_module, _, samples = run_host_pipeline(
         tiny_models[family], golden_data, GROUND_TEMPLATE[family], tmp_path, "synth_ground_train"
     )
+    token_id = tokenizer_module["tokenizer"].convert_tokens_to_ids
     rec, detect, reg = samples
     golden = GOLDEN[family]
     image = "<|vision_start|>" + "<|image_pad|>" * golden["tokens"] + "<|vision_end|>"
@@ -300,6 +331,13 @@ def test_golden_rendered_text(tmp_path, tiny_models, golden_data, family):
     # reg: the box goes into the prompt, the referring expression is the answer.
     assert reg.prompt == f"{SYSTEM[family]}{user}{image}What is in {golden['region']}?<|im_end|>\n<|im_start|>assistant\n"
     assert reg.target == "the green star" + TURN_END
+
+    # Special tokens are single tokens, not their characters spelled out (the decoded text could not tell).
+    assert rec.prompt_ids.count(token_id("<|image_pad|>")) == golden["tokens"]
+    if family == "qwen2_vl":
+        for token in ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>"):
+            assert (rec.target_ids.count(token_id(token)), detect.target_ids.count(token_id(token))) == (1, 2)
+        assert reg.prompt_ids.count(token_id("<|box_start|>")) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

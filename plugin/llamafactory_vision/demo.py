@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from llamafactory_vision.grounding.bbox_head import BBoxHead, BBoxHeadConfig, save_head
 from llamafactory_vision.grounding.preview import preview
 from llamafactory_vision.synth import generate_grounding
 from llamafactory_vision.tiny import build_tiny
@@ -73,6 +74,8 @@ def run_demo(out_dir: str = DEFAULT_OUT, quick: bool = False) -> int:
 
     print("1/5 building the tiny Qwen2-VL and the synthetic grounding set", flush=True)
     model_dir = build_tiny("qwen2_vl", out / "models" / "qwen2_vl", seed=SEED, **MODEL_SIZE)
+    # The untrained model gets an untrained (zero-initialised) head, so "before" scores the head too.
+    save_head(BBoxHead(BBoxHeadConfig(hidden_size=MODEL_SIZE["hidden_size"])), model_dir)
     data_dir = out / "data"
     generate_grounding(data_dir, n=100 if quick else TRAIN_ROWS, seed=SEED, val_frac=0.1, preset="demo")
 
@@ -118,12 +121,18 @@ def _write_resolved(src: Path, dst: Path, overrides: list[str]) -> None:
 
 
 def _report(before: dict, after: dict, train_seconds: float, total_seconds: float, out: Path) -> None:
-    rows = [("acc@0.5", "acc@0.5"), ("acc@0.75", "acc@0.75"), ("mIoU", "miou"), ("parse failures", "parse_failures")]
+    rows = [
+        ("text acc@0.5", "acc@0.5"), ("text acc@0.75", "acc@0.75"), ("text mIoU", "miou"),
+        ("head acc@0.5", "head_acc@0.5"), ("head acc@0.75", "head_acc@0.75"), ("head mIoU", "head_miou"),
+    ]  # fmt: skip
     print("\n== grounding demo: tiny Qwen2-VL on the synthetic val split ==")
     print(f"{'metric':<16}{'before':>10}{'after':>10}")
+    def cell(metrics: dict, key: str) -> str:
+        return f"{metrics[key]:>10.3f}" if key in metrics else f"{'-':>10}"  # no head boxes in that run
+
     for name, key in rows:
-        print(f"{name:<16}{before[key]:>10.3f}{after[key]:>10.3f}" if key != "parse_failures"
-              else f"{name:<16}{before[key]:>10d}{after[key]:>10d}")  # fmt: skip
+        print(f"{name:<16}{cell(before, key)}{cell(after, key)}")
+    print(f"{'parse failures':<16}{before['parse_failures']:>10d}{after['parse_failures']:>10d}")
     print(f"label boxes: {after['n']}   training: {train_seconds:.0f} s   whole demo: {total_seconds:.0f} s")
     print(f"pictures: {out / 'preview'} (targets), {out / 'vis_before'} and {out / 'vis_after'} "
           "(green = label, red = prediction)")  # fmt: skip

@@ -145,7 +145,7 @@ PRESETS: dict[str, ScenePreset] = {
         colours=("red", "green", "blue"),
         backgrounds=("plain", "gradient"),
         max_objects=1,
-        object_side=(0.15, 0.6),
+        object_side=(0.3, 0.75),
         task_weights=(1.0, 0.0, 0.0),
         format_weights=(1.0, 0.0, 0.0),
         ref_required=("colour",),
@@ -202,8 +202,8 @@ def sample_image_size(rng: np.random.Generator, size_class: str) -> tuple[int, i
     if size_class == "normal":
         return int(rng.integers(160, 641)), int(rng.integers(160, 641))
     if size_class == "demo":
-        side = rng.uniform(112, 224)
-        aspect = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
+        side = rng.uniform(80, 136)  # a handful of visual tokens: fast enough to train on 2 CPU cores
+        aspect = math.exp(rng.uniform(math.log(0.75), math.log(1.33)))
         return round(side * math.sqrt(aspect)), round(side / math.sqrt(aspect))
     raise ValueError(f"size_class={size_class!r}: expected one of {SIZE_CLASSES}")
 

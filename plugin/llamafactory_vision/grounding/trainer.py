@@ -32,6 +32,20 @@ class BBoxLossConfig:
     source: str
 
 
+def bbox_head_loss(head: torch.nn.Module, hidden: torch.Tensor, spans: torch.Tensor, targets: torch.Tensor,
+                   config: BBoxLossConfig) -> dict[str, torch.Tensor]:
+    """The head's loss terms for one batch (``l1``, ``giou``, ``total``, unweighted by ``loss_weight``).
+
+    hidden: ``Tensor[B, L, H]`` last hidden states; spans: ``LongTensor[B, K, 2]`` (-1 = no box); targets:
+    ``Tensor[B, K, 4]`` cxcywh in [0, 1]. With no box in the batch the terms are zeros still connected to the head's
+    graph (DDP expects a gradient for every parameter).
+    """  # fmt: skip
+    anchors = select_anchor(spans, config.source)
+    rows, slots = (anchors >= 0).nonzero(as_tuple=True)
+    pred = head(hidden[rows, anchors[rows, slots]])
+    return bbox_regression_loss(pred, targets[rows, slots], config.l1_weight, config.giou_weight)
+
+
 class GroundingTrainer(CustomSeq2SeqTrainer):
     def __init__(self, *args, bbox_loss: BBoxLossConfig, box_pattern: str, **kwargs):
         self.mm_processor = kwargs["processor"]
@@ -51,11 +65,7 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         loss, outputs = super().compute_loss(
             model, {**inputs, "output_hidden_states": True}, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
-        hidden = outputs.hidden_states[-1]
-        anchors = select_anchor(spans, self.bbox_loss.source)
-        rows, slots = (anchors >= 0).nonzero(as_tuple=True)
-        pred = self._head(model)(hidden[rows, anchors[rows, slots]])
-        terms = bbox_regression_loss(pred, targets[rows, slots], self.bbox_loss.l1_weight, self.bbox_loss.giou_weight)
+        terms = bbox_head_loss(self._head(model), outputs.hidden_states[-1], spans, targets, self.bbox_loss)
         # The trainer divides the loss by the accumulation steps unless the model took `num_items_in_batch`; a
         # per-batch mean must be scaled the same way to keep its weight under gradient accumulation.
         scale = 1.0
@@ -65,7 +75,7 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
 
         split = "train" if model.training else "eval"
         self._stored_metrics[split]["lm_loss"].append(loss.detach().item())
-        if len(rows):
+        if (spans[..., 0] >= 0).any():
             self._stored_metrics[split]["bbox_l1"].append(terms["l1"].detach().item())
             self._stored_metrics[split]["bbox_giou"].append(terms["giou"].detach().item())
         return (total, outputs) if return_outputs else total
