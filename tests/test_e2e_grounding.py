@@ -16,11 +16,17 @@ from pathlib import Path
 
 import pytest
 from conftest import GROUND_TEMPLATE, QWEN_FAMILIES, REPO, read_jsonl, run_cli, train_config, write_yaml
-from PIL import Image
-from test_templates import HOST_MAX_PIXELS, HOST_MIN_PIXELS, RELATIVE_FAMILIES, expected_ints, pixel_xyxy
-from test_templates import ModelView, real_model_view
-
 from llamafactory_vision.grounding.formats import parse_answer
+from PIL import Image
+from test_templates import (
+    HOST_MAX_PIXELS,
+    HOST_MIN_PIXELS,
+    RELATIVE_FAMILIES,
+    ModelView,
+    pixel_xyxy,
+    real_model_view,
+    written_boxes,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -59,14 +65,9 @@ def model_view_oracle(run: TrainedRun):
 
 
 def expected_boxes(run: TrainedRun, row: dict, view: ModelView) -> list[tuple[float, ...]]:
-    """The row's boxes as its family writes them (ints, as floats the way ``parse_answer`` returns them)."""
+    """The row's boxes as its family writes them."""
     with Image.open(run.data / row["images"][0]) as image:
-        size = image.size
-    scale = (1000, 1000) if run.family in RELATIVE_FAMILIES else view.size
-    return [
-        tuple(float(v) for v in expected_ints(pixel_xyxy(obj["bbox"], row.get("bbox_format", "xyxy")), size, scale))
-        for obj in row["objects"]
-    ]
+        return written_boxes(run.family, row, image.size, view)
 
 
 def test_train_then_predict_then_ground_eval(trained, tmp_path):
@@ -145,7 +146,8 @@ def test_preview_draws_the_training_targets(trained, tmp_path):
         with Image.open(out / f"{index:05d}.png") as drawn:
             assert drawn.size == view.size
 
-        # A written coordinate is the true one rounded to the family's unit: 1/1000 of the image, or 1 model pixel.
+        # A written coordinate is the true one rounded to the family's unit (1/1000 of the image, or 1 model pixel):
+        # decoded back, it is off by at most half a unit.
         unit_x, unit_y = (width / 1000, height / 1000) if run.family in RELATIVE_FAMILIES else (
             width / view.size[0], height / view.size[1])  # fmt: skip
         truth = [pixel_xyxy(obj["bbox"], row.get("bbox_format", "xyxy")) for obj in row["objects"]]

@@ -187,7 +187,7 @@ def test_demo_preset_is_learnable(tmp_path: Path) -> None:
         x1, y1, x2, y2 = row["objects"][0]["bbox"]
         assert 0.25 * min(width, height) <= max(x2 - x1, y2 - y1) <= 0.75 * min(width, height)
         colour, shape = row["objects"][0]["ref"].split(" ")[1:]
-        assert colour in ("red", "green", "blue") and shape in ("circle", "square", "triangle")
+        assert colour in ("green", "yellow", "cyan") and shape in ("circle", "square", "triangle")
 
 
 def test_dataset_info_is_merged_not_overwritten(tmp_path: Path) -> None:

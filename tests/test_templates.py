@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 from conftest import GROUND_TEMPLATE, QWEN_FAMILIES, STOCK_TEMPLATE, train_config
-from PIL import Image
-
 from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
 from llamafactory.data.template import TEMPLATES
 from llamafactory.extras.constants import IGNORE_INDEX
@@ -27,6 +25,7 @@ from llamafactory.hparams import get_train_args
 from llamafactory.model import load_tokenizer
 from llamafactory_vision.grounding.formats import parse_answer
 from llamafactory_vision.grounding.templates import get_grounding_spec
+from PIL import Image
 
 # LLaMA-Factory 0.9.5's defaults when the YAML sets neither key (mm_plugin.py, `getattr(processor, ..., default)`).
 HOST_MAX_PIXELS, HOST_MIN_PIXELS = 768 * 768, 32 * 32
@@ -39,8 +38,7 @@ SETTINGS: dict[str, dict[str, int]] = {
 }
 # Qwen2.5-VL is the family whose text depends on the resize: every setting. The 0-1000 families must write the same
 # integers at any size: the default here, another setting in the predict-time test (keeps this file fast).
-CASES = [(family, setting) for family in QWEN_FAMILIES for setting in SETTINGS if family == "qwen2_5_vl"]
-CASES += [(family, "default") for family in RELATIVE_FAMILIES]
+CASES = [("qwen2_5_vl", setting) for setting in SETTINGS] + [(family, "default") for family in RELATIVE_FAMILIES]
 
 USER_TURN = re.compile(r"<\|im_start\|>user\n(.*)<\|im_end\|>\n<\|im_start\|>assistant\n$", re.DOTALL)
 IMAGE_EXPANSION = re.compile(r"<\|vision_start\|>((?:<\|image_pad\|>)*)<\|vision_end\|>")
@@ -93,8 +91,14 @@ def real_model_view(mm_plugin, processor, image_path: str, max_pixels: int, min_
     return ModelView(size=(w * patch, h * patch), image_tokens=t * h * w // merge**2)
 
 
-def box_scale(family: str, view: ModelView) -> tuple[int, int]:
-    return (1000, 1000) if family in RELATIVE_FAMILIES else view.size
+def written_boxes(family: str, row: dict, image_size: tuple[int, int], view: ModelView) -> list[tuple[float, ...]]:
+    """A dataset row's boxes as ``family`` writes them for an image of ``image_size = (W, H)`` that the model sees
+    as ``view``: ints, as the floats ``parse_answer`` returns."""
+    scale = (1000, 1000) if family in RELATIVE_FAMILIES else view.size
+    fmt = row.get("bbox_format", "xyxy")
+    return [
+        tuple(float(v) for v in expected_ints(pixel_xyxy(o["bbox"], fmt), image_size, scale)) for o in row["objects"]
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,8 +174,7 @@ def check_row(family: str, row: dict, sample: Tokenized, view: ModelView) -> lis
     errors = []
     with Image.open(sample.image) as image:
         size = image.size
-    boxes = [pixel_xyxy(obj["bbox"], row.get("bbox_format", "xyxy")) for obj in row["objects"]]
-    want = [expected_ints(box, size, box_scale(family, view)) for box in boxes]
+    want = written_boxes(family, row, size, view)
     refs = [obj["ref"] for obj in row["objects"]]
 
     expansions = IMAGE_EXPANSION.findall(sample.prompt)
@@ -188,17 +191,33 @@ def check_row(family: str, row: dict, sample: Tokenized, view: ModelView) -> lis
     if row.get("task", "rec") == "reg":
         if answer != refs[0]:
             errors.append(f"reg answer {answer!r} != ref {refs[0]!r}")
-        if in_prompt.boxes != [tuple(float(v) for v in want[0])]:
+        if in_prompt.boxes != want:
             errors.append(f"reg region in prompt {in_prompt.boxes} != {want}")
     else:
         parsed = parse_answer(answer)
-        if parsed.boxes != [tuple(float(v) for v in w) for w in want]:
+        if parsed.boxes != want:
             errors.append(f"boxes {parsed.boxes} != {want}")
         if parsed.refs != refs:
             errors.append(f"refs {parsed.refs} != {refs}")
         if not in_prompt.failed:
             errors.append(f"a box in a {row.get('task', 'rec')} prompt: {sample.user_text!r}")
     return errors
+
+
+def check_samples(
+    family: str, samples: list[Tokenized], rows: dict[str, dict], tokenizer_module, host_template, extra: dict
+) -> None:
+    """Every tokenized sample against its dataset row (see :func:`check_row`); all mismatches in one report."""
+    assert sorted(s.image for s in samples) == sorted(rows), "rows were dropped or images changed"
+    max_pixels = extra.get("image_max_pixels", HOST_MAX_PIXELS)
+    min_pixels = extra.get("image_min_pixels", HOST_MIN_PIXELS)
+    errors = []
+    for sample in samples:
+        view = real_model_view(
+            host_template.mm_plugin, tokenizer_module["processor"], sample.image, max_pixels, min_pixels
+        )
+        errors += [f"{Path(sample.image).name}: {e}" for e in check_row(family, rows[sample.image], sample, view)]
+    assert not errors, "\n".join(errors)
 
 
 @pytest.mark.parametrize("family,setting", CASES, ids=[f"{f}-{s}" for f, s in CASES])
@@ -227,28 +246,17 @@ def test_predict_time_prompts_and_labels_match_the_oracle(tmp_path, tiny_models,
     are checked here only, the train rows in the test above)."""
     extra = SETTINGS["max_300x300_min_128x128"]
     tokenizer_module, host_template, samples = run_host_pipeline(
-        tiny_models[family], varied_data, GROUND_TEMPLATE[family], tmp_path, "synth_ground_val", predict=True,
+        tiny_models[family],
+        varied_data,
+        GROUND_TEMPLATE[family],
+        tmp_path,
+        "synth_ground_val",
+        predict=True,
         **extra,
     )
     rows = read_rows(varied_data, "ground_val.jsonl")
     assert {r.get("task", "rec") for r in rows.values()} == {"rec", "reg", "detect"}
     check_samples(family, samples, rows, tokenizer_module, host_template, extra)
-
-
-def check_samples(
-    family: str, samples: list[Tokenized], rows: dict[str, dict], tokenizer_module, host_template, extra: dict
-) -> None:
-    """Every tokenized sample against its dataset row (see :func:`check_row`); all mismatches in one report."""
-    assert sorted(s.image for s in samples) == sorted(rows), "rows were dropped or images changed"
-    max_pixels = extra.get("image_max_pixels", HOST_MAX_PIXELS)
-    min_pixels = extra.get("image_min_pixels", HOST_MIN_PIXELS)
-    errors = []
-    for sample in samples:
-        view = real_model_view(
-            host_template.mm_plugin, tokenizer_module["processor"], sample.image, max_pixels, min_pixels
-        )
-        errors += [f"{Path(sample.image).name}: {e}" for e in check_row(family, rows[sample.image], sample, view)]
-    assert not errors, "\n".join(errors)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,7 +289,8 @@ GOLDEN = {
     "qwen2_5_vl": {
         "tokens": 28,
         "rec": '[{"bbox_2d": [20, 11, 118, 101], "label": "the red box"}]',
-        "detect": '[{"bbox_2d": [10, 22, 39, 67], "label": "circle"}, {"bbox_2d": [147, 6, 186, 62], "label": "circle"}]',
+        "detect": '[{"bbox_2d": [10, 22, 39, 67], "label": "circle"}, '
+        '{"bbox_2d": [147, 6, 186, 62], "label": "circle"}]',
         "region": "[69, 39, 127, 73]",
     },
     "qwen3_vl": {
@@ -318,8 +327,8 @@ def test_golden_rendered_text(tmp_path, tiny_models, golden_data, family):
     image = "<|vision_start|>" + "<|image_pad|>" * golden["tokens"] + "<|vision_end|>"
 
     # rec: the whole conversation, byte for byte.
-    user = "<|im_start|>user\n"
-    assert rec.prompt == f"{SYSTEM[family]}{user}{image}Where is the red box?<|im_end|>\n<|im_start|>assistant\n"
+    user, assistant = f"{SYSTEM[family]}<|im_start|>user\n{image}", "<|im_end|>\n<|im_start|>assistant\n"
+    assert rec.prompt == f"{user}Where is the red box?{assistant}"
     assert rec.target == golden["rec"] + TURN_END
 
     # detect: several objects in one answer, the prompt phrased by the template spec.
@@ -329,7 +338,7 @@ def test_golden_rendered_text(tmp_path, tiny_models, golden_data, family):
     assert detect.prompt.count("<|vision_start|>") == 1 and image in detect.prompt
 
     # reg: the box goes into the prompt, the referring expression is the answer.
-    assert reg.prompt == f"{SYSTEM[family]}{user}{image}What is in {golden['region']}?<|im_end|>\n<|im_start|>assistant\n"
+    assert reg.prompt == f"{user}What is in {golden['region']}?{assistant}"
     assert reg.target == "the green star" + TURN_END
 
     # Special tokens are single tokens, not their characters spelled out (the decoded text could not tell).
@@ -356,6 +365,7 @@ def test_grounding_template_is_its_base_with_another_mm_plugin(family):
     for f in dataclasses.fields(base):
         if f.name != "mm_plugin":
             assert getattr(ours, f.name) == getattr(base, f.name), f.name
+    assert ours.stop_words == ["<|im_end|>"]
     host_plugin = Qwen3VLPlugin if family == "qwen3_vl" else Qwen2VLPlugin
     assert isinstance(ours.mm_plugin, host_plugin) and type(base.mm_plugin) is host_plugin
     assert ours.mm_plugin is not base.mm_plugin

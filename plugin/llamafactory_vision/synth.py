@@ -46,7 +46,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "cyan": (0, 200, 215),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "hexagon")
-BACKGROUNDS = ("plain", "gradient", "stripes", "checker", "noise")
+BACKGROUNDS = ("plain", "gradient", "stripes", "checker", "noise", "ramp")
 SIZE_CLASSES = ("normal", "tiny", "wide", "tall", "big", "demo")
 TASKS = ("rec", "reg", "detect")
 BBOX_FORMATS = ("xyxy", "xywh", "cxcywh")
@@ -132,18 +132,19 @@ PRESETS: dict[str, ScenePreset] = {
         size_classes=("normal", "tiny", "wide", "tall", "big"),
         shapes=SHAPES,
         colours=tuple(COLOURS),
-        backgrounds=BACKGROUNDS,
+        backgrounds=("plain", "gradient", "stripes", "checker", "noise"),
         max_objects=4,
         object_side=(0.12, 0.6),
         task_weights=(0.5, 0.25, 0.25),
         format_weights=(0.6, 0.2, 0.2),
     ),
-    # What a tiny random VLM can learn on CPU in minutes: one large object, few classes, quiet backgrounds.
+    # What a tiny random VLM can learn on CPU in minutes: one large object, few classes, a position-coding
+    # background, object colours (high green) that never occur in it.
     "demo": ScenePreset(
         size_classes=("demo",),
         shapes=("circle", "square", "triangle"),
-        colours=("red", "green", "blue"),
-        backgrounds=("plain", "gradient"),
+        colours=("green", "yellow", "cyan"),
+        backgrounds=("ramp",),
         max_objects=1,
         object_side=(0.3, 0.75),
         task_weights=(1.0, 0.0, 0.0),
@@ -304,6 +305,13 @@ def draw_background(rng: np.random.Generator, kind: str, width: int, height: int
         cell = int(rng.integers(3, max(4, min(width, height) // 4) + 1))
         parity = ((xs // cell) + (ys // cell)) % 2
         image = np.where(parity[..., None] > 0, c1, c2)
+    elif kind == "ramp":
+        # Red grows left to right, blue top to bottom, green stays low: every background pixel tells where it is.
+        # Qwen-VL models see positions only through rotary attention, never in the features, so a tiny random model
+        # learns to localise far faster when the picture itself carries the coordinates.
+        red = 40 + 175 * xs / max(width - 1, 1)
+        blue = 40 + 175 * ys / max(height - 1, 1)
+        image = np.stack([red, np.full_like(xs, 40.0), blue], axis=-1)
     elif kind == "noise":
         # Smooth blobs (bilinear upsampling of a coarse grid) plus fine grain.
         coarse = rng.uniform(-40, 40, size=(height // 16 + 2, width // 16 + 2)).astype(np.float32)
