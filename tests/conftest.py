@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+    env["OMP_NUM_THREADS"] = "1"  # tiny models: thread start-up and contention cost more than they save
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # llamafactory-cli starts `torchrun` from PATH
     env.pop("LLAMAFACTORY_VISION_DISABLE", None)
     env.update(extra)

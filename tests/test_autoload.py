@@ -37,6 +37,13 @@ def test_opt_out_env_var_leaves_host_untouched():
     assert state == {"templates": [], "data_args": "DataArguments", "run_sft_wrapped": False}
 
 
+def test_editable_install_records_the_pth_for_uninstall():
+    import importlib.metadata
+
+    files = [str(f) for f in importlib.metadata.distribution("llamafactory-vision").files]
+    assert "llamafactory_vision.pth" in files
+
+
 def test_modules_imported_before_install_are_extended_once():
     code = (
         "import os; os.environ['LLAMAFACTORY_VISION_DISABLE'] = '1';"
@@ -61,8 +68,11 @@ def test_regular_wheel_ships_pth_and_templates_and_autoloads(tmp_path):
         check=True, capture_output=True,
     )  # fmt: skip
     (wheel,) = wheel_dir.glob("llamafactory_vision-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
     assert "llamafactory_vision.pth" in names
+    (record,) = [n for n in names if n.endswith(".dist-info/RECORD")]
+    assert "llamafactory_vision.pth," in archive.read(record).decode()  # so `pip uninstall` removes it
     assert "llamafactory_vision/templates/qwen2_5_vl_ground.yaml" in names
 
     # A fresh venv holding only the wheel; the pinned stack comes from this venv's site-packages via a path line.

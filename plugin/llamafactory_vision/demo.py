@@ -29,7 +29,7 @@ DEFAULT_OUT = "out/demo"
 
 # Sizes chosen so that training fits in a few minutes on 2 CPU cores (see README for the measured figures).
 MODEL_SIZE = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, vision_hidden_size=64, vision_depth=2)
-TRAIN_ROWS = 2000
+TRAIN_ROWS = 5000
 SEED = 0
 
 

@@ -100,6 +100,8 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
             )
         if finetuning_args.stage != "sft":
             raise ValueError(f"`bbox_head: true` trains with `stage: sft`, got stage {finetuning_args.stage!r}.")
+        if data_args.train_on_prompt:
+            raise ValueError("`bbox_head: true` does not support `train_on_prompt` (boxes in prompts are not targets).")
         if data_args.packing or data_args.neat_packing:
             raise ValueError("`bbox_head: true` does not support `packing`/`neat_packing` (box positions per row).")
     if spec is not None and model_args.model_name_or_path is not None:

@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from llamafactory_vision.boxes import BoxError, normalize_xyxy, validate_pixel_box
 from llamafactory_vision.grounding.formats import GroundedObject
 from llamafactory_vision.grounding.markers import objects_marker, region_marker
-from llamafactory_vision.grounding.templates import TASKS, get_grounding_spec
+from llamafactory_vision.grounding.templates import TASKS, get_grounding_spec, load_grounding_specs
 
 logger = logging.get_logger(__name__)
 
@@ -50,8 +50,6 @@ class GroundingDatasetConverter(DatasetConverter):
     def __post_init__(self):
         self.spec = get_grounding_spec(self.data_args.template)
         if self.spec is None:
-            from llamafactory_vision.grounding.templates import load_grounding_specs
-
             raise ValueError(
                 f"dataset {self.dataset_attr.dataset_name!r} has formatting `grounding`, which needs a grounding "
                 f"template ({', '.join(load_grounding_specs())}); got template {self.data_args.template!r}."

@@ -21,7 +21,7 @@ from llamafactory_vision.grounding.templates import get_grounding_spec
 from llamafactory_vision.grounding.visualize import draw_boxes
 
 
-def _load_pipeline(config_path: str, workdir: str):
+def _load_pipeline(config_path: str, workdir: str, n: int):
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_tokenizer
@@ -29,6 +29,7 @@ def _load_pipeline(config_path: str, workdir: str):
     config = yaml.safe_load(Path(config_path).read_text())
     # Only the data pipeline runs: no checkpoint is written, and the YAML's output_dir is left untouched.
     config.update(output_dir=workdir, overwrite_output_dir=True, do_train=True, report_to="none")
+    config["max_samples"] = min(n, config.get("max_samples") or n)  # tokenize only the rows to draw
     config.pop("resume_from_checkpoint", None)
     model_args, data_args, training_args, _, _ = get_train_args(config)
     spec = get_grounding_spec(data_args.template)
@@ -54,7 +55,7 @@ def preview(config_path: str, out_dir: str, n: int = 16) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
-        spec, template, tokenizer_module, dataset = _load_pipeline(config_path, workdir)
+        spec, template, tokenizer_module, dataset = _load_pipeline(config_path, workdir, n)
     tokenizer, processor = tokenizer_module["tokenizer"], tokenizer_module["processor"]
     codec = get_codec(spec.box_family)
     rows = []
@@ -65,7 +66,10 @@ def preview(config_path: str, out_dir: str, n: int = 16) -> Path:
         target_ids = [t for t in sample["labels"] if t != IGNORE_INDEX]
         target = tokenizer.decode(target_ids, skip_special_tokens=False)
         prompt_ids = [t for t, label in zip(sample["input_ids"], sample["labels"]) if label == IGNORE_INDEX]
+        prompt = _collapse_runs(tokenizer.decode(prompt_ids, skip_special_tokens=False), template.mm_plugin.image_token)
         parsed = parse_answer(target)
+        if parsed.failed:  # task `reg`: the box is the region in the prompt, the target is its name
+            parsed = parse_answer(prompt)
         norm = [codec.decode_box(box, model_size) for box in parsed.boxes]
         boxes_model = [[v * s for v, s in zip(b, model_size * 2)] for b in norm]
         boxes_original = [[v * s for v, s in zip(b, (width, height) * 2)] for b in norm]
@@ -78,7 +82,6 @@ def preview(config_path: str, out_dir: str, n: int = 16) -> Path:
         image = image.resize(model_size)
         labels = [ref or "" for ref in parsed.refs]
         draw_boxes(image, boxes_model, color=(0, 200, 0), labels=labels).save(out / f"{i:05d}.png")
-        prompt = _collapse_runs(tokenizer.decode(prompt_ids, skip_special_tokens=False), template.mm_plugin.image_token)
         rows.append(
             {
                 "image": path,

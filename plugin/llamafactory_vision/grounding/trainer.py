@@ -61,7 +61,9 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)  # the caller's batch is not changed
-        spans, targets = inputs.pop("bbox_spans"), inputs.pop("bbox_targets")
+        spans, targets = inputs.pop("bbox_spans", None), inputs.pop("bbox_targets", None)
+        if spans is None:  # generation batches carry prompts only
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = super().compute_loss(
             model, {**inputs, "output_hidden_states": True}, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
@@ -78,7 +80,10 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         if (spans[..., 0] >= 0).any():
             self._stored_metrics[split]["bbox_l1"].append(terms["l1"].detach().item())
             self._stored_metrics[split]["bbox_giou"].append(terms["giou"].detach().item())
-        return (total, outputs) if return_outputs else total
+        if return_outputs:
+            outputs["hidden_states"] = None  # keep evaluation from gathering every layer's states as "logits"
+            return total, outputs
+        return total
 
     @override
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -114,7 +119,8 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
 
     @override
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-        inputs = {k: v for k, v in inputs.items() if k not in ("bbox_spans", "bbox_targets")}
+        if self.args.predict_with_generate:  # generation takes prompts only; the eval loss keeps the box targets
+            inputs = {k: v for k, v in inputs.items() if k not in ("bbox_spans", "bbox_targets")}
         loss, generated, labels = super().prediction_step(
             model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
         )

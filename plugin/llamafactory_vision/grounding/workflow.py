@@ -166,8 +166,14 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
 
 
 def _report_cut_boxes(dataset_module) -> None:
+    splits = []
     for split, dataset in dataset_module.items():
-        if dataset is not None and "bbox_cut" in dataset.column_names:
+        if isinstance(dataset, dict):  # eval_on_each_dataset: one eval split per dataset
+            splits += [(f"{split}/{name}", d) for name, d in dataset.items()]
+        elif dataset is not None:
+            splits.append((split, dataset))
+    for split, dataset in splits:
+        if "bbox_cut" in dataset.column_names:
             cut = sum(dataset["bbox_cut"])
             if cut:
                 logger.warning_rank0(
