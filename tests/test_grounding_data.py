@@ -121,6 +121,7 @@ def test_grounding_format_needs_a_grounding_template(image_dir):
 
 
 def _bad_dataset(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (W, H)).save(root / "ok.png")
     rows = [_row(), _row(objects=[{"ref": "a", "bbox": [0, 0, 10, H + 5]}])]
     (root / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in rows))

@@ -29,7 +29,7 @@ DEFAULT_OUT = "out/demo"
 
 # Sizes chosen so that training fits in a few minutes on 2 CPU cores (see README for the measured figures).
 MODEL_SIZE = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, vision_hidden_size=64, vision_depth=2)
-TRAIN_ROWS = 5000
+DEMO_ROWS = 4000  # 90% train, 10% val
 SEED = 0
 
 
@@ -77,7 +77,7 @@ def run_demo(out_dir: str = DEFAULT_OUT, quick: bool = False) -> int:
     # The untrained model gets an untrained (zero-initialised) head, so "before" scores the head too.
     save_head(BBoxHead(BBoxHeadConfig(hidden_size=MODEL_SIZE["hidden_size"])), model_dir)
     data_dir = out / "data"
-    generate_grounding(data_dir, n=100 if quick else TRAIN_ROWS, seed=SEED, val_frac=0.1, preset="demo")
+    generate_grounding(data_dir, n=100 if quick else DEMO_ROWS, seed=SEED, val_frac=0.1, preset="demo")
 
     print("2/5 preview: target boxes on the images as the model sees them", flush=True)
     train_yaml = DEMO_YAMLS / "qwen2vl_ground_train.yaml"
@@ -135,6 +135,6 @@ def _report(before: dict, after: dict, train_seconds: float, total_seconds: floa
     print(f"{'parse failures':<16}{before['parse_failures']:>10d}{after['parse_failures']:>10d}")
     print(f"label boxes: {after['n']}   training: {train_seconds:.0f} s   whole demo: {total_seconds:.0f} s")
     print(f"pictures: {out / 'preview'} (targets), {out / 'vis_before'} and {out / 'vis_after'} "
-          "(green = label, red = prediction)")  # fmt: skip
+          "(green = label, red = text prediction, blue = bbox head)")  # fmt: skip
     print(f"metrics: {out / 'predict_after' / 'ground_metrics.json'}; LLaMA-Factory's own: "
           f"{out / 'predict_after' / 'predict_results.json'}")  # fmt: skip
