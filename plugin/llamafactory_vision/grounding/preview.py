@@ -68,8 +68,10 @@ def preview(config_path: str, out_dir: str, n: int = 16) -> Path:
         prompt_ids = [t for t, label in zip(sample["input_ids"], sample["labels"]) if label == IGNORE_INDEX]
         prompt = _collapse_runs(tokenizer.decode(prompt_ids, skip_special_tokens=False), template.mm_plugin.image_token)
         parsed = parse_answer(target)
+        labels = [ref or "" for ref in parsed.refs]
         if parsed.failed:  # task `reg`: the box is the region in the prompt, the target is its name
             parsed = parse_answer(prompt)
+            labels = [tokenizer.decode(target_ids, skip_special_tokens=True).strip()] * len(parsed.boxes)
         norm = [codec.decode_box(box, model_size) for box in parsed.boxes]
         boxes_model = [[v * s for v, s in zip(b, model_size * 2)] for b in norm]
         boxes_original = [[v * s for v, s in zip(b, (width, height) * 2)] for b in norm]
@@ -80,7 +82,6 @@ def preview(config_path: str, out_dir: str, n: int = 16) -> Path:
             image_min_pixels=getattr(processor, "image_min_pixels", 32 * 32),
         )["images"][0]
         image = image.resize(model_size)
-        labels = [ref or "" for ref in parsed.refs]
         draw_boxes(image, boxes_model, color=(0, 200, 0), labels=labels).save(out / f"{i:05d}.png")
         rows.append(
             {
