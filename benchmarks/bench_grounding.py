@@ -38,9 +38,8 @@ PRESETS = {
 
 def _write_stock_twin(data_dir: Path) -> None:
     """A sharegpt copy of the grounding train split whose answers hold the same Qwen2-VL box text."""
-    from PIL import Image
-
     from llamafactory_vision.grounding.formats import GroundedObject, get_codec
+    from PIL import Image
 
     codec = get_codec("qwen2_vl")
     rows = []
@@ -48,7 +47,9 @@ def _write_stock_twin(data_dir: Path) -> None:
         row = json.loads(line)
         with Image.open(data_dir / row["images"][0]) as image:
             w, h = image.size
-        objects = [GroundedObject(o["ref"], tuple(v / s for v, s in zip(o["bbox"], (w, h, w, h)))) for o in row["objects"]]
+        objects = [
+            GroundedObject(o["ref"], tuple(v / s for v, s in zip(o["bbox"], (w, h, w, h)))) for o in row["objects"]
+        ]
         answer = codec.format_answer(objects, (w, h))
         rows.append({"messages": [{"role": "user", "content": "<image>Locate the object."},
                                   {"role": "assistant", "content": answer}], "images": row["images"]})  # fmt: skip
@@ -71,7 +72,7 @@ def _pipeline(model_dir: Path, data_dir: Path, out: Path, template: str, dataset
         dataset_dir=str(data_dir), template=template, cutoff_len=1024, output_dir=str(out), overwrite_output_dir=True,
         overwrite_cache=True, report_to="none", bbox_head=head, freeze_vision_tower=False,
     ))  # fmt: skip
-    model_args, data_args, training_args, finetuning_args, _ = args
+    model_args, data_args, training_args, _, _ = args
     tokenizer_module = load_tokenizer(model_args)
     template_obj = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
     start = time.perf_counter()
@@ -94,7 +95,6 @@ def bench_tokenize(model_dir: Path, data_dir: Path, work: Path) -> dict:
 
 def bench_train_step(model_dir: Path, data_dir: Path, work: Path, steps: int, batch_size: int, device: str) -> dict:
     from llamafactory.model import load_model
-
     from llamafactory_vision.grounding.bbox_head import attach_head
     from llamafactory_vision.grounding.head_data import BBOX_STAGE, GroundingBBoxCollator
     from llamafactory_vision.grounding.trainer import BBoxLossConfig, bbox_head_loss

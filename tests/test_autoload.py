@@ -37,6 +37,20 @@ def test_opt_out_env_var_leaves_host_untouched():
     assert state == {"templates": [], "data_args": "DataArguments", "run_sft_wrapped": False}
 
 
+@pytest.mark.parametrize(
+    "first",
+    ["llamafactory_vision.grounding.plugin", "llamafactory_vision.grounding.data", "llamafactory_vision.hparams",
+     "llamafactory_vision.grounding.workflow", "llamafactory_vision.grounding.preview"],
+)  # fmt: skip
+def test_importing_our_modules_before_the_host_defers_hooks_until_they_finish(first):
+    """Our module imports the host, whose import hook needs our (half-imported) module: the hook must wait."""
+    out = subprocess.run([sys.executable, "-c", f"import {first};" + PROBE], env=cli_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    state = json.loads(out.stdout.strip().splitlines()[-1])
+    assert state["templates"] == ["qwen2_5_vl_ground", "qwen2_vl_ground", "qwen3_vl_ground"]
+    assert state["data_args"] == "VisionDataArguments"
+
+
 def test_editable_install_records_the_pth_for_uninstall():
     import importlib.metadata
 

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli, train_config, write_yaml
-from PIL import Image
-
-import llamafactory.data.converter  # noqa: F401  (host first: registers the `grounding` converter)
 from llamafactory_vision.grounding.data import GroundingDataError, GroundingDatasetConverter, align_grounding_dataset
 from llamafactory_vision.grounding.dataset_attr import GroundingDatasetAttr
 from llamafactory_vision.grounding.markers import marker_objects
 from llamafactory_vision.hparams import VisionDataArguments
+from PIL import Image
 
 W, H = 200, 100
 

@@ -12,6 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from llamafactory_vision.tiny import (
+    FAMILIES,
+    LLAVA_LEADING_TOKENS,
+    LLAVA_TRAILING_TOKENS,
+    QWEN_SPECIAL_TOKENS,
+    build_tiny,
+    main,
+    train_byte_level_bpe,
+)
 from PIL import Image
 from qwen_vl_utils import smart_resize
 from safetensors.torch import load_file
@@ -23,16 +32,6 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
     Qwen3VLVideoProcessor,
-)
-
-from llamafactory_vision.tiny import (
-    FAMILIES,
-    LLAVA_LEADING_TOKENS,
-    LLAVA_TRAILING_TOKENS,
-    QWEN_SPECIAL_TOKENS,
-    build_tiny,
-    main,
-    train_byte_level_bpe,
 )
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")

@@ -64,7 +64,6 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN_PRETOKENIZE_REGEX
 from transformers.video_processing_utils import BaseVideoProcessor
 
-
 FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
 
 # Qwen's special tokens in the order (and so the relative ids) of the real Qwen2-VL vocabulary.
@@ -203,10 +202,31 @@ def _corpus() -> list[str]:
     """Built-in English + digits + punctuation training text, in a fixed order (BPE output depends on it)."""
     colors = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple", "gray", "brown", "pink")
     sizes = ("small", "large", "big", "tiny", "little")
-    objects = (
-        "circle square triangle rectangle star ellipse car dog cat person man woman tree house cup ball box bird "
-        "chair table sky hat shape"
-    ).split()
+    objects = [
+        "circle",
+        "square",
+        "triangle",
+        "rectangle",
+        "star",
+        "ellipse",
+        "car",
+        "dog",
+        "cat",
+        "person",
+        "man",
+        "woman",
+        "tree",
+        "house",
+        "cup",
+        "ball",
+        "box",
+        "bird",
+        "chair",
+        "table",
+        "sky",
+        "hat",
+        "shape",
+    ]
     places = ("left", "right", "top", "bottom", "center", "middle", "corner", "edge", "background")
     prompts = (
         "Locate the {d} in the image.",

@@ -66,7 +66,9 @@ def preview(config_path: str, out_dir: str, n: int = 16) -> Path:
         target_ids = [t for t in sample["labels"] if t != IGNORE_INDEX]
         target = tokenizer.decode(target_ids, skip_special_tokens=False)
         prompt_ids = [t for t, label in zip(sample["input_ids"], sample["labels"]) if label == IGNORE_INDEX]
-        prompt = _collapse_runs(tokenizer.decode(prompt_ids, skip_special_tokens=False), template.mm_plugin.image_token)
+        prompt = _collapse_runs(
+            tokenizer.decode(prompt_ids, skip_special_tokens=False), template.mm_plugin.image_token
+        )
         parsed = parse_answer(target)
         labels = [ref or "" for ref in parsed.refs]
         if parsed.failed:  # task `reg`: the box is the region in the prompt, the target is its name
@@ -93,6 +95,5 @@ def preview(config_path: str, out_dir: str, n: int = 16) -> Path:
             }
         )
     with open(out / "preview.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     return out

@@ -32,8 +32,9 @@ class BBoxLossConfig:
     source: str
 
 
-def bbox_head_loss(head: torch.nn.Module, hidden: torch.Tensor, spans: torch.Tensor, targets: torch.Tensor,
-                   config: BBoxLossConfig) -> dict[str, torch.Tensor]:
+def bbox_head_loss(
+    head: torch.nn.Module, hidden: torch.Tensor, spans: torch.Tensor, targets: torch.Tensor, config: BBoxLossConfig
+) -> dict[str, torch.Tensor]:
     """The head's loss terms for one batch (``l1``, ``giou``, ``total``, unweighted by ``loss_weight``).
 
     hidden: ``Tensor[B, L, H]`` last hidden states; spans: ``LongTensor[B, K, 2]`` (-1 = no box); targets:
@@ -92,7 +93,9 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         for key, values in self._stored_metrics.pop(split, {}).items():
             if values:
                 mean = torch.tensor(values).mean()
-                logs[prefix + key] = round(self.accelerator.gather_for_metrics(mean.to(self.args.device)).mean().item(), 4)
+                logs[prefix + key] = round(
+                    self.accelerator.gather_for_metrics(mean.to(self.args.device)).mean().item(), 4
+                )
         super().log(logs, *args, **kwargs)
 
     @override
@@ -176,5 +179,7 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         with open(path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
         with open(path, "w", encoding="utf-8") as f:
-            for row, boxes in zip(rows, self.predicted_head_boxes, strict=True):
-                f.write(json.dumps({**row, "predict_boxes_head": boxes}, ensure_ascii=False) + "\n")
+            f.writelines(
+                json.dumps({**row, "predict_boxes_head": boxes}, ensure_ascii=False) + "\n"
+                for row, boxes in zip(rows, self.predicted_head_boxes, strict=True)
+            )
