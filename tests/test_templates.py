@@ -371,3 +371,18 @@ def test_grounding_template_is_its_base_with_another_mm_plugin(family):
     assert ours.mm_plugin is not base.mm_plugin
     assert (ours.mm_plugin.image_token, ours.mm_plugin.video_token) == ("<|image_pad|>", "<|video_pad|>")
     assert (base.mm_plugin.image_token, base.mm_plugin.video_token) == ("<|image_pad|>", "<|video_pad|>")
+
+
+def test_generation_does_not_stop_at_box_tokens(tiny_models):
+    """The host's run_sft would stop generating at <|object_ref_start|>/<|box_start|> (extra special tokens)."""
+    from llamafactory.data.template import TEMPLATES
+    from transformers import AutoTokenizer
+
+    from llamafactory_vision.grounding.workflow import generation_stop_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen2_vl"])
+    stop = generation_stop_ids(tokenizer, TEMPLATES["qwen2_vl_ground"])
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stop
+    for token in ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>"):
+        assert token in tokenizer._extra_special_tokens  # what the host would turn into EOS ids
+        assert tokenizer.convert_tokens_to_ids(token) not in stop

@@ -66,6 +66,16 @@ class ComputeGroundingMetrics:
         return None
 
 
+def generation_stop_ids(tokenizer, template) -> list[int]:
+    """EOS ids for generation: the tokenizer's EOS and the template's stop words.
+
+    The host's ``run_sft`` adds every extra special token as an EOS id, and Qwen-VL tokenizers list
+    ``<|object_ref_start|>`` and ``<|box_start|>`` among them: a grounding answer would stop at its first box.
+    """
+    stop_ids = [tokenizer.eos_token_id] + tokenizer.convert_tokens_to_ids(template.stop_words)
+    return list(dict.fromkeys(stop_ids))
+
+
 def run_grounding_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks=None):
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
@@ -111,10 +121,7 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
         metric_module["preprocess_logits_for_metrics"] = eval_logit_processor
 
     gen_kwargs = generating_args.to_dict(obey_generation_config=True)
-    # grounding: stop on the template's stop words only. The host adds every additional special token as an EOS id,
-    # and Qwen-VL tokenizers list <|object_ref_start|> and <|box_start|> among them: generation would stop at the box.
-    stop_ids = [tokenizer.eos_token_id] + tokenizer.convert_tokens_to_ids(template.stop_words)
-    gen_kwargs["eos_token_id"] = list(dict.fromkeys(stop_ids))
+    gen_kwargs["eos_token_id"] = generation_stop_ids(tokenizer, template)  # grounding: see its docstring
     gen_kwargs["pad_token_id"] = tokenizer.pad_token_id
 
     trainer = trainer_class(
