@@ -77,7 +77,8 @@ setup(
     ],
     extras_require={
         "deepspeed": ["deepspeed"],
-        "dev": ["pytest", "hypothesis", "torchmetrics", "ruff"],
+        # setuptools/wheel: the tests build this package's wheel offline (--no-build-isolation)
+        "dev": ["pytest", "hypothesis", "torchmetrics", "ruff", "setuptools>=70.1", "wheel"],
     },
     entry_points={"console_scripts": ["llamafactory-vision=llamafactory_vision.cli:main"]},
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
