@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from llamafactory_vision.boxes import to_xyxy
+from llamafactory_vision.cli import main as cli_main
 from llamafactory_vision.grounding.convert import (
     ConvertStats,
-    add_convert_parser,
     convert_coco,
     convert_refcoco,
-    main,
 )
 
 INSTANCES = {
@@ -158,19 +158,17 @@ def test_refcoco_errors_name_the_ref(tmp_path: Path) -> None:
         convert_refcoco(refs, instances, "imgs", tmp_path / "x.jsonl")
 
 
-def test_cli_standalone_and_mounted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_and_console_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     instances = _write(tmp_path / "instances.json", INSTANCES)
     refs = _write(tmp_path / "refs.json", REFS)
     argv = ["convert", "coco", "--instances", str(instances), "--images", "imgs", "--out", str(tmp_path / "c.jsonl")]
-    assert main(argv) == 0
+    assert cli_main(argv) == 0
     assert json.loads(capsys.readouterr().out)["skipped_crowd"] == 2
     assert len(_rows(tmp_path / "c.jsonl")) == 3
 
-    parent = argparse.ArgumentParser(prog="llamafactory-vision")
-    add_convert_parser(parent.add_subparsers(dest="command", required=True))
-    args = parent.parse_args(
-        ["convert", "refcoco", "--refs", str(refs), "--instances", str(instances), "--images", "imgs"]
-        + ["--out", str(tmp_path / "r.jsonl"), "--split", "testA"]
-    )
-    assert args.func(args) == 0
+    script = Path(sys.executable).parent / "llamafactory-vision"
+    argv = ["convert", "refcoco", "--refs", str(refs), "--instances", str(instances), "--images", "imgs"]
+    result = subprocess.run([str(script), *argv, "--out", str(tmp_path / "r.jsonl"), "--split", "testA"],
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
     assert [row["objects"][0]["ref"] for row in _rows(tmp_path / "r.jsonl")] == ["person at the edge"]

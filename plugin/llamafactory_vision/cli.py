@@ -35,20 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("config", help="the training YAML (same file as for `llamafactory-cli train`)")
     preview.add_argument("--out", required=True, help="output folder for PNGs and preview.jsonl")
     preview.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
-    preview.set_defaults(handler=_preview)
+    preview.set_defaults(func=_preview)
 
     add_convert_parser(commands)
 
     demo = commands.add_parser("demo", help="offline demo: tiny Qwen2-VL, synthetic data, train, evaluate")
     demo.add_argument("--out", default="out/demo", help="working folder (default out/demo)")
     demo.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline end to end")
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -369,15 +369,3 @@ def run_convert(args: argparse.Namespace) -> int:
         stats = convert_refcoco(args.refs, args.instances, args.images, args.out, args.split, args.allow_pickle)
     print(json.dumps({"out": str(args.out), **asdict(stats)}, indent=2))
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry: ``argv`` is what follows ``llamafactory-vision``, e.g. ``["convert", "coco", ...]``."""
-    parser = argparse.ArgumentParser(prog="llamafactory-vision")
-    add_convert_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
