@@ -714,3 +714,17 @@ def test_predict_with_full_model_head(learn_run, learn_data, tmp_path):
     assert results["predict_head_acc@0.5"] == pytest.approx(sum(v >= 0.5 for v in ious) / len(ious), abs=1e-9)
     assert len(trained) >= 5, "the trained model wrote (almost) no box"
     assert sum(trained) / len(trained) > sum(centred) / len(centred) + 0.05
+
+
+@pytest.mark.e2e
+def test_head_trains_under_torchrun_two_process_gloo(tmp_path, tiny_models, demo_data):
+    """2-process CPU data parallel with gradient accumulation: the head is part of the DDP model and is saved once."""
+    out = tmp_path / "ddp"
+    config = train_config(tiny_models["qwen2_vl"], demo_data, out, GROUND_TEMPLATE["qwen2_vl"], bbox_head=True,
+                          ddp_backend="gloo", gradient_accumulation_steps=2, max_steps=2)  # fmt: skip
+    result = run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "ddp.yaml", config))], tmp_path,
+                     FORCE_TORCHRUN="1", NPROC_PER_NODE="2")  # fmt: skip
+    assert "world size: 2" in result.stdout + result.stderr
+    logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert all({"lm_loss", "bbox_l1", "bbox_giou"} <= set(log) for log in logs if "loss" in log)
+    assert (out / "bbox_head.safetensors").is_file()
