@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import run_cli, train_config, write_yaml
 from llamafactory_vision.tiny import (
     FAMILIES,
     LLAVA_LEADING_TOKENS,
@@ -268,39 +265,10 @@ def test_stock_llamafactory_lora_sft_trains(tiny_dir: Path, tmp_path: Path, fami
     data_dir.mkdir()
     _write_sharegpt_dataset(data_dir)
     output_dir = tmp_path / "out"
-    train_args = {
-        "model_name_or_path": str(tiny_dir / family),
-        "stage": "sft",
-        "do_train": True,
-        "finetuning_type": "lora",
-        "lora_target": "all",
-        "dataset": "tiny_mm",
-        "dataset_dir": str(data_dir),
-        "template": template,
-        "cutoff_len": 512,
-        "overwrite_cache": True,
-        "preprocessing_num_workers": 1,
-        "output_dir": str(output_dir),
-        "per_device_train_batch_size": 2,
-        "max_steps": 2,
-        "learning_rate": 1.0e-3,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-    }
-    config_path = tmp_path / "train.yaml"
-    config_path.write_text(yaml.safe_dump(train_args))
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(tmp_path / "datasets_cache"),
-        "LLAMAFACTORY_VISION_DISABLE": "1",  # stock LLaMA-Factory, without our import hook
-    }
-    cli = Path(sys.executable).parent / "llamafactory-cli"
-    result = subprocess.run(
-        [str(cli), "train", str(config_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    config = train_config(tiny_dir / family, data_dir, output_dir, template, dataset="tiny_mm", overwrite_cache=True)
+    # stock LLaMA-Factory, without our import hook
+    run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "train.yaml", config))], tmp_path,
+            HF_DATASETS_CACHE=str(tmp_path / "datasets_cache"), LLAMAFACTORY_VISION_DISABLE="1")  # fmt: skip
     assert (output_dir / "adapter_model.safetensors").is_file()
     logs = [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
     losses = [log["loss"] for log in logs if "loss" in log]
