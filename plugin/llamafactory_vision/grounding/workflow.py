@@ -18,7 +18,7 @@ from llamafactory.extras.ploting import plot_loss
 from llamafactory.model import load_model, load_tokenizer
 from llamafactory.train.sft.metric import ComputeAccuracy, ComputeSimilarity, eval_logit_processor
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
-from llamafactory.train.trainer_utils import create_modelcard_and_push
+from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
 
 from llamafactory_vision.grounding.bbox_head import attach_head
 from llamafactory_vision.grounding.formats import get_codec
@@ -86,6 +86,13 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
     family = get_grounding_spec(data_args.template).box_family
 
+    ref_model = None
+    if finetuning_args.use_asft_loss:
+        ref_model = create_ref_model(model_args, finetuning_args)
+
+    if getattr(model, "is_quantized", False) and not training_args.do_train:
+        setattr(model, "_hf_peft_config_loaded", True)  # as the host: makes a quantized model usable for prediction
+
     trainer_class, trainer_extra, collator_class = CustomSeq2SeqTrainer, {}, SFTDataCollatorWith4DAttentionMask
     if head_on:  # grounding: the bbox head
         head = attach_head(model, model_args, finetuning_args, training_args.do_train)
@@ -114,6 +121,12 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
     )
 
     metric_module = {}
+    if model_args.use_kt:
+        if training_args.predict_with_generate:
+            raise NotImplementedError("`predict_with_generate` is not supported in KTransformers SFT yet.")
+        elif finetuning_args.compute_accuracy:
+            raise NotImplementedError("`compute_accuracy` is not supported in KTransformers SFT yet.")
+
     if training_args.predict_with_generate:
         metric_module["compute_metrics"] = ComputeGroundingMetrics(tokenizer, family)  # grounding: IoU metrics
     elif finetuning_args.compute_accuracy:
@@ -131,6 +144,7 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
         data_collator=data_collator,
         callbacks=callbacks,
         gen_kwargs=gen_kwargs,
+        ref_model=ref_model,
         **dataset_module,
         **tokenizer_module,
         **metric_module,
@@ -150,7 +164,11 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
         if trainer.is_world_process_zero() and finetuning_args.plot_loss:
-            keys = ["loss", "eval_loss", "eval_accuracy"]
+            keys = ["loss"]
+            if isinstance(dataset_module.get("eval_dataset"), dict):
+                keys += sum([[f"eval_{key}_loss", f"eval_{key}_accuracy"] for key in dataset_module["eval_dataset"]], [])
+            else:
+                keys += ["eval_loss", "eval_accuracy"]
             if head_on:
                 keys += ["lm_loss", "bbox_l1", "bbox_giou"]
             plot_loss(training_args.output_dir, keys=keys)
