@@ -29,6 +29,7 @@ from llamafactory_vision.boxes import (
     HOST_IMAGE_MAX_PIXELS,
     HOST_IMAGE_MIN_PIXELS,
     BoxError,
+    denormalize_xyxy,
     model_view_size,
     normalize_xyxy,
     to_xyxy,
@@ -198,9 +199,7 @@ def to_pixels(
     boxes: Sequence[Sequence[float]], codec: BoxCodec, model_size: tuple[int, int], image_size: tuple[int, int]
 ) -> list[Box]:
     """Boxes as a family writes them -> ``xyxy`` pixels of the original image of ``image_size = (width, height)``."""
-    width, height = image_size
-    normalised = (codec.decode_box(box, model_size=model_size) for box in boxes)
-    return [(x1 * width, y1 * height, x2 * width, y2 * height) for x1, y1, x2, y2 in normalised]
+    return [denormalize_xyxy(codec.decode_box(box, model_size=model_size), image_size) for box in boxes]
 
 
 def dataset_boxes(row: Any, image_size: tuple[int, int]) -> list[Box] | None:

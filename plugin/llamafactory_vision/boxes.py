@@ -111,6 +111,17 @@ def to_xyxy(box: Sequence[Any], fmt: str = "xyxy", field: str = "box") -> tuple[
     return a, b, c, d
 
 
+def from_xyxy(box_xyxy: Sequence[float], fmt: str) -> tuple[float, float, float, float]:
+    """Write an ``xyxy`` box (4 floats, any units) in ``fmt`` (one of ``BOX_FORMATS``); the inverse of :func:`to_xyxy`."""
+    _check_format(fmt, "fmt")
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+    if fmt == "xywh":
+        return x1, y1, x2 - x1, y2 - y1
+    if fmt == "cxcywh":
+        return (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+    return x1, y1, x2, y2
+
+
 def validate_pixel_box(
     box: Sequence[Any], fmt: str, image_size: tuple[int, int], field: str = "box"
 ) -> tuple[float, float, float, float]:

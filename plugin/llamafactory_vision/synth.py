@@ -33,8 +33,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-# Saturated colours: each has a channel outside 60..210, the range of every non-noise background pixel
-# (see `_muted_colour`), so on those backgrounds a pixel of an exact shape colour belongs to a shape.
+from llamafactory_vision.boxes import BOX_FORMATS, from_xyxy
+
+# Saturated colours: each has a channel outside 60..210, the range of every plain/gradient/stripes/checker
+# background pixel (see `_muted_colour`), so on those backgrounds a pixel of an exact shape colour belongs to a
+# shape. The `ramp` background keeps green at 40, so there the demo's high-green colours never occur either.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -49,7 +52,7 @@ SHAPES = ("circle", "square", "triangle", "diamond", "star", "hexagon")
 BACKGROUNDS = ("plain", "gradient", "stripes", "checker", "noise", "ramp")
 SIZE_CLASSES = ("normal", "tiny", "wide", "tall", "big", "demo")
 TASKS = ("rec", "reg", "detect")
-BBOX_FORMATS = ("xyxy", "xywh", "cxcywh")
+BBOX_FORMATS = BOX_FORMATS  # values of a row's `bbox_format`
 REF_ATTRIBUTES = ("colour", "size", "position")
 
 TRAIN_FILE = "ground_train.jsonl"
@@ -254,21 +257,12 @@ def tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def encode_box(box_xyxy: Sequence[float], fmt: str) -> list[float]:
-    """Write a pixel ``xyxy`` box in ``fmt`` (one of ``BBOX_FORMATS``), inverse of ``boxes.to_xyxy``.
+    """Write a pixel ``xyxy`` box in ``fmt`` (one of ``BBOX_FORMATS``) with ``boxes.from_xyxy``.
 
     Integral values come back as ``int`` so JSON rows stay short; our boxes have integer corners, so ``cxcywh``
     centres are exact halves and every format decodes back to the same ``xyxy`` exactly.
     """
-    x1, y1, x2, y2 = box_xyxy
-    if fmt == "xyxy":
-        values = (x1, y1, x2, y2)
-    elif fmt == "xywh":
-        values = (x1, y1, x2 - x1, y2 - y1)
-    elif fmt == "cxcywh":
-        values = ((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1)
-    else:
-        raise ValueError(f"bbox_format={fmt!r}: expected one of {BBOX_FORMATS}")
-    return [int(v) if float(v).is_integer() else float(v) for v in values]
+    return [int(v) if v.is_integer() else v for v in from_xyxy(box_xyxy, fmt)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+HEAD_ATTR = "bbox_head"  # the head's submodule name on the model
 HEAD_WEIGHTS = "bbox_head.safetensors"
 HEAD_CONFIG = "bbox_head_config.json"
 SOURCES = ("box_start", "box_end")
@@ -100,15 +101,15 @@ def attach_head(model: nn.Module, model_args, finetuning_args, is_trainable: boo
     """Give ``model`` its head as submodule ``bbox_head`` (so DDP, the optimizer and checkpoints see it): the trained
     one from :func:`head_dir` if there is one, a fresh one when training starts from a model without a head."""
     source = head_dir(model_args)
+    hidden_size = model.get_input_embeddings().embedding_dim
     if (source / HEAD_WEIGHTS).is_file() or not is_trainable:
         head = load_head(source)
-        if head.config.hidden_size != model.get_input_embeddings().embedding_dim:
+        if head.config.hidden_size != hidden_size:
             raise ValueError(f"{source / HEAD_CONFIG}: the head was trained for another model (hidden size).")
     else:
-        hidden_size = model.get_input_embeddings().embedding_dim
         head = BBoxHead(BBoxHeadConfig(hidden_size, finetuning_args.bbox_head_layers, finetuning_args.bbox_head_source))
     head.requires_grad_(is_trainable)
-    model.add_module("bbox_head", head.to(model.device))
+    model.add_module(HEAD_ATTR, head.to(model.device))
     return head
 
 

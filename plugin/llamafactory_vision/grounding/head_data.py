@@ -19,17 +19,13 @@ from llamafactory.data.collator import SFTDataCollatorWith4DAttentionMask
 from llamafactory.data.processor.supervised import SupervisedDatasetProcessor
 from llamafactory.extras.constants import IGNORE_INDEX
 
+from llamafactory_vision.boxes import from_xyxy
 from llamafactory_vision.grounding.bbox_head import find_box_spans
 from llamafactory_vision.grounding.formats import get_codec
 from llamafactory_vision.grounding.markers import marker_objects
 
 BBOX_COLUMNS = ("bbox_spans", "bbox_targets", "bbox_cut")
 BBOX_STAGE = "sft_bbox_head"  # the `stage` our workflow passes to the host's get_dataset (see patches.py)
-
-
-def xyxy_to_cxcywh(box: tuple[float, float, float, float]) -> list[float]:
-    x1, y1, x2, y2 = box
-    return [(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
 
 
 @dataclass
@@ -50,7 +46,7 @@ class GroundingBBoxDatasetProcessor(SupervisedDatasetProcessor):
             row = super().preprocess_dataset({key: values[i : i + 1] for key, values in examples.items()})
             if not row.get("input_ids"):
                 continue  # the host dropped it (and said why)
-            targets = [xyxy_to_cxcywh(o.box) for o in marker_objects(examples["_response"][i][0]["content"])]
+            targets = [list(from_xyxy(o.box, "cxcywh")) for o in marker_objects(examples["_response"][i][0]["content"])]
             positions = [p for p, label in enumerate(row["labels"][0]) if label != IGNORE_INDEX]
             spans = find_box_spans([self._decode(row["input_ids"][0][p]) for p in positions], codec.box_pattern)
             if len(spans) > len(targets):

@@ -37,14 +37,13 @@ def has_markers(text: str) -> bool:
     return _MARKER.search(text) is not None
 
 
+def _objects(payload: str) -> list[GroundedObject]:
+    return [GroundedObject(ref=item["ref"], box=tuple(item["box"])) for item in json.loads(payload)]
+
+
 def marker_objects(text: str) -> list[GroundedObject]:
     """Objects of every answer marker in ``text``, in order (region markers are not objects)."""
-    return [
-        GroundedObject(ref=item["ref"], box=tuple(item["box"]))
-        for kind, _, payload in _MARKER.findall(text)
-        if kind == "objects"
-        for item in json.loads(payload)
-    ]
+    return [obj for kind, _, payload in _MARKER.findall(text) if kind == "objects" for obj in _objects(payload)]
 
 
 def render_markers(text: str, codec: BoxCodec, model_size: Callable[[int], Size]) -> str:
@@ -52,10 +51,10 @@ def render_markers(text: str, codec: BoxCodec, model_size: Callable[[int], Size]
     (width, height) as the model sees it."""
 
     def render(match: re.Match) -> str:
-        kind, index, payload = match.group(1), int(match.group(2)), json.loads(match.group(3))
+        kind, index, payload = match.group(1), int(match.group(2)), match.group(3)
         size = model_size(index)
         if kind == "region":
-            return codec.format_region(tuple(payload), size)
-        return codec.format_answer([GroundedObject(ref=o["ref"], box=tuple(o["box"])) for o in payload], size)
+            return codec.format_region(tuple(json.loads(payload)), size)
+        return codec.format_answer(_objects(payload), size)
 
     return _MARKER.sub(render, text)

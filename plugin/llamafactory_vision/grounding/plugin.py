@@ -7,6 +7,7 @@ will have inside the model is known, so boxes are written in the family's coordi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -42,6 +43,7 @@ class GroundingPluginMixin:
         if any(has_markers(message["content"]) for message in messages):
             codec = get_codec(self.box_family)
 
+            @functools.cache  # a row's region and answer markers share one header read
             def model_size(index: int) -> tuple[int, int]:
                 if index >= len(images):
                     raise ValueError(f"a box refers to image {index}, but the row has {len(images)} image(s).")

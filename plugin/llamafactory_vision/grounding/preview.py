@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from llamafactory.extras.constants import IGNORE_INDEX
 
-from llamafactory_vision.boxes import model_view_size
+from llamafactory_vision.boxes import denormalize_xyxy, model_view_size
 from llamafactory_vision.grounding.formats import get_codec, parse_answer
 from llamafactory_vision.grounding.plugin import original_size
 from llamafactory_vision.grounding.templates import get_grounding_spec
@@ -75,8 +75,8 @@ def preview(config_path: str, out_dir: str, n: int = 16) -> Path:
             parsed = parse_answer(prompt)
             labels = [tokenizer.decode(target_ids, skip_special_tokens=True).strip()] * len(parsed.boxes)
         norm = [codec.decode_box(box, model_size) for box in parsed.boxes]
-        boxes_model = [[v * s for v, s in zip(b, model_size * 2)] for b in norm]
-        boxes_original = [[v * s for v, s in zip(b, (width, height) * 2)] for b in norm]
+        boxes_model = [list(denormalize_xyxy(b, model_size)) for b in norm]
+        boxes_original = [list(denormalize_xyxy(b, (width, height))) for b in norm]
 
         image = template.mm_plugin._regularize_images(
             [path],

@@ -18,10 +18,9 @@ from safetensors.torch import load_file
 from typing_extensions import override
 
 from llamafactory_vision.boxes import bbox_regression_loss, box_convert
-from llamafactory_vision.grounding.bbox_head import HEAD_WEIGHTS, find_box_spans, save_head, select_anchor
+from llamafactory_vision.grounding.bbox_head import HEAD_ATTR, HEAD_WEIGHTS, find_box_spans, save_head, select_anchor
 from llamafactory_vision.grounding.formats import RELATIVE_SCALE
-
-HEAD_ATTR = "bbox_head"
+from llamafactory_vision.grounding.head_data import BBOX_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -101,13 +100,12 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
     @override
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
-        model = self.accelerator.unwrap_model(self.model)
         if state_dict is None:
-            state_dict = model.state_dict()
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
         # The head is saved in its own file; keeping it out of model.safetensors keeps that file loadable as is.
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{HEAD_ATTR}.")}
         super()._save(output_dir, state_dict=state_dict)
-        save_head(getattr(model, HEAD_ATTR), output_dir)
+        save_head(self._head(self.model), output_dir)
 
     @override
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -123,7 +121,7 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
     @override
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         if self.args.predict_with_generate:  # generation takes prompts only; the eval loss keeps the box targets
-            inputs = {k: v for k, v in inputs.items() if k not in ("bbox_spans", "bbox_targets")}
+            inputs = {k: v for k, v in inputs.items() if k not in BBOX_COLUMNS}
         loss, generated, labels = super().prediction_step(
             model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
         )
@@ -150,16 +148,17 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         hidden = model(**full, output_hidden_states=True).hidden_states[-1]
         head = self._head(model)
         grid = inputs["image_grid_thw"]
+        patch = self.mm_processor.image_processor.patch_size
         rows = []
         for i in range(new_tokens.size(0)):
-            ids = new_tokens[i][new_tokens[i] != pad].tolist()
-            spans = find_box_spans([self.processing_class.decode([t]) for t in ids], self.box_pattern)
+            # every generated position, pads included, so that span indices stay positions in `hidden`
+            texts = [self.processing_class.decode([t]) for t in new_tokens[i].tolist()]
+            spans = find_box_spans(texts, self.box_pattern)
             if not spans:
                 rows.append([])
                 continue
             anchors = select_anchor(torch.tensor(spans), self.bbox_loss.source) + prompt_len
             boxes = box_convert(head(hidden[i, anchors]).float(), "cxcywh", "xyxy").clamp(0, 1).cpu()
-            patch = self.mm_processor.image_processor.patch_size
             width, height = (grid[i, 2] * patch).item(), (grid[i, 1] * patch).item()
             scale = torch.tensor([width, height, width, height], dtype=boxes.dtype)
             rows.append(
