@@ -8,7 +8,7 @@ to write it too. Uninstalling removes it in both modes because it is listed in t
 
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
@@ -56,11 +56,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     package_dir={"": "plugin", "llamafactory_vision.templates": "templates"},
-    packages=[
-        "llamafactory_vision",
-        "llamafactory_vision.grounding",
-        "llamafactory_vision.templates",
-    ],
+    packages=[*find_packages(where="plugin"), "llamafactory_vision.templates"],
     package_data={"llamafactory_vision.templates": ["*.yaml"]},
     install_requires=[
         "torch==2.11.0",

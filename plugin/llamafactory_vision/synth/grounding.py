@@ -618,22 +618,17 @@ def generate_grounding(
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m llamafactory_vision.synth grounding --out DIR --n N [...]``; prints the summary as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m llamafactory_vision.synth", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    grounding = commands.add_parser("grounding", help="shapes with known boxes -> grounding jsonl + dataset_info")
-    grounding.add_argument("--out", required=True, help="output folder (use it as dataset_dir)")
-    grounding.add_argument("--n", type=int, required=True, help="number of scenes")
-    grounding.add_argument("--seed", type=int, default=0)
-    grounding.add_argument("--val-frac", type=float, default=0.2, help="fraction of scenes for validation")
-    grounding.add_argument("--preset", choices=tuple(PRESETS), default="varied")
-    grounding.add_argument("--max-objects", type=int, default=None, help="override the preset's objects per scene")
-    args = parser.parse_args(argv)
-    summary = generate_grounding(args.out, args.n, args.seed, args.val_frac, args.preset, args.max_objects)
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """The ``grounding`` sub-command of ``python -m llamafactory_vision.synth``."""
+    parser = commands.add_parser("grounding", help="shapes with known boxes -> grounding jsonl + dataset_info")
+    parser.add_argument("--out", required=True, help="output folder (use it as dataset_dir)")
+    parser.add_argument("--n", type=int, required=True, help="number of scenes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-frac", type=float, default=0.2, help="fraction of scenes for validation")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="varied")
+    parser.add_argument("--max-objects", type=int, default=None, help="override the preset's objects per scene")
+    parser.set_defaults(
+        generate=lambda args: generate_grounding(
+            args.out, args.n, args.seed, args.val_frac, args.preset, args.max_objects
+        )
+    )

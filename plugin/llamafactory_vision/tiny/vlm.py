@@ -701,7 +701,3 @@ def main(argv: Sequence[str] | None = None) -> None:
             vision_depth=args.vision_depth,
         )
         print(f"{family}: {path} ({time.perf_counter() - start:.1f} s)")
-
-
-if __name__ == "__main__":
-    main()

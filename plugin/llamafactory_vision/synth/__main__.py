@@ -1,0 +1,3 @@
+from llamafactory_vision.synth import main
+
+raise SystemExit(main())

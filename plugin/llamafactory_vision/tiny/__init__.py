@@ -1,0 +1,27 @@
+"""Tiny, random, fully offline checkpoints for tests and demos: one module per capability.
+
+- :mod:`.vlm`: the chat VLM families LLaMA-Factory loads as ``model_name_or_path`` (Qwen2-VL, Qwen2.5-VL,
+  Qwen3-VL, LLaVA-1.5).
+
+``python -m llamafactory_vision.tiny --out DIR`` writes them (see :func:`.vlm.main`).
+"""
+
+from llamafactory_vision.tiny.vlm import (
+    FAMILIES,
+    LLAVA_LEADING_TOKENS,
+    LLAVA_TRAILING_TOKENS,
+    QWEN_SPECIAL_TOKENS,
+    build_tiny,
+    main,
+    train_byte_level_bpe,
+)
+
+__all__ = [
+    "FAMILIES",
+    "LLAVA_LEADING_TOKENS",
+    "LLAVA_TRAILING_TOKENS",
+    "QWEN_SPECIAL_TOKENS",
+    "build_tiny",
+    "main",
+    "train_byte_level_bpe",
+]

@@ -1,0 +1,3 @@
+from llamafactory_vision.tiny import main
+
+main()
