@@ -26,10 +26,24 @@ class VisionDataArguments(DataArguments):
         },
     )
 
+    ground_answer_style: Literal["native", "compact"] = field(
+        default="native",
+        metadata={
+            "help": "How grounding answers are written. `native`: the model's own zero-shot style, so fine-tuning "
+            "does not first unlearn its output format (Qwen2.5-VL and Qwen3-VL: a ```json fenced list, one "
+            "{\"bbox_2d\": [...], \"label\": ...} object per line); `compact`: one line "
+            "([{\"bbox_2d\": [...], \"label\": ...}, ...]). Qwen2-VL writes its box tokens either way."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.grounding_invalid not in ("error", "skip"):
             raise ValueError(f"`grounding_invalid` must be `error` or `skip`, got {self.grounding_invalid!r}.")
+        if self.ground_answer_style not in ("native", "compact"):
+            raise ValueError(
+                f"`ground_answer_style` must be `native` or `compact`, got {self.ground_answer_style!r}."
+            )
 
 
 @dataclass

@@ -117,7 +117,7 @@ class GroundingDatasetConverter(DatasetConverter):
                 )
             region, answer = region_marker(0, objects[0].box), objects[0].ref
         else:
-            region, answer = "", objects_marker(0, objects)
+            region, answer = "", objects_marker(0, objects, self.data_args.ground_answer_style)
         ref_text = " and ".join(refs)
         prompt = self._column(example, self.dataset_attr.grounding_prompt)
         if not prompt:

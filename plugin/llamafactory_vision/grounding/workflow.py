@@ -30,20 +30,42 @@ from llamafactory_vision.grounding.trainer import BBoxLossConfig, GroundingTrain
 logger = get_logger(__name__)
 
 
+# Generation settings recorded beside the scores: greedy and sampled IoU are not comparable.
+DECODING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "num_beams", "max_new_tokens", "repetition_penalty")
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k")  # ignored by generate() when do_sample is off
+
+
+def decoding_settings(gen_kwargs: dict) -> dict[str, float | int]:
+    """``decoding_<key>`` for each of :data:`DECODING_KEYS` set in ``gen_kwargs`` (``do_sample`` as 0/1; the sampling
+    keys only when sampling)."""
+    sampling = bool(gen_kwargs.get("do_sample"))
+    out: dict[str, float | int] = {}
+    for key in DECODING_KEYS:
+        value = gen_kwargs.get(key)
+        if value is None or (key in _SAMPLING_KEYS and not sampling):
+            continue
+        out[f"decoding_{key}"] = int(value) if isinstance(value, (bool, int)) else float(value)
+    return out
+
+
 @dataclass
 class ComputeGroundingMetrics:
-    """ROUGE/BLEU from the host's ``ComputeSimilarity`` plus acc@0.5, acc@0.75, mIoU on the decoded boxes, and
-    head_acc@0.5, head_acc@0.75, head_miou when the trainer predicted head boxes (``head_boxes``, rows in order)."""
+    """ROUGE/BLEU from the host's ``ComputeSimilarity`` plus the box metrics of
+    :mod:`llamafactory_vision.grounding.metrics` on the decoded texts (and on the head's boxes when the trainer
+    predicted them: ``head_boxes``, rows in order), and the decoding settings used (``decoding``, see
+    :func:`decoding_settings`). A coordinate-space warning is logged when the answers look like another space."""
 
     tokenizer: object
     family: str
     head_boxes: list | None = None
+    decoding: dict[str, float | int] = field(default_factory=dict)
     similarity: ComputeSimilarity = field(init=False)
-    boxes: GroundingMetricAccumulator = field(init=False, default_factory=GroundingMetricAccumulator)
+    boxes: GroundingMetricAccumulator = field(init=False)
     _seen: int = field(init=False, default=0)
 
     def __post_init__(self):
         self.similarity = ComputeSimilarity(tokenizer=self.tokenizer)
+        self.boxes = GroundingMetricAccumulator(self.family)
 
     def __call__(self, eval_preds, compute_result: bool = True) -> dict[str, float] | None:
         pad = self.tokenizer.pad_token_id
@@ -62,7 +84,10 @@ class ComputeGroundingMetrics:
         text_scores = self.similarity(eval_preds, compute_result=compute_result)
         if compute_result:
             self._seen = 0
-            return {**text_scores, **self.boxes.compute()}
+            box_scores = self.boxes.compute()
+            if self.boxes.warning:
+                logger.warning_rank0(f"grounding metrics: {self.boxes.warning}")
+            return {**text_scores, **box_scores, **self.decoding}
         return None
 
 
@@ -136,6 +161,8 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
     gen_kwargs = generating_args.to_dict(obey_generation_config=True)
     gen_kwargs["eos_token_id"] = generation_stop_ids(tokenizer, template)  # grounding: see its docstring
     gen_kwargs["pad_token_id"] = tokenizer.pad_token_id
+    if training_args.predict_with_generate:
+        metric_module["compute_metrics"].decoding = decoding_settings(gen_kwargs)  # grounding: recorded with scores
 
     trainer = trainer_class(
         model=model,
