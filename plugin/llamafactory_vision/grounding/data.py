@@ -14,7 +14,9 @@ Boxes are pixels of the original image. They are validated here, where data ente
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -153,9 +155,34 @@ class GroundingDatasetConverter(DatasetConverter):
             return {**empty, "_videos": None, "_audios": None, SKIP_COLUMN: err.reason}
 
 
+_ROWS_SHOWN = 50  # skipped row numbers in the log line; the file beside the outputs lists them all
+
+
+def _write_skipped_rows(dataset_name: str, rows: list[int], reasons: list[str], training_args) -> str | None:
+    """Write ``<output_dir>/grounding_skipped_rows/<dataset>.json`` (the skipped row numbers, counting from 0, and
+    their reasons) from the first process of each node; returns its path, or None where no output_dir is set."""
+    output_dir = getattr(training_args, "output_dir", None)
+    if not output_dir:
+        return None
+    safe_name = re.sub(r"[^\w.-]+", "_", dataset_name)
+    path = os.path.join(output_dir, "grounding_skipped_rows", f"{safe_name}.json")
+    if training_args.local_process_index == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        report = {
+            "dataset": dataset_name,
+            "rows_count_from": 0,
+            "total_rows": len(reasons),
+            "skipped": [{"row": i, "reason": reasons[i]} for i in rows],
+        }
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    return path
+
+
 def align_grounding_dataset(dataset, dataset_attr, data_args, training_args):
     """``align_dataset`` for ``formatting: grounding``: converts with row indices, then drops the rows marked
-    invalid (``grounding_invalid: skip``) and reports how many were skipped for each reason."""
+    invalid (``grounding_invalid: skip``), reports how many were skipped for each reason and which rows (counting
+    from 0), and lists them in ``<output_dir>/grounding_skipped_rows/<dataset>.json``."""
     from llamafactory.data.converter import get_dataset_converter
 
     if data_args.grounding_invalid == "skip" and data_args.streaming:
@@ -171,12 +198,17 @@ def align_grounding_dataset(dataset, dataset_attr, data_args, training_args):
     converter = get_dataset_converter("grounding", dataset_attr, data_args)
     dataset = dataset.map(converter, with_indices=True, batched=False, remove_columns=column_names, **kwargs)
     if data_args.grounding_invalid == "skip":
-        skipped = Counter(reason for reason in dataset[SKIP_COLUMN] if reason)
+        reasons = dataset[SKIP_COLUMN]
+        skipped = Counter(reason for reason in reasons if reason)
         if skipped:
+            rows = [i for i, reason in enumerate(reasons) if reason]  # map keeps the file's order: i is the row
             counts = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+            path = _write_skipped_rows(dataset_attr.dataset_name, rows, reasons, training_args)
+            shown = ", ".join(map(str, rows[:_ROWS_SHOWN])) + (", ..." if len(rows) > _ROWS_SHOWN else "")
             logger.warning_rank0(
                 f"grounding dataset {dataset_attr.dataset_name!r}: skipped {sum(skipped.values())} of "
-                f"{len(dataset)} rows ({counts})."
+                f"{len(dataset)} rows ({counts}): rows {shown} (rows count from 0: the first row of the file is "
+                f"row 0){f'; every skipped row and its reason: {path}' if path else ''}."
             )
             dataset = dataset.filter(lambda reason: not reason, input_columns=SKIP_COLUMN)
     return dataset.remove_columns(SKIP_COLUMN)
