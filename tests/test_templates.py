@@ -395,3 +395,22 @@ def test_generation_does_not_stop_at_box_tokens(tiny_models):
     for token in ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>"):
         assert token in tokenizer._extra_special_tokens  # what the host would turn into EOS ids
         assert tokenizer.convert_tokens_to_ids(token) not in stop
+
+
+@pytest.mark.e2e
+def test_qwen3_vl_moe_trains_with_the_grounding_template(tmp_path, demo_data):
+    """Qwen3-VL MoE checkpoints (model type qwen3_vl_moe) write Qwen3-VL's boxes: qwen3_vl_ground accepts them, and a
+    tiny MoE trains through llamafactory-cli (LoRA, with the bbox head) on the same tokenized targets as the dense."""
+    from conftest import run_cli, write_yaml
+    from llamafactory_vision.tiny import build_tiny
+
+    model = build_tiny("qwen3_vl_moe", tmp_path / "moe", seed=0)
+    assert json.loads((model / "config.json").read_text())["model_type"] == "qwen3_vl_moe"
+    assert "qwen3_vl_moe" in get_grounding_spec("qwen3_vl_ground").model_types
+    config = train_config(model, demo_data, tmp_path / "out", "qwen3_vl_ground", bbox_head=True)
+    run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "train.yaml", config))], tmp_path)
+    logs = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    steps = [log for log in logs if "loss" in log]
+    assert len(steps) == 2 and all(0 < log["loss"] < 100 for log in steps)
+    assert all("bbox_l1" in log for log in steps)  # the head trained on the MoE's hidden states
+    assert (tmp_path / "out" / "bbox_head.safetensors").is_file()
