@@ -484,7 +484,10 @@ def test_predict_loads_the_adapters_head(lora_head_run, multi_data, tmp_path):
             assert len(box["xyxy_1000"]) == 4 and all(isinstance(v, int) and 0 <= v <= 1000 for v in box["xyxy_1000"])
             assert len(box["xyxy_model"]) == 4
     results = json.loads((tmp_path / "pred" / "predict_results.json").read_text())
-    assert results["predict_head_n"] == sum(len(row["objects"]) for row in val_rows)
+    # rec rows (one label box) and detect-style rows (several: matched) together score every label box
+    one_box = sum(len(row["objects"]) == 1 for row in val_rows)
+    assert results["predict_head_n"] == one_box
+    assert results["predict_head_detect_n"] == sum(len(row["objects"]) for row in val_rows) - one_box
     assert 0.0 <= results["predict_head_acc@0.5"] <= 1.0 and 0.0 <= results["predict_head_miou"] <= 1.0
     if not any(p["predict_boxes_head"] for p in predictions):  # a 2-step model may write no box at all
         assert results["predict_head_miou"] == results["predict_head_acc@0.5"] == 0.0

@@ -33,6 +33,11 @@ Reported keys (:func:`summarize`; the trainer prefixes them, e.g. ``predict_acc@
 - ``coord_space_suspect``: 1 when the predicted boxes look like another coordinate space than the labels' (see
   :func:`check_coordinate_space`; a warning says why), else 0. ``pred_out_of_range``: fraction of predicted boxes
   outside the family's coordinate range, present when that range is known.
+
+Beside these, ``predict_results.json`` holds the host's ROUGE/BLEU and the generation settings of the run
+(``decoding_do_sample``, ``decoding_temperature``, ... see ``workflow.decoding_settings``); ``eval/ground_eval.py``
+adds ``family``, ``bad_rows``, ``decoding``, ``coord_space_warning`` and, with ``--visualize``, ``visualized`` and
+``visualize_failures`` (its docstring).
 """
 
 from __future__ import annotations
