@@ -48,8 +48,8 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def cli(args: list[str], cwd: Path, check: bool = True):
-    return run_cli(args, cwd, check=check, OMP_NUM_THREADS="1")
+def cli(args: list[str], cwd: Path, check: bool = True, **env: str):
+    return run_cli(args, cwd, check=check, OMP_NUM_THREADS="1", **env)
 
 
 def parse(config: dict[str, Any]) -> tuple:
@@ -716,15 +716,151 @@ def test_predict_with_full_model_head(learn_run, learn_data, tmp_path):
     assert sum(trained) / len(trained) > sum(centred) / len(centred) + 0.05
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Gradient accumulation, world size and the host's loss paths
+# ----------------------------------------------------------------------------------------------------------------
+
+# Train tasks in row order: with 2 processes and batch 1 (no shuffling), step 1 gives rank 0 a rec row (one box) and
+# rank 1 a reg row (no box target: the box is in the prompt); step 2 the other way round.
+MIXED_TASKS = ("rec", "reg", "reg", "rec", "rec", "reg")
+LOSS_PATHS = {"mean": {}, "dft": {"use_dft_loss": True}, "eaft": {"use_eaft_loss": True}}
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory) -> Path:
+    """Demo scenes (one object each), train rows alternating rec and reg as in MIXED_TASKS."""
+    root = tmp_path_factory.mktemp("mixed")
+    generate_grounding(root, n=8, seed=7, val_frac=0.25, preset="demo")
+    rows = read_jsonl(root / "ground_train.jsonl")
+    assert len(rows) == len(MIXED_TASKS)
+    lines = [json.dumps({**row, "task": task}) for row, task in zip(rows, MIXED_TASKS)]
+    (root / "ground_train.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def step_grads(trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict]:
+    """One optimizer step's gradients as the host's training loop takes them (``get_batch_samples``, then
+    ``training_step`` per micro-batch), and what ``log`` then adds."""
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    trainer._metric_sums.clear()
+    trainer.current_gradient_accumulation_steps = len(micro_batches)
+    samples, num_items = trainer.get_batch_samples(iter(micro_batches), len(micro_batches), trainer.args.device)
+    for batch in samples:
+        trainer.training_step(model, batch, num_items)
+    trainer.log({"loss": 0.0})
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return grads, trainer.state.log_history[-1]
+
+
+@pytest.mark.parametrize("path", list(LOSS_PATHS))
+def test_accumulated_gradients_equal_one_batch(path, tiny_models, mixed_data, tmp_path):
+    """Rows 0 (rec, one box), 1 (reg, no box) and 3 (rec, one box) as 3 accumulated micro-batches vs. one batch.
+
+    With use_dft_loss/use_eaft_loss the host normalises the LM loss over the step's tokens (``num_items_in_batch``):
+    the head's must be normalised over the step's boxes, so both runs give the same gradients and logged figures.
+    On the host's default path for VLMs each micro-batch's LM loss is its own mean, divided by the accumulation
+    steps: the head's must be too, so the step's gradients are the mean of each micro-batch's single-batch ones.
+    """
+    config = train_config(
+        tiny_models[FAMILY], mixed_data, tmp_path, GROUND_TEMPLATE[FAMILY], bbox_head=True, overwrite_cache=True,
+        per_device_train_batch_size=1, gradient_accumulation_steps=3, **LOSS_PATHS[path],
+    )  # fmt: skip
+    trainer = workflow_trainer(config)
+    trainer.model.train()
+    rows = [trainer.train_dataset[i] for i in (0, 1, 3)]
+    assert [len(row["bbox_spans"]) for row in rows] == [1, 0, 1]
+    collate = trainer.data_collator
+    with random_head(trainer.model.bbox_head):
+        accumulated, logged = step_grads(trainer, [collate([row]) for row in rows])
+        if path == "mean":
+            singles = [step_grads(trainer, [collate([row])]) for row in rows]
+            expected = {name: sum(grads[name] for grads, _ in singles) / 3 for name in singles[0][0]}
+            expected_log = {"lm_loss": sum(log["lm_loss"] for _, log in singles) / 3}
+            for key in ("bbox_l1", "bbox_giou"):  # means over the boxes: rows 0 and 3 have one each
+                expected_log[key] = (singles[0][1][key] + singles[2][1][key]) / 2
+        else:
+            expected, expected_log = step_grads(trainer, [collate(rows)])
+    assert expected.keys() == accumulated.keys()
+    assert any(name.startswith("bbox_head.bbox_fc0") for name in expected)  # the random head gets gradients
+    for name, grad in expected.items():
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    for key in ("lm_loss", "bbox_l1", "bbox_giou"):
+        assert logged[key] == pytest.approx(expected_log[key], abs=2e-4), key
+
+
+def test_asft_loss_is_refused_with_the_head(tiny_models, demo_data, tmp_path):
+    config = train_config(tiny_models[FAMILY], demo_data, tmp_path, GROUND_TEMPLATE[FAMILY], bbox_head=True,
+                          use_asft_loss=True)  # fmt: skip
+    with pytest.raises(ValueError, match="does not support `use_asft_loss: true`"):
+        parse(config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. Two processes (gloo) against one, on the same global batches
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parallel_config(model: Path, data_dir: Path, out: Path, **extra) -> dict[str, Any]:
+    """2 SGD steps with use_dft_loss (the LM loss normalised over the step's tokens, so one process with the whole
+    global batch is the oracle), logged every step, a short gloo timeout so a hang fails fast."""
+    return train_config(
+        model, data_dir, out, GROUND_TEMPLATE[FAMILY], bbox_head=True, use_dft_loss=True, disable_shuffling=True,
+        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", ddp_timeout=120, overwrite_cache=True, **extra,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, tiny_models, mixed_data) -> Run:
+    work = tmp_path_factory.mktemp("one_process")
+    return train_run(work, parallel_config(tiny_models[FAMILY], mixed_data, work / "out", per_device_train_batch_size=2))
+
+
 @pytest.mark.e2e
-def test_head_trains_under_torchrun_two_process_gloo(tmp_path, tiny_models, demo_data):
-    """2-process CPU data parallel with gradient accumulation: the head is part of the DDP model and is saved once."""
-    out = tmp_path / "ddp"
-    config = train_config(tiny_models["qwen2_vl"], demo_data, out, GROUND_TEMPLATE["qwen2_vl"], bbox_head=True,
-                          ddp_backend="gloo", gradient_accumulation_steps=2, max_steps=2)  # fmt: skip
+def test_two_processes_train_like_one(one_process_run, tiny_models, mixed_data, tmp_path):
+    """Mixed rec/reg rows, batch 1 per process: at each step one rank has no box target. Both processes must log
+    (this hung in the per-key gather) and give the figures and weights of one process on the same global batch."""
+    config = parallel_config(tiny_models[FAMILY], mixed_data, tmp_path / "out", per_device_train_batch_size=1)
     result = run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "ddp.yaml", config))], tmp_path,
                      FORCE_TORCHRUN="1", NPROC_PER_NODE="2")  # fmt: skip
     assert "world size: 2" in result.stdout + result.stderr
-    logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    assert all({"lm_loss", "bbox_l1", "bbox_giou"} <= set(log) for log in logs if "loss" in log)
-    assert (out / "bbox_head.safetensors").is_file()
+    two, one = log_steps(tmp_path / "out"), log_steps(one_process_run.output_dir)
+    assert [e["step"] for e in two] == [e["step"] for e in one] == [1, 2]
+    for ours, oracle in zip(two, one):
+        for key in ("loss", "lm_loss", "bbox_l1", "bbox_giou", "grad_norm"):
+            assert ours[key] == pytest.approx(oracle[key], rel=1e-3, abs=2e-4), (key, ours, oracle)
+    for name in ("adapter_model.safetensors", HEAD_WEIGHTS):
+        ours, oracle = load_file(str(tmp_path / "out" / name)), load_file(str(one_process_run.output_dir / name))
+        assert ours.keys() == oracle.keys()
+        for key in oracle:
+            torch.testing.assert_close(ours[key], oracle[key], rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+    assert head_state(tmp_path / "out")["bbox_fc2.weight"].any()
+
+
+@pytest.mark.e2e
+def test_two_process_predict_equals_one(learn_run, learn_data, tmp_path):
+    """42 val rows, 6 per batch: 7 batches, so the sampler pads the second process with a repeated batch that the
+    gather drops. Every row (text, head boxes, row index, image) and every metric equals the 1-process run's."""
+    outputs = {}
+    for procs in ("1", "2"):
+        config = predict_config(learn_run, learn_data, tmp_path / procs, finetuning_type="full", do_sample=False,
+                                per_device_eval_batch_size=6, ddp_timeout=120)  # fmt: skip
+        config["model_name_or_path"] = learn_run.output_dir
+        del config["lora_target"]
+        env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"} if procs == "2" else {}
+        cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / f"predict{procs}.yaml", config))], tmp_path,
+            **env)  # fmt: skip
+        outputs[procs] = (
+            read_jsonl(tmp_path / procs / "generated_predictions.jsonl"),
+            json.loads((tmp_path / procs / "predict_results.json").read_text()),
+        )
+    (rows1, results1), (rows2, results2) = outputs["1"], outputs["2"]
+    val_rows = read_jsonl(learn_data / "ground_val.jsonl")
+    assert len(val_rows) == 42
+    assert [row["row"] for row in rows1] == list(range(42))
+    assert [Path(row["image"]).name for row in rows1] == [Path(v["images"][0]).name for v in val_rows]
+    assert sum(bool(row["predict_boxes_head"]) for row in rows1) >= 5  # the head really wrote boxes
+    assert rows2 == rows1
+    for key, value in results1.items():
+        if "runtime" not in key and "per_second" not in key:
+            assert results2[key] == value, key
