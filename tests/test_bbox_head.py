@@ -385,6 +385,154 @@ def test_save_load_round_trip(tmp_path):
         load_head(tmp_path)
 
 
+class _StubModel(torch.nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, hidden_size)
+        self.device = torch.device("cpu")
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.embed
+
+
+def test_saved_head_settings_conflicting_with_yaml_are_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from llamafactory_vision.grounding.bbox_head import attach_head
+
+    saved = BBoxHead(BBoxHeadConfig(hidden_size=32, num_layers=2, source="box_end"))
+    with random_head(saved):
+        save_head(saved, tmp_path)
+        expected = {k: v.clone() for k, v in saved.state_dict().items()}
+    model_args = SimpleNamespace(adapter_name_or_path=None, model_name_or_path=str(tmp_path))
+    for layers, source, message in [
+        (3, None, "bbox_head_layers: 3 in the YAML, 2 in the saved head"),
+        (None, "box_start", "bbox_head_source: 'box_start' in the YAML, 'box_end' in the saved head"),
+    ]:
+        finetuning_args = SimpleNamespace(bbox_head_layers=layers, bbox_head_source=source)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            attach_head(_StubModel(32), model_args, finetuning_args, is_trainable=True)
+    for layers, source in [(None, None), (2, "box_end")]:  # unset, or set to the saved values: the saved head
+        model = _StubModel(32)
+        finetuning_args = SimpleNamespace(bbox_head_layers=layers, bbox_head_source=source)
+        head = attach_head(model, model_args, finetuning_args, is_trainable=True)
+        assert model.bbox_head is head and head.config == saved.config
+        assert all(torch.equal(head.state_dict()[k], v) for k, v in expected.items())
+
+
+class _ZeroStage3:
+    """A stand-in for DeepSpeed ZeRO-3 on CPU: each parameter keeps an empty placeholder (``ds_id`` set, as
+    deepspeed marks them) and its full value aside; ``GatheredParameters`` brings the full values back inside its
+    ``with`` block, as ``deepspeed.zero.GatheredParameters`` does (installed in place of bbox_head's call to it)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.params = list(module.parameters())
+        self.full = [p.data.clone() for p in self.params]
+        self.gathered: list[list[torch.nn.Parameter]] = []
+        for i, param in enumerate(self.params):
+            param.ds_id = i
+            param.data = torch.empty(0, dtype=param.dtype)
+
+    def GatheredParameters(self, params, modifier_rank=None):  # noqa: N802 (deepspeed's name)
+        stage = self
+
+        @contextmanager
+        def gathered():
+            assert modifier_rank is None  # read only
+            stage.gathered.append(list(params))
+            for param in params:
+                param.data = stage.full[param.ds_id]
+            try:
+                yield
+            finally:
+                for param in params:
+                    param.data = torch.empty(0, dtype=param.dtype)
+
+        return gathered()
+
+    def restore(self) -> None:
+        for param, full in zip(self.params, self.full):
+            param.data = full
+            del param.ds_id
+
+    def install(self, monkeypatch) -> None:
+        from llamafactory_vision.grounding import bbox_head
+
+        monkeypatch.setattr(bbox_head, "gathered_parameters", lambda params: self.GatheredParameters(params, None))
+
+
+def test_zero3_partitioned_head_is_saved_gathered(tmp_path, monkeypatch):
+    head = BBoxHead(BBoxHeadConfig(hidden_size=32, num_layers=2))
+    with random_head(head):
+        expected = {k: v.clone() for k, v in head.state_dict().items()}
+        stage = _ZeroStage3(head)
+        stage.install(monkeypatch)
+        try:
+            with pytest.raises(ValueError, match="are empty: gather them"):  # what saving state_dict() would write
+                save_head(head, tmp_path / "raw", state=head.state_dict())
+            save_head(head, tmp_path / "gathered")
+            assert len(stage.gathered) == 1 and len(stage.gathered[0]) == 4  # every weight, in one gather
+        finally:
+            stage.restore()
+    saved = load_file(str(tmp_path / "gathered" / HEAD_WEIGHTS))
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], v) for k, v in expected.items())
+
+
+def test_zero3_trainer_save_model_gathers_head_on_every_rank(build_trainer, tmp_path, monkeypatch):
+    """``save_model`` runs on every rank (``_save`` on the main one only): the gather happens there."""
+    trainer = build_trainer("detr_defaults")
+    head = trainer.model.bbox_head
+    with random_head(head, seed=4):
+        expected = {k: v.clone() for k, v in head.state_dict().items()}
+        stage = _ZeroStage3(head)
+        stage.install(monkeypatch)
+        try:
+            trainer.save_model(str(tmp_path / "ckpt"))
+        finally:
+            stage.restore()
+    assert len(stage.gathered) == 1
+    saved = head_state(tmp_path / "ckpt")
+    assert all(torch.equal(saved[k], v) for k, v in expected.items())
+    assert not any("bbox" in k for k in load_file(str(tmp_path / "ckpt" / "adapter_model.safetensors")))
+
+
+def test_load_best_model_restores_its_head(build_trainer, tmp_path):
+    """``load_best_model_at_end``: the best checkpoint's head comes back with its adapter, not the last one's."""
+    trainer = build_trainer("detr_defaults")
+    head = trainer.model.bbox_head
+    with random_head(head, seed=5):
+        best = {k: v.clone() for k, v in head.state_dict().items()}
+        trainer.save_model(str(tmp_path / "checkpoint-1"))
+    with random_head(head, seed=6):  # the last step's head
+        trainer.state.best_model_checkpoint = str(tmp_path / "checkpoint-1")
+        trainer._load_best_model()
+        restored = {k: v.clone() for k, v in head.state_dict().items()}
+    assert all(torch.equal(restored[k], v) for k, v in best.items())
+
+
+def test_generated_vision_tokens_do_not_break_head_predict(build_trainer):
+    """A model may generate <|vision_start|><|image_pad|>: the head's forward pass must not read them as an image."""
+    trainer = build_trainer("detr_defaults")
+    model, tokenizer = trainer.model, trainer.processing_class
+    model.eval()
+    row = trainer.train_dataset[0]
+    prompt_len = next(i for i, label in enumerate(row["labels"]) if label != -100)
+    feature = {k: v for k, v in row.items() if k not in ("bbox_spans", "bbox_targets", "bbox_cut")}
+    feature = {**feature, "input_ids": row["input_ids"][:prompt_len], "attention_mask": [1] * prompt_len,
+               "labels": row["labels"][:prompt_len]}  # fmt: skip
+    # as the predict collator gives them (built without the model: no precomputed M-RoPE positions)
+    batch = trainer.data_collator([feature])
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "position_ids", "rope_deltas")}
+    answer = "<|vision_start|><|image_pad|><|vision_end|>the green circle<|box_start|>(100,200),(300,400)<|box_end|>"
+    new_tokens = torch.tensor([tokenizer.encode(answer, add_special_tokens=False)])
+    assert (new_tokens == model.config.image_token_id).any()
+    generated = torch.cat([inputs["input_ids"], new_tokens], dim=1)
+    with random_head(model.bbox_head):
+        (boxes,) = trainer._head_boxes(model, inputs, generated)
+    assert len(boxes) == 1 and all(0 <= v <= 1000 for v in boxes[0]["xyxy_1000"])
+
+
 @dataclass(frozen=True)
 class Run:
     config: dict[str, Any]
@@ -584,10 +732,46 @@ def test_head_with_eval_on_each_dataset(tiny_models, multi_data, tmp_path):
 
     config = train_config(
         tiny_models[FAMILY], multi_data, tmp_path / "out", GROUND_TEMPLATE[FAMILY], bbox_head=True, max_steps=1,
-        eval_dataset="synth_ground_val", eval_on_each_dataset=True,
+        eval_dataset="synth_ground_val", eval_on_each_dataset=True, eval_strategy="steps", eval_steps=1,
     )  # fmt: skip
     run_exp({k: str(v) if isinstance(v, Path) else v for k, v in config.items()})
     assert (tmp_path / "out" / HEAD_WEIGHTS).is_file()
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    (evaluation,) = [entry for entry in history if "eval_synth_ground_val_loss" in entry]
+    prefix = "eval_synth_ground_val_"  # the head's figures carry the dataset's own prefix
+    assert {f"{prefix}lm_loss", f"{prefix}bbox_l1", f"{prefix}bbox_giou"} <= evaluation.keys()
+
+
+def test_streaming_trains_the_head(tiny_models, demo_data, tmp_path):
+    from llamafactory.train.tuner import run_exp
+
+    config = train_config(tiny_models[FAMILY], demo_data, tmp_path / "out", GROUND_TEMPLATE[FAMILY], bbox_head=True,
+                          streaming=True, overwrite_cache=True)  # fmt: skip
+    run_exp({k: str(v) if isinstance(v, Path) else v for k, v in config.items()})
+    steps = log_steps(tmp_path / "out")
+    assert [entry["step"] for entry in steps] == [1, 2]
+    assert all({"lm_loss", "bbox_l1", "bbox_giou"} <= entry.keys() for entry in steps)
+    assert head_state(tmp_path / "out")["bbox_fc2.weight"].any()
+
+
+def test_tokenized_path_without_box_columns_is_refused(tiny_models, demo_data, tmp_path):
+    """A dataset tokenized by stock SFT (head off) and reloaded from tokenized_path has no box targets."""
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.model import load_tokenizer
+    from llamafactory_vision.grounding import workflow
+
+    tokenized = tmp_path / "tokenized"
+    config = train_config(tiny_models[FAMILY], demo_data, tmp_path / "out", GROUND_TEMPLATE[FAMILY],
+                          tokenized_path=tokenized, overwrite_cache=True)  # fmt: skip
+    model_args, data_args, training_args, _, _ = parse(config)
+    tokenizer_module = load_tokenizer(model_args)
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    assert (tokenized / "dataset_dict.json").is_file()
+
+    with pytest.raises(ValueError, match="has no bbox_spans, bbox_targets, bbox_cut column") as error:
+        workflow.run_grounding_sft(*parse({**config, "bbox_head": True}))
+    assert f"tokenized_path: {tokenized}" in str(error.value) and "bbox_head: true" in str(error.value)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -75,6 +75,13 @@ class BBoxHead(nn.Module):
         return torch.sigmoid(x)
 
 
+def gathered_parameters(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    """DeepSpeed's read-only gather of ZeRO-3 partitioned ``params`` (only a ZeRO-3 run has them, and deepspeed)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 def head_state_dict(head: BBoxHead) -> dict[str, Tensor]:
     """Full CPU copies of the head's weights.
 
@@ -82,12 +89,7 @@ def head_state_dict(head: BBoxHead) -> dict[str, Tensor]:
     first, as the host's ZeRO-3 save gathers the model's: a collective that every rank must enter.
     """
     partitioned = [p for p in head.parameters() if hasattr(p, "ds_id")]
-    gather = contextlib.nullcontext()
-    if partitioned:
-        import deepspeed  # only a ZeRO-3 run has partitioned parameters, and it has deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
-    with gather:
+    with gathered_parameters(partitioned) if partitioned else contextlib.nullcontext():
         return {k: v.detach().cpu().clone().contiguous() for k, v in head.state_dict().items()}
 
 
