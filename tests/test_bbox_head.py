@@ -745,8 +745,9 @@ def test_head_with_eval_on_each_dataset(tiny_models, multi_data, tmp_path):
 def test_streaming_trains_the_head(tiny_models, demo_data, tmp_path):
     from llamafactory.train.tuner import run_exp
 
+    # the host shards a streamed local file into `dataloader_num_workers` shards (0 shards: no rows)
     config = train_config(tiny_models[FAMILY], demo_data, tmp_path / "out", GROUND_TEMPLATE[FAMILY], bbox_head=True,
-                          streaming=True, overwrite_cache=True)  # fmt: skip
+                          streaming=True, dataloader_num_workers=1, overwrite_cache=True)  # fmt: skip
     run_exp({k: str(v) if isinstance(v, Path) else v for k, v in config.items()})
     steps = log_steps(tmp_path / "out")
     assert [entry["step"] for entry in steps] == [1, 2]

@@ -160,7 +160,15 @@ def align_grounding_dataset(dataset, dataset_attr, data_args, training_args):
 
     if data_args.grounding_invalid == "skip" and data_args.streaming:
         raise ValueError("`grounding_invalid: skip` needs `streaming: false`, so that skipped rows can be counted.")
-    column_names = list(next(iter(dataset)).keys())
+    first = next(iter(dataset), None)
+    if first is None:
+        raise ValueError(
+            f"grounding dataset {dataset_attr.dataset_name!r} has no rows"
+            + (" (with `streaming: true` LLaMA-Factory splits a local file into `dataloader_num_workers` shards: "
+               "set it to 1 or more)" if data_args.streaming else "")  # fmt: skip
+            + "."
+        )
+    column_names = list(first.keys())
     kwargs = {}
     if not data_args.streaming:
         kwargs = dict(

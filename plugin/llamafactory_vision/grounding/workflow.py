@@ -141,6 +141,8 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
     gen_kwargs["eos_token_id"] = generation_stop_ids(tokenizer, template)  # grounding: see its docstring
     gen_kwargs["pad_token_id"] = tokenizer.pad_token_id
 
+    if data_args.streaming:  # grounding: see the function's docstring
+        _split_streamed_batches_per_process(training_args)
     trainer = trainer_class(
         model=model,
         args=training_args,
@@ -190,6 +192,22 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
         trainer.save_predictions(dataset_module["eval_dataset"], predict_results, generating_args.skip_special_tokens)
 
     create_modelcard_and_push(trainer, model_args, data_args, training_args, finetuning_args)
+
+
+def _split_streamed_batches_per_process(training_args) -> None:
+    """With a streamed (iterable) dataset accelerate by default reads each batch on the main process and cuts every
+    tensor along its first axis for the processes (``dispatch_batches``), even with one process: a Qwen-VL batch's
+    ``pixel_values`` (image patches, not rows) then no longer match ``image_grid_thw`` and the vision tower fails.
+    Each process reads its own rows instead (accelerate's ``IterableDatasetShard``)."""
+    config = training_args.accelerator_config
+    if config.dispatch_batches:
+        raise ValueError(
+            "`streaming: true` with a grounding template needs `accelerator_config: {dispatch_batches: false}`: "
+            "dispatching cuts the batch's image patches as if they were rows."
+        )
+    if config.dispatch_batches is None:
+        config.dispatch_batches = False
+        logger.info_rank0("streaming: each process reads its own rows (accelerator_config.dispatch_batches = false).")
 
 
 def _columns(dataset) -> list[str]:
