@@ -146,6 +146,11 @@ def log_steps(output_dir: Path) -> list[dict[str, Any]]:
     return [entry for entry in history if "loss" in entry]
 
 
+def eval_steps(output_dir: Path) -> list[dict[str, Any]]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [entry for entry in history if "eval_loss" in entry]
+
+
 BOX_1000 = re.compile(r"\((\d+),(\d+)\),\((\d+),(\d+)\)")  # a Qwen2-VL label once the box tokens are stripped
 
 
@@ -422,7 +427,7 @@ def test_saved_head_settings_conflicting_with_yaml_are_refused(tmp_path):
 
 class _ZeroStage3:
     """A stand-in for DeepSpeed ZeRO-3 on CPU: each parameter keeps an empty placeholder (``ds_id`` set, as
-    deepspeed marks them) and its full value aside; ``GatheredParameters`` brings the full values back inside its
+    deepspeed marks them) and its full value aside; ``gathered_parameters`` brings the full values back inside its
     ``with`` block, as ``deepspeed.zero.GatheredParameters`` does (installed in place of bbox_head's call to it)."""
 
     def __init__(self, module: torch.nn.Module):
@@ -433,7 +438,7 @@ class _ZeroStage3:
             param.ds_id = i
             param.data = torch.empty(0, dtype=param.dtype)
 
-    def GatheredParameters(self, params, modifier_rank=None):  # noqa: N802 (deepspeed's name)
+    def gathered_parameters(self, params, modifier_rank=None):
         stage = self
 
         @contextmanager
@@ -458,7 +463,7 @@ class _ZeroStage3:
     def install(self, monkeypatch) -> None:
         from llamafactory_vision.grounding import bbox_head
 
-        monkeypatch.setattr(bbox_head, "gathered_parameters", lambda params: self.GatheredParameters(params, None))
+        monkeypatch.setattr(bbox_head, "gathered_parameters", lambda params: self.gathered_parameters(params, None))
 
 
 def test_zero3_partitioned_head_is_saved_gathered(tmp_path, monkeypatch):
@@ -589,6 +594,17 @@ def test_lora_run_saves_head_beside_adapter_and_checkpoints(lora_head_run, tiny_
     assert not torch.equal(first["bbox_fc2.weight"], final["bbox_fc2.weight"])
     for key, value in head_state(run.output_dir / "checkpoint-2").items():
         assert torch.equal(value, final[key])
+
+    # One line says which head was attached, and the host's parameter count grows by the head's.
+    head_params = 2 * (hidden_size * hidden_size + hidden_size) + 4 * hidden_size + 4
+    attached = re.search(
+        r"bbox head attached \(new \(last layer zero-initialised\)\): bbox_head_layers=3, bbox_head_source=box_start, "
+        rf"hidden_size={hidden_size}, {head_params:,} params, trainable\. With the head: trainable params: ([\d,]+)",
+        run.log,
+    )
+    host = re.search(r"trainable params: ([\d,]+) \|\| all params", run.log)  # the host's line comes first
+    assert attached and host, run.log[-3000:]
+    assert int(attached.group(1).replace(",", "")) == int(host.group(1).replace(",", "")) + head_params
 
     steps = log_steps(run.output_dir)
     assert [entry["step"] for entry in steps] == [1, 2]
@@ -988,10 +1004,12 @@ def test_asft_loss_is_refused_with_the_head(tiny_models, demo_data, tmp_path):
 
 def parallel_config(model: Path, data_dir: Path, out: Path, **extra) -> dict[str, Any]:
     """2 SGD steps with use_dft_loss (the LM loss normalised over the step's tokens, so one process with the whole
-    global batch is the oracle), logged every step, a short gloo timeout so a hang fails fast."""
+    global batch is the oracle), logged and evaluated (one row per batch) every step, a short gloo timeout so a hang
+    fails fast."""
     return train_config(
         model, data_dir, out, GROUND_TEMPLATE[FAMILY], bbox_head=True, use_dft_loss=True, disable_shuffling=True,
-        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", ddp_timeout=120, overwrite_cache=True, **extra,
+        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", ddp_timeout=120, overwrite_cache=True,
+        eval_dataset="synth_ground_val", eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=1, **extra,
     )  # fmt: skip
 
 
@@ -1014,6 +1032,11 @@ def test_two_processes_train_like_one(one_process_run, tiny_models, mixed_data, 
     for ours, oracle in zip(two, one):
         for key in ("loss", "lm_loss", "bbox_l1", "bbox_giou", "grad_norm"):
             assert ours[key] == pytest.approx(oracle[key], rel=1e-3, abs=2e-4), (key, ours, oracle)
+    two, one = eval_steps(tmp_path / "out"), eval_steps(one_process_run.output_dir)
+    assert [e["step"] for e in two] == [e["step"] for e in one] == [1, 2]
+    for ours, oracle in zip(two, one):  # evaluation during training, its rows split over both processes
+        for key in ("eval_loss", "eval_lm_loss", "eval_bbox_l1", "eval_bbox_giou"):
+            assert ours[key] == pytest.approx(oracle[key], rel=1e-3, abs=2e-4), (key, ours, oracle)
     for name in ("adapter_model.safetensors", HEAD_WEIGHTS):
         ours, oracle = load_file(str(tmp_path / "out" / name)), load_file(str(one_process_run.output_dir / name))
         assert ours.keys() == oracle.keys()
@@ -1029,8 +1052,8 @@ def test_two_process_predict_equals_one(learn_run, learn_data, tmp_path):
     outputs = {}
     for procs in ("1", "2"):
         config = predict_config(learn_run, learn_data, tmp_path / procs, finetuning_type="full", do_sample=False,
-                                per_device_eval_batch_size=6, ddp_timeout=120)  # fmt: skip
-        config["model_name_or_path"] = learn_run.output_dir
+                                ddp_timeout=120)  # fmt: skip
+        config.update(model_name_or_path=learn_run.output_dir, per_device_eval_batch_size=6)
         del config["lora_target"]
         env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"} if procs == "2" else {}
         cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / f"predict{procs}.yaml", config))], tmp_path,

@@ -162,12 +162,13 @@ def align_grounding_dataset(dataset, dataset_attr, data_args, training_args):
         raise ValueError("`grounding_invalid: skip` needs `streaming: false`, so that skipped rows can be counted.")
     first = next(iter(dataset), None)
     if first is None:
-        raise ValueError(
-            f"grounding dataset {dataset_attr.dataset_name!r} has no rows"
-            + (" (with `streaming: true` LLaMA-Factory splits a local file into `dataloader_num_workers` shards: "
-               "set it to 1 or more)" if data_args.streaming else "")  # fmt: skip
-            + "."
-        )
+        hint = ""
+        if data_args.streaming:  # the host's to_iterable_dataset(num_shards=dataloader_num_workers): 0 shards, 0 rows
+            hint = (
+                " (with `streaming: true` LLaMA-Factory splits a local file into `dataloader_num_workers` shards: "
+                "set it to 1 or more)"
+            )
+        raise ValueError(f"grounding dataset {dataset_attr.dataset_name!r} has no rows{hint}.")
     column_names = list(first.keys())
     kwargs = {}
     if not data_args.streaming:
