@@ -187,7 +187,16 @@ def align_grounding_dataset(dataset, dataset_attr, data_args, training_args):
 
     if data_args.grounding_invalid == "skip" and data_args.streaming:
         raise ValueError("`grounding_invalid: skip` needs `streaming: false`, so that skipped rows can be counted.")
-    column_names = list(next(iter(dataset)).keys())
+    first = next(iter(dataset), None)
+    if first is None:
+        hint = ""
+        if data_args.streaming:  # the host's to_iterable_dataset(num_shards=dataloader_num_workers): 0 shards, 0 rows
+            hint = (
+                " (with `streaming: true` LLaMA-Factory splits a local file into `dataloader_num_workers` shards: "
+                "set it to 1 or more)"
+            )
+        raise ValueError(f"grounding dataset {dataset_attr.dataset_name!r} has no rows{hint}.")
+    column_names = list(first.keys())
     kwargs = {}
     if not data_args.streaming:
         kwargs = dict(
