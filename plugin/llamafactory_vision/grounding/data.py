@@ -40,7 +40,12 @@ class GroundingDataError(ValueError):
     def __init__(self, dataset: str, row: int | None, field: str, message: str, reason: str):
         where = f"grounding dataset {dataset!r}, row {row if row is not None else '?'}, field `{field}`"
         super().__init__(f"{where}: {message}")
-        self.reason = reason
+        self.dataset, self.row, self.field, self.message, self.reason = dataset, row, field, message, reason
+
+    def __reduce__(self):
+        # Pickle rebuilds an exception as `cls(*self.args)`, and `args` holds only the formatted text: without this,
+        # a worker of `preprocessing_num_workers > 1` sends an error the parent cannot rebuild and the pool hangs.
+        return type(self), (self.dataset, self.row, self.field, self.message, self.reason)
 
 
 @dataclass
