@@ -177,13 +177,16 @@ def dispatch_sft(tuner: ModuleType) -> None:
 
 def export_bbox_head(tuner: ModuleType) -> None:
     """``train.tuner.export_model``: the host exports (and merges) the model; a bbox head lives in its own files
-    beside the adapter or model, so it is copied into ``export_dir`` too."""
+    beside the adapter or model, so it is copied into ``export_dir`` too whenever the checkpoint has one."""
     host_export = tuner.export_model
 
     @functools.wraps(host_export)
     def export_model(args=None):
         host_export(args)
-        _ours("llamafactory_vision.grounding.bbox_head").export_head(tuner.get_infer_args(args))
+        parsed = tuner.get_infer_args(args)
+        source = _ours("llamafactory_vision.grounding.bbox_head").export_head(parsed)
+        if source is not None:
+            tuner.logger.info_rank0(f"bbox head exported too: {source} -> {parsed[0].export_dir}")
 
     tuner.export_model = export_model
 
