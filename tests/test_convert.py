@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 from llamafactory_vision.boxes import to_xyxy
-from PIL import Image
 from llamafactory_vision.cli import main as cli_main
 from llamafactory_vision.grounding.convert import (
     ConvertStats,
     convert_coco,
     convert_refcoco,
 )
+from PIL import Image
 
 INSTANCES = {
     "images": [
