@@ -49,7 +49,10 @@ def grounding_datasets(data_args) -> list[str]:
         if not os.path.isfile(path):
             return []
         with open(path, encoding="utf-8") as f:
-            info = json.load(f)
+            try:
+                info = json.load(f)
+            except json.JSONDecodeError:  # the host reports a malformed file itself, as it always has
+                return []
     return [name for name in names if isinstance(info.get(name), dict) and info[name].get("formatting") == "grounding"]
 
 
