@@ -49,6 +49,12 @@ class BoxError(ValueError):
         super().__init__(f"{field}: {message} [{reason}]")
         self.field = field
         self.reason = reason
+        self.message = message
+
+    def __reduce__(self):
+        # Pickle rebuilds an exception as `cls(*self.args)`, which holds only the formatted text; errors must survive
+        # the trip from a dataset worker process to the parent (`preprocessing_num_workers > 1`).
+        return type(self), (self.field, self.reason, self.message)
 
 
 # ----------------------------------------------------------------------------------------------------------------

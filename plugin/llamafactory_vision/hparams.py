@@ -105,12 +105,14 @@ def _model_type(model_args: ModelArguments) -> str:
 
 def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
     """Reject settings that contradict each other across argument groups, before any model or data is loaded."""
+    from llamafactory_vision.grounding.host_paths import validate_host_path
     from llamafactory_vision.grounding.templates import get_grounding_spec
 
     model_args = next(a for a in parsed if isinstance(a, ModelArguments))
     data_args = next(a for a in parsed if isinstance(a, DataArguments))
     finetuning_args = next(a for a in parsed if isinstance(a, FinetuningArguments))
     spec = get_grounding_spec(data_args.template)
+    validate_host_path(parsed, data_args, finetuning_args, spec is not None)
     if finetuning_args.bbox_head:
         if spec is None:
             raise ValueError(

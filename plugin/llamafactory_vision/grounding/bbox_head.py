@@ -110,9 +110,13 @@ def load_head(directory: str | Path) -> BBoxHead:
     """Restore a head saved by :func:`save_head` (safetensors only: nothing is unpickled)."""
     directory = Path(directory)
     if not (directory / HEAD_WEIGHTS).is_file():
+        # Say only what is known: a folder may lack the head because its run had none, or because it was copied or
+        # exported without the head files.
         raise FileNotFoundError(
-            f"`bbox_head: true` but {directory} has no {HEAD_WEIGHTS}: this checkpoint was trained without the bbox "
-            "head. Set `bbox_head: false`, or point to a checkpoint trained with it."
+            f"`bbox_head: true` but {directory} has no {HEAD_WEIGHTS}: no bbox head was saved in this folder (its "
+            f"run trained without `bbox_head: true`, or it was copied or exported without {HEAD_WEIGHTS} and "
+            f"{HEAD_CONFIG}). Point `adapter_name_or_path` (or `model_name_or_path` for a full fine-tune) at a folder "
+            "holding both, such as the training output_dir, or set `bbox_head: false`."
         )
     head = BBoxHead(BBoxHeadConfig(**json.loads((directory / HEAD_CONFIG).read_text())))
     head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
@@ -176,15 +180,24 @@ def attach_head(model: nn.Module, model_args, finetuning_args, is_trainable: boo
     return head
 
 
-def export_head(parsed_infer_args) -> None:
-    """Copy the head files into ``export_dir`` after ``llamafactory-cli export`` (``bbox_head: true`` only)."""
+def export_head(parsed_infer_args) -> Path | None:
+    """Copy the head files into ``export_dir`` after ``llamafactory-cli export`` whenever the exported checkpoint has
+    a head (with or without ``bbox_head: true``: an export must not drop what was trained). ``bbox_head: true`` on a
+    checkpoint without a head fails, naming the folder searched.
+
+    Returns:
+        Path | None: the folder the head was copied from, or None when the checkpoint has no head.
+    """
     model_args, _, finetuning_args, _ = parsed_infer_args
-    if not finetuning_args.bbox_head:
-        return
     source = head_dir(model_args)
-    load_head(source)  # fails clearly when there is no head to export
-    for name in (HEAD_WEIGHTS, HEAD_CONFIG):
-        shutil.copy(source / name, Path(model_args.export_dir) / name)
+    if not (source / HEAD_WEIGHTS).is_file() and not finetuning_args.bbox_head:
+        return None
+    load_head(source)  # a valid head (config and weights agree), or the error saying what is missing
+    target = Path(model_args.export_dir)
+    if source.resolve() != target.resolve():
+        for name in (HEAD_WEIGHTS, HEAD_CONFIG):
+            shutil.copy(source / name, target / name)
+    return source
 
 
 def find_box_spans(token_texts: Sequence[str], box_pattern: str) -> list[tuple[int, int]]:

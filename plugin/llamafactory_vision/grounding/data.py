@@ -42,7 +42,12 @@ class GroundingDataError(ValueError):
     def __init__(self, dataset: str, row: int | None, field: str, message: str, reason: str):
         where = f"grounding dataset {dataset!r}, row {row if row is not None else '?'}, field `{field}`"
         super().__init__(f"{where}: {message}")
-        self.reason = reason
+        self.dataset, self.row, self.field, self.message, self.reason = dataset, row, field, message, reason
+
+    def __reduce__(self):
+        # Pickle rebuilds an exception as `cls(*self.args)`, and `args` holds only the formatted text: without this,
+        # a worker of `preprocessing_num_workers > 1` sends an error the parent cannot rebuild and the pool hangs.
+        return type(self), (self.dataset, self.row, self.field, self.message, self.reason)
 
 
 @dataclass
@@ -76,7 +81,7 @@ class GroundingDatasetConverter(DatasetConverter):
             raise self._fail(row, field, f"a grounding row takes exactly one image, got {len(images)}", "image_count")
         (path,) = self._find_medias(images)
         if not isinstance(path, str) or not os.path.isfile(path):
-            raise self._fail(row, field, f"image file not found: {path!r}", "missing_image")
+            raise self._fail(row, field, f"image file not found: {self._searched(images[0])}", "missing_image")
         try:
             with Image.open(path) as image:
                 size = image.size
@@ -84,6 +89,17 @@ class GroundingDatasetConverter(DatasetConverter):
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise self._fail(row, field, f"cannot read image {path!r}: {err}", "corrupt_image") from err
         return path, size
+
+    def _searched(self, image: Any) -> str:
+        """Where the host's ``_find_medias`` looked for ``image``, for the missing-image message."""
+        if not isinstance(image, str):
+            return repr(image)
+        places = [f"{os.path.abspath(image)!r} (from the working directory)"]
+        if self.dataset_attr.load_from in ("script", "file"):  # the only sources the host joins to media_dir
+            media_dir = self.data_args.media_dir
+            origin = "`media_dir`" if media_dir != self.data_args.dataset_dir else "`dataset_dir` (no `media_dir` set)"
+            places.insert(0, f"{os.path.abspath(os.path.join(media_dir, image))!r} (in {origin} {media_dir!r})")
+        return f"{image!r}; searched {' and '.join(places)}"
 
     def _objects(self, example: dict[str, Any], row: int | None, size: tuple[int, int]) -> list[GroundedObject]:
         field = self.dataset_attr.objects
