@@ -107,5 +107,5 @@ def test_bad_row_stops_the_run_with_the_row_named(kind, workers, tiny_models, tm
         process.communicate()
         pytest.fail(f"`{kind}` with preprocessing_num_workers={workers} hung on the bad row for {TIMEOUT_S} s")
     assert process.returncode != 0
-    assert f"grounding dataset 'rows.jsonl', row {BAD_ROW}, field `objects[0].bbox`" in stderr, stderr[-3000:]
+    assert f"grounding dataset 'rows.jsonl', row {BAD_ROW} (counting from 0), field `objects[0].bbox`" in stderr, stderr[-3000:]
     assert "GroundingDataError" in stderr

@@ -40,7 +40,8 @@ class GroundingDataError(ValueError):
     """An invalid grounding row; ``reason`` is a short key used to count skipped rows."""
 
     def __init__(self, dataset: str, row: int | None, field: str, message: str, reason: str):
-        where = f"grounding dataset {dataset!r}, row {row if row is not None else '?'}, field `{field}`"
+        # "counting from 0": the first row of the file is row 0 (an editor would call it line 1)
+        where = f"grounding dataset {dataset!r}, row {row if row is not None else '?'} (counting from 0), field `{field}`"
         super().__init__(f"{where}: {message}")
         self.dataset, self.row, self.field, self.message, self.reason = dataset, row, field, message, reason
 
