@@ -390,6 +390,22 @@ def test_save_load_round_trip(tmp_path):
         load_head(tmp_path)
 
 
+def test_head_rows_pack_round_trip_and_repeats():
+    from llamafactory_vision.grounding.head_rows import first_occurrences, pack_head_rows, unpack_head_rows
+
+    boxes = [[{"xyxy_1000": [1, 2, 300, 400], "xyxy_model": [0.5, 1.25, 84.0, 112.5]}], [],
+             [{"xyxy_1000": [0, 0, 1000, 1000], "xyxy_model": [0.0, 0.0, 56.0, 56.0]},
+              {"xyxy_1000": [10, 20, 30, 40], "xyxy_model": [1.5, 2.5, 3.5, 4.5]}]]  # fmt: skip
+    packed = pack_head_rows([7, 8, 9], boxes)
+    assert packed.shape == (3, 2 + 8 * 2)
+    padded = torch.cat([packed, torch.full((3, 8), -100.0)], dim=1)  # as pad_across_processes widens a batch
+    assert unpack_head_rows(padded) == ([7, 8, 9], boxes)
+    # the gather of an uneven split: rows 3 and 4 come back as the sampler's repeats of rows 0 and 1
+    seen: set[int] = set()
+    assert first_occurrences([0, 1, 2, 3], seen) == [0, 1, 2, 3]
+    assert first_occurrences([4, 0, 1, -1], seen) == [0, 3]
+
+
 class _StubModel(torch.nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
