@@ -395,6 +395,22 @@ def test_save_load_round_trip(tmp_path):
         load_head(tmp_path)
 
 
+def test_head_rows_pack_round_trip_and_repeats():
+    from llamafactory_vision.grounding.head_rows import first_occurrences, pack_head_rows, unpack_head_rows
+
+    boxes = [[{"xyxy_1000": [1, 2, 300, 400], "xyxy_model": [0.5, 1.25, 84.0, 112.5]}], [],
+             [{"xyxy_1000": [0, 0, 1000, 1000], "xyxy_model": [0.0, 0.0, 56.0, 56.0]},
+              {"xyxy_1000": [10, 20, 30, 40], "xyxy_model": [1.5, 2.5, 3.5, 4.5]}]]  # fmt: skip
+    packed = pack_head_rows([7, 8, 9], boxes)
+    assert packed.shape == (3, 2 + 8 * 2)
+    padded = torch.cat([packed, torch.full((3, 8), -100.0)], dim=1)  # as pad_across_processes widens a batch
+    assert unpack_head_rows(padded) == ([7, 8, 9], boxes)
+    # the gather of an uneven split: rows 3 and 4 come back as the sampler's repeats of rows 0 and 1
+    seen: set[int] = set()
+    assert first_occurrences([0, 1, 2, 3], seen) == [0, 1, 2, 3]
+    assert first_occurrences([4, 0, 1, -1], seen) == [0, 3]
+
+
 class _StubModel(torch.nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -1055,8 +1071,9 @@ def test_two_processes_train_like_one(one_process_run, tiny_models, mixed_data, 
 
 @pytest.mark.e2e
 def test_two_process_predict_equals_one(learn_run, learn_data, tmp_path):
-    """42 val rows, 6 per batch: 7 batches, so the sampler pads the second process with a repeated batch that the
-    gather drops. Every row (text, head boxes, row index, image) and every metric equals the 1-process run's."""
+    """42 val rows, 6 per batch: 7 batches, so the sampler gives the second process a repeated batch, which the
+    gather keeps: the row index carried with each row drops it. Every row (text, head boxes, row index, image) and
+    every metric equals the 1-process run's."""
     outputs = {}
     for procs in ("1", "2"):
         config = predict_config(learn_run, learn_data, tmp_path / procs, finetuning_type="full", do_sample=False,
@@ -1078,5 +1095,5 @@ def test_two_process_predict_equals_one(learn_run, learn_data, tmp_path):
     assert sum(bool(row["predict_boxes_head"]) for row in rows1) >= 5  # the head really wrote boxes
     assert rows2 == rows1
     for key, value in results1.items():
-        if "runtime" not in key and "per_second" not in key:
+        if not any(timing in key for timing in ("runtime", "per_second", "preparation_time")):
             assert results2[key] == value, key

@@ -30,7 +30,7 @@ from llamafactory_vision.grounding.bbox_head import (
 )
 from llamafactory_vision.grounding.formats import RELATIVE_SCALE
 from llamafactory_vision.grounding.head_data import BBOX_COLUMNS
-from llamafactory_vision.grounding.head_rows import ROW_COLUMN, pack_head_rows, unpack_head_rows
+from llamafactory_vision.grounding.head_rows import ROW_COLUMN, first_occurrences, pack_head_rows, unpack_head_rows
 
 # Sums kept per split between two logs, reduced across processes in one collective: the LM term (see compute_loss)
 # and its count, then the head's L1 and 1 - GIoU summed over boxes, and the number of boxes.
@@ -283,10 +283,13 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         """The host's ``generated_predictions.jsonl``, each row then given its dataset ``row`` index (from 0), its
         ``image`` and ``predict_boxes_head``, all gathered with its generated text."""
         tokens, packed = predict_results.predictions
-        super().save_predictions(dataset, predict_results._replace(predictions=tokens), skip_special_tokens)
+        row_ids, head_boxes = unpack_head_rows(packed)
+        keep = first_occurrences(row_ids)  # the rows the sampler repeated to even out the processes go
+        row_ids, head_boxes = [row_ids[i] for i in keep], [head_boxes[i] for i in keep]
+        kept = predict_results._replace(predictions=tokens[keep], label_ids=predict_results.label_ids[keep])
+        super().save_predictions(dataset, kept, skip_special_tokens)
         if not self.is_world_process_zero():
             return
-        row_ids, head_boxes = unpack_head_rows(packed)
         images = dataset["images"] if "images" in dataset.column_names else [None] * len(dataset)
         path = os.path.join(self.args.output_dir, "generated_predictions.jsonl")
         with open(path, encoding="utf-8") as f:
