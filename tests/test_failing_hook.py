@@ -45,7 +45,7 @@ def _warning(module: str, hook: str) -> str:
 
 
 def _report(module: str, hook: str) -> str:
-    return f"llamafactory-vision could not install part of itself into LLaMA-Factory ({hook} on {module} raised {ERROR})"
+    return f"could not install part of itself into LLaMA-Factory ({hook} on {module} raised {ERROR})"
 
 
 def test_stock_run_works_and_our_template_names_the_failed_hook(tmp_path, tiny_models, demo_data):
@@ -72,7 +72,8 @@ def test_stock_run_works_and_our_template_names_the_failed_hook(tmp_path, tiny_m
     ],
 )
 def test_our_keys_and_template_fail_naming_the_hook(module, hook, extra, tmp_path, tiny_models, demo_data):
-    config = train_config(tiny_models["qwen2_vl"], demo_data, tmp_path / "out", "qwen2_vl_ground", max_steps=1, **extra)
+    model = tiny_models["qwen2_vl"]
+    config = train_config(model, demo_data, tmp_path / "out", "qwen2_vl_ground", max_steps=1, **extra)
     result = _run(module, hook, write_yaml(tmp_path / "ours.yaml", config))
     assert result.returncode != 0
     assert _warning(module, hook) in result.stderr
