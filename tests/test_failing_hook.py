@@ -79,3 +79,17 @@ def test_our_keys_and_template_fail_naming_the_hook(module, hook, extra, tmp_pat
     assert _warning(module, hook) in result.stderr
     assert _report(module, hook) in result.stderr.split(_warning(module, hook))[-1], result.stderr[-4000:]
     assert not (tmp_path / "out" / "trainer_log.jsonl").exists()
+
+
+def test_hooks_module_that_cannot_import_leaves_the_host_unextended():
+    """The bootstrap itself: if `patches` cannot be imported, LLaMA-Factory imports and runs without us, saying so."""
+    code = (
+        "import sys; sys.modules['llamafactory_vision.patches'] = None;"  # makes `import ...patches` raise ImportError
+        "import llamafactory.data.template as t, llamafactory.hparams.parser as p;"
+        "print(sorted(k for k in t.TEMPLATES if k.endswith('_ground')), p._TRAIN_ARGS[1].__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=600,
+                            check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[] DataArguments"
+    assert result.stderr.count("WARNING llamafactory-vision: its hooks module failed to import (ImportError") == 1

@@ -43,8 +43,7 @@ def _patches():
         sys.stderr.write(
             f"WARNING llamafactory-vision: its hooks module failed to import ({type(err).__name__}: {err}); "
             f"nothing of it is installed into LLaMA-Factory, which runs unextended (set {DISABLE_ENV}=1 to silence "
-            "this). "
-            "Traceback:\n" + "".join(traceback.format_exception(err))
+            "this). Traceback:\n" + "".join(traceback.format_exception(err))
         )
         return None
     return patches
