@@ -41,9 +41,9 @@ def _patches():
     except Exception as err:  # noqa: BLE001 (see the docstring)
         _patches_error = err
         sys.stderr.write(
-            f"WARNING llamafactory-vision: its hooks module failed to import ({type(err).__name__}: {err}); nothing of "
-            f"it is installed into LLaMA-Factory, which runs unextended (set {DISABLE_ENV}=1 to silence this). "
-            "Traceback:\n" + "".join(traceback.format_exception(err))
+            f"WARNING llamafactory-vision: its hooks module failed to import ({type(err).__name__}: {err}); "
+            f"nothing of it is installed into LLaMA-Factory, which runs unextended (set {DISABLE_ENV}=1 to silence "
+            "this). Traceback:\n" + "".join(traceback.format_exception(err))
         )
         return None
     return patches

@@ -243,9 +243,10 @@ def _run(hook: Callable[[ModuleType], None], module: ModuleType) -> None:
     except _Deferred as wait:
         _deferred.setdefault(wait.module_name, []).append((hook, module))
     except Exception as err:  # noqa: BLE001
-        # The one justified catch-all: hooks run inside the host's own `import llamafactory.*`, so anything escaping
-        # here would make that import fail and break stock LLaMA-Factory for everyone in this environment. The error
-        # is reported on stderr and recorded; settings of ours then refuse to run with it (see report_failed_hooks).
+        # A justified catch-all (with `_bootstrap._patches`, the only ones): hooks run inside the host's own
+        # `import llamafactory.*`, so anything escaping here would make that import fail and break stock LLaMA-Factory
+        # for everyone in this environment. The error is reported on stderr and recorded; settings of ours then refuse
+        # to run with it (see report_failed_hooks).
         _record_failure(hook, module, err)
 
 
