@@ -29,18 +29,17 @@ from llamafactory_vision.boxes import (
     HOST_IMAGE_MAX_PIXELS,
     HOST_IMAGE_MIN_PIXELS,
     BoxError,
-    denormalize_xyxy,
     model_view_size,
     normalize_xyxy,
     to_xyxy,
 )
-from llamafactory_vision.grounding.formats import Box, BoxCodec, get_codec, parse_answer
+from llamafactory_vision.grounding.formats import Box, get_codec, parse_answer
 from llamafactory_vision.grounding.metrics import HEAD_BOX_FIELDS, grounding_scores, head_boxes_for_family
-from llamafactory_vision.grounding.visualize import draw_boxes
+from llamafactory_vision.grounding.predictions import image_path, read_dataset, read_predictions, to_pixels
+from llamafactory_vision.grounding.visualize import draw_prediction
 from PIL import Image
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
-LABEL_COLOR, PREDICT_COLOR, HEAD_COLOR = (0, 200, 0), (230, 0, 0), (0, 90, 255)
 
 _NUM = r"-?\d+(?:\.\d+)?"
 _PAREN_BOX = re.compile(rf"\(\s*{_NUM}\s*,\s*{_NUM}\s*\)\s*,\s*\(\s*{_NUM}\s*,\s*{_NUM}\s*\)")
@@ -64,53 +63,10 @@ def detect_family(labels: Sequence[str]) -> str:
     return kinds.most_common(1)[0][0] if kinds else "unknown"
 
 
-def read_predictions(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int]:
-    """``(row index, object)`` for every line that is a JSON object with string ``predict`` and ``label``.
-
-    Returns those rows and the number of other non-blank lines. The row index counts every line (blank ones
-    included), so it stays aligned with the dataset rows the predictions came from.
-    """
-    rows, bad = [], 0
-    with path.open(encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(obj, dict) and isinstance(obj.get("predict"), str) and isinstance(obj.get("label"), str):
-                rows.append((index, obj))
-            else:
-                bad += 1
-    return rows, bad
 
 
-def read_dataset(path: Path) -> list[Any]:
-    """Rows of a LLaMA-Factory dataset file: a JSON list, or JSON lines (an unreadable line becomes ``None``)."""
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            rows.append(None)
-    return rows
 
 
-def image_path(row: Any, dataset_dir: Path) -> Path | None:
-    """First image of a dataset row (``images`` list or ``image`` string), resolved against ``dataset_dir``."""
-    if not isinstance(row, dict):
-        return None
-    image = row.get("images", row.get("image"))
-    if isinstance(image, list):
-        image = image[0] if image else None
-    if not isinstance(image, str):
-        return None
-    return dataset_dir / image  # an absolute ``image`` replaces dataset_dir
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -195,11 +151,6 @@ def load_processor(family: str, args: argparse.Namespace) -> Any:
     return processor
 
 
-def to_pixels(
-    boxes: Sequence[Sequence[float]], codec: BoxCodec, model_size: tuple[int, int], image_size: tuple[int, int]
-) -> list[Box]:
-    """Boxes as a family writes them -> ``xyxy`` pixels of the original image of ``image_size = (width, height)``."""
-    return [denormalize_xyxy(codec.decode_box(box, model_size=model_size), image_size) for box in boxes]
 
 
 def dataset_boxes(row: Any, image_size: tuple[int, int]) -> list[Box] | None:
@@ -269,12 +220,14 @@ def visualize(
         # one unit of the coarsest written grid (1/1000, or a model-view pixel) plus rounding
         tolerance = 1.5 / min(1000, *model_size)
         check_alignment(index, label_norm, dataset[index], image.size, tolerance)
-        image = draw_boxes(image, to_pixels(label.boxes, codec, model_size, image.size), LABEL_COLOR, label.refs)
-        image = draw_boxes(
-            image, to_pixels(predict.boxes, codec, model_size, image.size), PREDICT_COLOR, predict.refs, "bottom"
+        image = draw_prediction(
+            image,
+            to_pixels(label.boxes, codec, model_size, image.size),
+            label.refs,
+            to_pixels(predict.boxes, codec, model_size, image.size),
+            predict.refs,
+            to_pixels(head, codec, model_size, image.size) if head else None,
         )
-        if head:
-            image = draw_boxes(image, to_pixels(head, codec, model_size, image.size), HEAD_COLOR)
         image.save(args.visualize / f"{index:05d}.png")
         done += 1
     return {"visualized": done, "visualize_failures": failed}
