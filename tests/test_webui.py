@@ -245,3 +245,17 @@ def test_prediction_pictures_draw_label_and_predicted_boxes(tmp_path):
     assert picture.getpixel((60, 10)) == (0, 200, 0)  # label top edge: y = 100/1000 * 100
     assert picture.getpixel((140, 90)) == (230, 0, 0)  # predicted bottom edge: y = 900/1000 * 100
     assert picture.getpixel((150, 30)) == (128, 128, 128)
+
+
+def test_chat_answer_boxes_drawn_on_the_input_image():
+    """Oracle: a Qwen2-VL answer's 0-1000 box lands at those fractions of the input image; no box, no picture."""
+    from llamafactory_vision.webui.pictures import answer_picture
+    from PIL import Image
+
+    image = Image.new("RGB", (300, 200), (128, 128, 128))
+    drawn = answer_picture(image, "the red car(100,250),(500,750)", "qwen2_vl_ground", processor=None)
+    assert drawn.getpixel((90, 50)) == (230, 0, 0)  # top edge y = 0.25 * 200, between x = 30 and 150
+    assert drawn.getpixel((90, 100)) == (128, 128, 128)
+    assert image.getpixel((90, 50)) == (128, 128, 128)  # the input is not modified
+    assert answer_picture(image, "I cannot see it", "qwen2_vl_ground", processor=None) is None
+    assert answer_picture(image, "(1,1),(2,2)", "qwen2_vl", processor=None) is None  # not a grounding template

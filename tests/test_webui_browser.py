@@ -181,9 +181,7 @@ def drive(page, board: dict, shots: Path) -> None:
     # grounding preview from the dataset preview box: the real pipeline's target boxes
     panel.get_by_role("button", name="Preview dataset").click()
     page.get_by_role("button", name="Grounding preview").click()
-    expect(page.locator(".modal-box .gallery-container img, .modal-box button img").first).to_be_visible(
-        timeout=120_000
-    )
+    expect(page.locator("#lfv-train-preview img").first).to_be_visible(timeout=120_000)
     page.locator(".modal-box").screenshot(path=str(shots / "webui_grounding_preview.png"))
     page.locator(".modal-box").get_by_role("button", name="Close").click()
 
@@ -209,7 +207,12 @@ def drive(page, board: dict, shots: Path) -> None:
     metrics = panel.locator("div.prose").filter(has_text="predict_acc@0.5")
     expect(metrics).to_be_visible(timeout=300_000)
     expect(metrics).to_contain_text("predict_miou")
-    gallery = panel.locator("button.thumbnail-item img, .gallery-container img")
-    expect(gallery.first).to_be_visible(timeout=60_000)
-    assert gallery.count() >= 1
-    page.screenshot(path=str(shots / "webui_predictions.png"), full_page=True)
+    gallery = page.locator("#lfv-eval-predictions")
+    expect(gallery.locator("img").first).to_be_visible(timeout=60_000)
+    assert gallery.locator("img").count() == 4  # one picture per row of synth_ground_val
+    gallery.scroll_into_view_if_needed()
+    gallery.screenshot(path=str(shots / "webui_prediction_gallery.png"))
+    box = metrics.bounding_box()
+    page.screenshot(
+        path=str(shots / "webui_metrics.png"), full_page=True, clip={**box, "height": min(box["height"], 700)}
+    )

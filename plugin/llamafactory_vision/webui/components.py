@@ -144,7 +144,9 @@ def add_grounding_preview(engine: Any, tab: str, elem_dict: dict[str, Component]
         with gr.Row():
             preview_btn = gr.Button(value="Grounding preview")
         with gr.Row():
-            gallery = gr.Gallery(label="Target boxes", columns=PREVIEW_ROWS, height="auto", visible=False)
+            gallery = gr.Gallery(
+                label="Target boxes", columns=PREVIEW_ROWS, height="auto", visible=False, elem_id=f"lfv-{tab}-preview"
+            )
     pixels = ("image_max_pixels", "image_min_pixels")
     inputs = [
         manager.get_elem_by_id("top.model_path"),
@@ -176,7 +178,7 @@ def add_prediction_gallery(engine: Any, elem_dict: dict[str, Component]) -> dict
     from llamafactory.webui.common import get_save_dir
 
     manager = engine.manager
-    gallery = gr.Gallery(label="Predictions", columns=4, height="auto", visible=False)
+    gallery = gr.Gallery(label="Predictions", columns=4, height="auto", visible=False, elem_id="lfv-eval-predictions")
     shown: dict[str, Any] = {}
     top = [manager.get_elem_by_id(f"top.{n}") for n in ("model_name", "finetuning_type", "model_path", "template")]
     names = ("output_dir", "dataset_dir", "dataset", "max_samples", "image_max_pixels", "image_min_pixels")
@@ -212,7 +214,9 @@ def add_answer_boxes(engine: Any, elem_dict: dict[str, Component]) -> dict[str, 
     chat_box = elem_dict["chat_box"]
     messages = next(c for c in _descendants(chat_box) if isinstance(c, gr.State))
     with chat_box:
-        picture = gr.Image(label="Answer boxes", type="pil", interactive=False, visible=False)
+        picture = gr.Image(
+            label="Answer boxes", type="pil", interactive=False, visible=False, elem_id="lfv-infer-answer"
+        )
     template = engine.manager.get_elem_by_id("top.template")
 
     def draw(history, image, template_name):
