@@ -76,8 +76,6 @@ def board(tmp_path_factory, browser_path):
     from llamafactory_vision.tiny import build_tiny
 
     work = tmp_path_factory.mktemp("board")
-    model = build_tiny("qwen2_vl", work / "model", seed=0)
-    generate_grounding(work / "data", n=12, seed=2, val_frac=0.34, preset="demo")
     port = free_port()
     env = cli_env(GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", GRADIO_ANALYTICS_ENABLED="False")
     proc = None
@@ -86,6 +84,9 @@ def board(tmp_path_factory, browser_path):
         log_path = work / f"webui{attempt}.log"
         log = log_path.open("w")
         proc = subprocess.Popen([str(BIN / "llamafactory-cli"), "webui"], cwd=work, env=env, stdout=log, stderr=log)
+        if attempt == 0:  # while the UI imports: the tiny model and the data it will be pointed at
+            model = build_tiny("qwen2_vl", work / "model", seed=0)
+            generate_grounding(work / "data", n=12, seed=2, val_frac=0.34, preset="demo")
         deadline = time.time() + 300
         # gradio prints this line once its localhost check passed; polling the page here would only add load
         while "To create a public link" not in log_path.read_text() and proc.poll() is None:
