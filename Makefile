@@ -30,7 +30,7 @@ browser:
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/llamafactory-vision demo --out out/demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 clean:

@@ -29,13 +29,14 @@ def props(elem):
     config = elem.get_config()
     return {k: v for k, v in config.items() if k not in ("_selectable", "key", "proxy_url", "name", "component_class_id")}
 out = {i: [type(e).__name__, props(e)] for i, e in managers[0]._id_to_elem.items()}
-json.dump(out, sys.stdout, default=str)
+json.dump(out, open(sys.argv[1], "w"), default=str)
 """
 
 
-def dump_ui(tmp_path: Path, **env: str) -> dict:
+def dump_ui(tmp_path: Path, name: str, **env: str) -> dict:
+    out = tmp_path / f"{name}.json"
     result = subprocess.run(
-        [sys.executable, "-c", DUMP_UI],
+        [sys.executable, "-c", DUMP_UI, str(out)],
         check=False,
         cwd=tmp_path,
         env=cli_env(**env),
@@ -44,13 +45,13 @@ def dump_ui(tmp_path: Path, **env: str) -> dict:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout)
+    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
 def ui_trees(tmp_path_factory) -> tuple[dict, dict]:
     work = tmp_path_factory.mktemp("ui")
-    return dump_ui(work, LLAMAFACTORY_VISION_DISABLE="1"), dump_ui(work)
+    return dump_ui(work, "stock", LLAMAFACTORY_VISION_DISABLE="1"), dump_ui(work, "ours")
 
 
 def test_disabled_ui_is_stock_and_ours_only_adds(ui_trees):
