@@ -67,12 +67,18 @@ def _render_groups(options: tuple[Option, ...], controls: dict[str, Component], 
                     for option in members[start : start + 4]:
                         controls[option.name].render()
         tabs[group_tab_name(group)] = tab
-    siblings = before.parent.children  # move the accordions from the end of the tab to before the buttons
-    for tab in tabs.values():
-        siblings.remove(tab)
-    index = siblings.index(before)
-    siblings[index:index] = list(tabs.values())
+    _move_before(list(tabs.values()), before)
     return tabs
+
+
+def _move_before(blocks: list[Any], before: Any) -> None:
+    """Move ``blocks`` (just rendered at the end of ``before``'s parent) to sit right before ``before``: gradio lays
+    a container's children out in list order, and the host tab has already rendered its buttons and outputs."""
+    siblings = before.parent.children
+    for block in blocks:
+        siblings.remove(block)
+    index = siblings.index(before)
+    siblings[index:index] = blocks
 
 
 def _values(data: dict[Component, Any], manager: Any, tab: str, options: tuple[Option, ...]) -> dict[str, Any]:
@@ -98,10 +104,7 @@ def create_options_tab(
         with gr.Row() as extra_row:
             for component in extra.values():
                 component.render()
-        siblings = elem_dict["cmd_preview_btn"].parent.parent.children
-        siblings.remove(extra_row)
-        index = siblings.index(elem_dict["cmd_preview_btn"].parent)
-        siblings[index:index] = [extra_row]
+        _move_before([extra_row], elem_dict["cmd_preview_btn"].parent)
     tabs = _render_groups(options, controls, elem_dict["cmd_preview_btn"].parent)
     return {**elem_dict, **inputs, **tabs}
 
