@@ -74,7 +74,8 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed"],
         # setuptools/wheel: the tests build this package's wheel offline (--no-build-isolation)
-        "dev": ["pytest", "hypothesis", "torchmetrics", "ruff", "setuptools>=70.1", "wheel"],
+        # playwright: the LLaMA Board browser tests (they drive the system chromium, see the Makefile)
+        "dev": ["pytest", "hypothesis", "torchmetrics", "ruff", "setuptools>=70.1", "wheel", "playwright"],
     },
     entry_points={"console_scripts": ["llamafactory-vision=llamafactory_vision.cli:main"]},
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},

@@ -191,6 +191,120 @@ def export_bbox_head(tuner: ModuleType) -> None:
     tuner.export_model = export_model
 
 
+def register_model_groups(constants: ModuleType) -> None:
+    """``extras.constants.register_model_group``: LLaMA Board picks a model's default template by its name
+    (``DEFAULT_TEMPLATE``); each host model of a family one of our templates fits gets a twin
+    ``<name>-Grounding`` (same download paths, multimodal) whose default template is ours."""
+    registry = _ours("llamafactory_vision.webui.registry")
+    groups = registry.model_groups(
+        constants.SUPPORTED_MODELS, constants.DEFAULT_TEMPLATE, constants.MULTIMODAL_SUPPORTED_MODELS
+    )
+    for models, template in groups:
+        constants.register_model_group(models=models, template=template, multimodal=True)
+
+
+def extend_training_stages(constants: ModuleType) -> None:
+    """``extras.constants.TRAINING_STAGES`` (display name -> stage, read by LLaMA Board's stage list and runner):
+    add our stages from ``webui.registry.STAGES``."""
+    registry = _ours("llamafactory_vision.webui.registry")
+    constants.TRAINING_STAGES.update(registry.training_stages(constants.TRAINING_STAGES))
+
+
+def extend_locales(locales: ModuleType) -> None:
+    """``webui.locales.LOCALES``: English/Chinese labels of our components (keys are our element names; a clash
+    with a host key is refused rather than relabelling a stock component)."""
+    ours = _ours("llamafactory_vision.webui.options")
+    labels = _ours("llamafactory_vision.webui.locales")
+    options = ours.train_options()
+    entries = labels.build_locales({o.name: o.help for o in options}, list(dict.fromkeys(o.group for o in options)))
+    clashes = sorted(set(entries) & set(locales.LOCALES))
+    if clashes:
+        raise ValueError(f"llamafactory-vision web UI names {clashes} clash with LLaMA Board's LOCALES keys.")
+    locales.LOCALES.update(entries)
+
+
+def include_pending_inputs(manager: ModuleType) -> None:
+    """``webui.manager.Manager.get_base_elems``: every host tab builder wires its buttons with this set; while our
+    wrapper builds a tab it also holds our controls, so the host's preview/start/save/load handlers receive them."""
+    pending_attr = _ours("llamafactory_vision.webui.components").PENDING_ATTR
+    host_get = manager.Manager.get_base_elems
+
+    @functools.wraps(host_get)
+    def get_base_elems(self):
+        return host_get(self) | getattr(self, pending_attr, set())
+
+    manager.Manager.get_base_elems = get_base_elems
+
+
+def add_train_args(runner: ModuleType) -> None:
+    """``webui.runner.Runner._parse_train_args``: our Train-tab options (non-default values) join the args that
+    become the preview command and the saved training_args.yaml."""
+    components = _ours("llamafactory_vision.webui.components")
+    host_parse = runner.Runner._parse_train_args
+
+    @functools.wraps(host_parse)
+    def _parse_train_args(self, data):
+        return components.add_options_to_args(self.manager, "train", data, host_parse(self, data))
+
+    runner.Runner._parse_train_args = _parse_train_args
+
+
+def add_eval_args(runner: ModuleType) -> None:
+    """``webui.runner.Runner._parse_eval_args``: the Evaluate tab passes no image size limits (predict would see
+    other sizes than training) and none of our keys (e.g. ``bbox_head`` for head boxes); add both."""
+    components = _ours("llamafactory_vision.webui.components")
+    host_parse = runner.Runner._parse_eval_args
+
+    @functools.wraps(host_parse)
+    def _parse_eval_args(self, data):
+        args = components.add_eval_pixels(self.manager, data, host_parse(self, data))
+        return components.add_options_to_args(self.manager, "eval", data, args)
+
+    runner.Runner._parse_eval_args = _parse_eval_args
+
+
+def wrap_train_tab(interface: ModuleType) -> None:
+    """``webui.interface.create_train_tab`` (imported by name from ``webui.components``): our option accordions
+    and the grounding preview in the dataset preview box."""
+    components = _ours("llamafactory_vision.webui.components")
+    host_create = interface.create_train_tab
+
+    @functools.wraps(host_create)
+    def create_train_tab(engine):
+        elem_dict = components.create_options_tab(host_create, engine, "train")
+        return {**elem_dict, **components.add_grounding_preview(engine, "train", elem_dict)}
+
+    interface.create_train_tab = create_train_tab
+
+
+def wrap_eval_tab(interface: ModuleType) -> None:
+    """``webui.interface.create_eval_tab``: image size limits, our options, the grounding preview and the
+    prediction gallery."""
+    components = _ours("llamafactory_vision.webui.components")
+    host_create = interface.create_eval_tab
+
+    @functools.wraps(host_create)
+    def create_eval_tab(engine):
+        elem_dict = components.create_options_tab(host_create, engine, "eval", components.eval_pixel_controls())
+        elem_dict.update(components.add_grounding_preview(engine, "eval", elem_dict))
+        return {**elem_dict, **components.add_prediction_gallery(engine, elem_dict)}
+
+    interface.create_eval_tab = create_eval_tab
+
+
+def wrap_infer_tab(interface: ModuleType) -> None:
+    """``webui.interface.create_infer_tab``: a grounding answer drawn as boxes on the chat's input image."""
+    components = _ours("llamafactory_vision.webui.components")
+    host_create = interface.create_infer_tab
+
+    @functools.wraps(host_create)
+    def create_infer_tab(engine):
+        elem_dict = host_create(engine)
+        return {**elem_dict, **components.add_answer_boxes(engine, elem_dict)}
+
+    interface.create_infer_tab = create_infer_tab
+
+
 # Order matters for modules imported before install(): plugins before the templates that use them.
 HOOKS: dict[str, tuple[Callable[[ModuleType], None], ...]] = {
     "llamafactory.data.mm_plugin": (register_mm_plugins,),
@@ -200,6 +314,11 @@ HOOKS: dict[str, tuple[Callable[[ModuleType], None], ...]] = {
     "llamafactory.data.loader": (wrap_align_dataset, select_dataset_processor),
     "llamafactory.hparams.parser": (report_failed_hooks, extend_arguments),
     "llamafactory.train.tuner": (dispatch_sft, export_bbox_head),
+    "llamafactory.extras.constants": (register_model_groups, extend_training_stages),
+    "llamafactory.webui.locales": (extend_locales,),
+    "llamafactory.webui.manager": (include_pending_inputs,),
+    "llamafactory.webui.runner": (add_train_args, add_eval_args),
+    "llamafactory.webui.interface": (wrap_train_tab, wrap_eval_tab, wrap_infer_tab),
 }
 
 
