@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamafactory.data.converter import DatasetConverter
-from llamafactory.extras import logging
 from llamafactory.extras.constants import IMAGE_PLACEHOLDER
 from PIL import Image, UnidentifiedImageError
 
@@ -30,8 +29,9 @@ from llamafactory_vision.boxes import BoxError, normalize_xyxy, validate_pixel_b
 from llamafactory_vision.grounding.formats import GroundedObject
 from llamafactory_vision.grounding.markers import objects_marker, region_marker
 from llamafactory_vision.grounding.templates import TASKS, get_grounding_spec, load_grounding_specs
+from llamafactory_vision.log import get_logger
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 SKIP_COLUMN = "_lfv_skip"
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
 from llamafactory.extras.constants import IGNORE_INDEX
-from llamafactory.extras.logging import get_logger
 from llamafactory.extras.misc import calculate_tps
 from llamafactory.extras.ploting import plot_loss
 from llamafactory.model import load_model, load_tokenizer
@@ -28,6 +27,7 @@ from llamafactory_vision.grounding.head_rows import ROW_COLUMN, first_occurrence
 from llamafactory_vision.grounding.metrics import GroundingMetricAccumulator, head_boxes_for_family
 from llamafactory_vision.grounding.templates import get_grounding_spec
 from llamafactory_vision.grounding.trainer import BBoxLossConfig, GroundingTrainer
+from llamafactory_vision.log import get_logger
 
 logger = get_logger(__name__)
 
