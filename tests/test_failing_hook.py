@@ -61,7 +61,8 @@ def test_stock_run_works_and_our_template_names_the_failed_hook(tmp_path, tiny_m
     ours = train_config(tiny_models["qwen2_vl"], demo_data, tmp_path / "ours", "qwen2_vl_ground", max_steps=1)
     result = _run(module, hook, write_yaml(tmp_path / "ours.yaml", ours))
     assert result.returncode != 0
-    assert f"Template qwen2_vl_ground does not exist. {_report(module, hook)}" in result.stderr, result.stderr[-4000:]
+    expected = f"Template qwen2_vl_ground does not exist. llamafactory-vision {_report(module, hook)}"
+    assert expected in result.stderr, result.stderr[-4000:]
 
 
 @pytest.mark.parametrize(
