@@ -14,13 +14,15 @@ from llamafactory.hparams.data_args import DataArguments
 from llamafactory.hparams.finetuning_args import FinetuningArguments
 from llamafactory.hparams.model_args import ModelArguments
 
+from llamafactory_vision.strokes.args import StrokeDataArguments
+
 
 @dataclass
-class VisionDataArguments(DataArguments):
+class VisionDataArguments(StrokeDataArguments, DataArguments):
     grounding_invalid: Literal["error", "skip"] = field(
         default="error",
         metadata={
-            "help": "What to do with an invalid row of a `grounding` dataset (box outside the image, x2 <= x1, "
+            "help": "What to do with an invalid row of a `grounding` or `stroke_guess` dataset (box outside the image, x2 <= x1, "
             "NaN, missing or corrupt image, no objects, ...): `error` stops with the dataset, row and field; "
             "`skip` drops the row and reports a count per reason."
         },

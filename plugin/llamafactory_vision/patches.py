@@ -42,40 +42,49 @@ def _ours(name: str) -> ModuleType:
 
 
 def register_mm_plugins(mm_plugin: ModuleType) -> None:
-    """``data.mm_plugin.register_mm_plugin``: add our grounding plugin classes under their own names."""
-    plugins = _ours("llamafactory_vision.grounding.plugin").GROUNDING_PLUGINS
+    """``data.mm_plugin.register_mm_plugin``: add our grounding and Draw&Guess plugin classes under their own names."""
+    plugins = {
+        **_ours("llamafactory_vision.grounding.plugin").GROUNDING_PLUGINS,
+        **_ours("llamafactory_vision.strokes.plugin").STROKE_PLUGINS,
+    }
     for name, plugin_class in plugins.items():
         mm_plugin.register_mm_plugin(name, plugin_class)
 
 
 def register_templates(template: ModuleType) -> None:
-    """``data.template.TEMPLATES``: register the declarative grounding templates from ``templates/*.yaml``."""
+    """``data.template.TEMPLATES``: register the declarative templates from ``templates/*.yaml`` (grounding) and
+    ``templates/strokes/*.yaml`` (Draw&Guess)."""
     _ours("llamafactory_vision.grounding.plugin")  # its plugins are registered before templates use them
-    templates = _ours("llamafactory_vision.grounding.templates")
-    templates.register_grounding_templates(template.TEMPLATES, sys.modules["llamafactory.data.mm_plugin"].get_mm_plugin)
+    _ours("llamafactory_vision.strokes.plugin")
+    get_mm_plugin = sys.modules["llamafactory.data.mm_plugin"].get_mm_plugin
+    _ours("llamafactory_vision.grounding.templates").register_grounding_templates(template.TEMPLATES, get_mm_plugin)
+    _ours("llamafactory_vision.strokes.templates").register_stroke_templates(template.TEMPLATES, get_mm_plugin)
 
 
 def extend_dataset_attr(parser: ModuleType) -> None:
     """``data.parser.DatasetAttr``: ``get_dataset_list`` builds it by this module-level name; our subclass adds the
-    grounding columns (``DatasetAttr.join`` keeps only the columns it knows)."""
-    parser.DatasetAttr = _ours("llamafactory_vision.grounding.dataset_attr").GroundingDatasetAttr
+    grounding and ``stroke_guess`` columns (``DatasetAttr.join`` keeps only the columns it knows)."""
+    parser.DatasetAttr = _ours("llamafactory_vision.strokes.dataset_attr").StrokeDatasetAttr
 
 
 def register_dataset_converter(converter: ModuleType) -> None:
-    """``data.converter.register_dataset_converter``: the ``grounding`` formatting."""
-    data = _ours("llamafactory_vision.grounding.data")
-    converter.register_dataset_converter("grounding", data.GroundingDatasetConverter)
+    """``data.converter.register_dataset_converter``: the ``grounding`` and ``stroke_guess`` formattings."""
+    converter.register_dataset_converter("grounding", _ours("llamafactory_vision.grounding.data").GroundingDatasetConverter)
+    converter.register_dataset_converter(
+        "stroke_guess", _ours("llamafactory_vision.strokes.data").StrokeGuessDatasetConverter
+    )
 
 
 def wrap_align_dataset(loader: ModuleType) -> None:
-    """``data.loader.align_dataset`` (imported by name from ``data.converter``): grounding rows need their row index
-    for error messages and a counted skip of invalid rows, which the host's per-example ``map`` cannot give."""
+    """``data.loader.align_dataset`` (imported by name from ``data.converter``): grounding and ``stroke_guess`` rows
+    need their row index for error messages and a counted skip of invalid rows, which the host's per-example ``map``
+    cannot give."""
     align_grounding_dataset = _ours("llamafactory_vision.grounding.data").align_grounding_dataset
     host_align = loader.align_dataset
 
     @functools.wraps(host_align)
     def align_dataset(dataset, dataset_attr, data_args, training_args):
-        if dataset_attr.formatting == "grounding":
+        if dataset_attr.formatting in ("grounding", "stroke_guess"):
             return align_grounding_dataset(dataset, dataset_attr, data_args, training_args)
         return host_align(dataset, dataset_attr, data_args, training_args)
 

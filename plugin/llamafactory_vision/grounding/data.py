@@ -37,8 +37,8 @@ SKIP_COLUMN = "_lfv_skip"
 class GroundingDataError(ValueError):
     """An invalid grounding row; ``reason`` is a short key used to count skipped rows."""
 
-    def __init__(self, dataset: str, row: int | None, field: str, message: str, reason: str):
-        where = f"grounding dataset {dataset!r}, row {row if row is not None else '?'}, field `{field}`"
+    def __init__(self, dataset: str, row: int | None, field: str, message: str, reason: str, kind: str = "grounding"):
+        where = f"{kind} dataset {dataset!r}, row {row if row is not None else '?'}, field `{field}`"
         super().__init__(f"{where}: {message}")
         self.reason = reason
 
@@ -46,6 +46,8 @@ class GroundingDataError(ValueError):
 @dataclass
 class GroundingDatasetConverter(DatasetConverter):
     """Converts one grounding row into ``_prompt``/``_response``/``_images`` with box markers."""
+
+    kind = "grounding"  # the formatting name, in error messages
 
     def __post_init__(self):
         self.spec = get_grounding_spec(self.data_args.template)
@@ -56,7 +58,7 @@ class GroundingDatasetConverter(DatasetConverter):
             )
 
     def _fail(self, row: int | None, field: str, message: str, reason: str) -> GroundingDataError:
-        return GroundingDataError(self.dataset_attr.dataset_name, row, field, message, reason)
+        return GroundingDataError(self.dataset_attr.dataset_name, row, field, message, reason, self.kind)
 
     def _column(self, example: dict[str, Any], name: str | None) -> Any:
         return example.get(name) if name else None
@@ -154,7 +156,8 @@ class GroundingDatasetConverter(DatasetConverter):
 
 
 def align_grounding_dataset(dataset, dataset_attr, data_args, training_args):
-    """``align_dataset`` for ``formatting: grounding``: converts with row indices, then drops the rows marked
+    """``align_dataset`` for ``formatting: grounding`` (and ``stroke_guess``, whose converter shares the row
+    handling): converts with row indices, then drops the rows marked
     invalid (``grounding_invalid: skip``) and reports how many were skipped for each reason."""
     from llamafactory.data.converter import get_dataset_converter
 
@@ -166,16 +169,16 @@ def align_grounding_dataset(dataset, dataset_attr, data_args, training_args):
         kwargs = dict(
             num_proc=data_args.preprocessing_num_workers,
             load_from_cache_file=(not data_args.overwrite_cache) or (training_args.local_process_index != 0),
-            desc="Converting grounding dataset",
+            desc=f"Converting {dataset_attr.formatting} dataset",
         )
-    converter = get_dataset_converter("grounding", dataset_attr, data_args)
+    converter = get_dataset_converter(dataset_attr.formatting, dataset_attr, data_args)
     dataset = dataset.map(converter, with_indices=True, batched=False, remove_columns=column_names, **kwargs)
     if data_args.grounding_invalid == "skip":
         skipped = Counter(reason for reason in dataset[SKIP_COLUMN] if reason)
         if skipped:
             counts = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
             logger.warning_rank0(
-                f"grounding dataset {dataset_attr.dataset_name!r}: skipped {sum(skipped.values())} of "
+                f"{dataset_attr.formatting} dataset {dataset_attr.dataset_name!r}: skipped {sum(skipped.values())} of "
                 f"{len(dataset)} rows ({counts})."
             )
             dataset = dataset.filter(lambda reason: not reason, input_columns=SKIP_COLUMN)
