@@ -54,11 +54,14 @@ def register_mm_plugins(mm_plugin: ModuleType) -> None:
 def register_templates(template: ModuleType) -> None:
     """``data.template.TEMPLATES``: register the declarative templates from ``templates/*.yaml`` (grounding) and
     ``templates/strokes/*.yaml`` (Draw&Guess)."""
+    # Every module is resolved before anything is registered: a deferred hook re-runs from the start.
     _ours("llamafactory_vision.grounding.plugin")  # its plugins are registered before templates use them
     _ours("llamafactory_vision.strokes.plugin")
+    grounding = _ours("llamafactory_vision.grounding.templates")
+    strokes = _ours("llamafactory_vision.strokes.templates")
     get_mm_plugin = sys.modules["llamafactory.data.mm_plugin"].get_mm_plugin
-    _ours("llamafactory_vision.grounding.templates").register_grounding_templates(template.TEMPLATES, get_mm_plugin)
-    _ours("llamafactory_vision.strokes.templates").register_stroke_templates(template.TEMPLATES, get_mm_plugin)
+    grounding.register_grounding_templates(template.TEMPLATES, get_mm_plugin)
+    strokes.register_stroke_templates(template.TEMPLATES, get_mm_plugin)
 
 
 def extend_dataset_attr(parser: ModuleType) -> None:
@@ -69,10 +72,12 @@ def extend_dataset_attr(parser: ModuleType) -> None:
 
 def register_dataset_converter(converter: ModuleType) -> None:
     """``data.converter.register_dataset_converter``: the ``grounding`` and ``stroke_guess`` formattings."""
-    converter.register_dataset_converter("grounding", _ours("llamafactory_vision.grounding.data").GroundingDatasetConverter)
-    converter.register_dataset_converter(
-        "stroke_guess", _ours("llamafactory_vision.strokes.data").StrokeGuessDatasetConverter
-    )
+    converters = {  # both resolved before registering: a deferred hook re-runs from the start
+        "grounding": _ours("llamafactory_vision.grounding.data").GroundingDatasetConverter,
+        "stroke_guess": _ours("llamafactory_vision.strokes.data").StrokeGuessDatasetConverter,
+    }
+    for name, converter_class in converters.items():
+        converter.register_dataset_converter(name, converter_class)
 
 
 def wrap_align_dataset(loader: ModuleType) -> None:
