@@ -14,11 +14,12 @@ from llamafactory.hparams.data_args import DataArguments
 from llamafactory.hparams.finetuning_args import FinetuningArguments
 from llamafactory.hparams.model_args import ModelArguments
 
+from llamafactory_vision.fusion.args import MGDataArguments, MGModelArguments
 from llamafactory_vision.strokes.args import StrokeDataArguments
 
 
 @dataclass
-class VisionDataArguments(StrokeDataArguments, DataArguments):
+class VisionDataArguments(MGDataArguments, StrokeDataArguments, DataArguments):
     grounding_invalid: Literal["error", "skip"] = field(
         default="error",
         metadata={
@@ -32,6 +33,11 @@ class VisionDataArguments(StrokeDataArguments, DataArguments):
         super().__post_init__()
         if self.grounding_invalid not in ("error", "skip"):
             raise ValueError(f"`grounding_invalid` must be `error` or `skip`, got {self.grounding_invalid!r}.")
+
+
+@dataclass
+class VisionModelArguments(MGModelArguments, ModelArguments):
+    pass
 
 
 @dataclass
@@ -88,12 +94,14 @@ def _model_type(model_args: ModelArguments) -> str:
 
 def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
     """Reject settings that contradict each other across argument groups, before any model or data is loaded."""
+    from llamafactory_vision.fusion.args import validate_mg_args
     from llamafactory_vision.grounding.templates import get_grounding_spec
 
     model_args = next(a for a in parsed if isinstance(a, ModelArguments))
     data_args = next(a for a in parsed if isinstance(a, DataArguments))
     finetuning_args = next(a for a in parsed if isinstance(a, FinetuningArguments))
     spec = get_grounding_spec(data_args.template)
+    validate_mg_args(model_args, data_args)
     if finetuning_args.bbox_head:
         if spec is None:
             raise ValueError(
