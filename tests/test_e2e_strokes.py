@@ -13,7 +13,7 @@ from conftest import REPO, read_jsonl, run_cli, train_config, write_yaml
 pytestmark = pytest.mark.e2e
 
 GUESS_EVAL = REPO / "eval" / "guess_eval.py"
-CORNERS = re.compile(r"\((\d\.\d{3}), (\d\.\d{3})\).*\((\d\.\d{3}), (\d\.\d{3})\)", re.S)
+CORNERS = re.compile(r"\((\d\.\d{3}), (\d\.\d{3})\).*\((\d\.\d{3}), (\d\.\d{3})\)", re.DOTALL)
 
 
 @pytest.fixture(scope="module")

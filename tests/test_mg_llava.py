@@ -92,6 +92,11 @@ def test_zero_init_mg_llava_equals_the_hosts_plain_llava(tiny_models, convnext, 
         expected = plain(input_ids=ids, pixel_values=mm["pixel_values"]).logits
         ours = mg(input_ids=ids, **mm).logits
         assert torch.equal(ours, expected)
+        mask = torch.ones_like(ids)
+        generated = mg.generate(input_ids=ids, attention_mask=mask, **mm, max_new_tokens=4, do_sample=False)
+        reference = plain.generate(input_ids=ids, attention_mask=mask, pixel_values=mm["pixel_values"],
+                                   max_new_tokens=4, do_sample=False)  # fmt: skip
+        assert torch.equal(generated, reference)
         core.mg_fusion.mg_slow_proj.weight.fill_(0.1)  # the oracle can tell: a non-zero fusion changes the logits
         assert not torch.allclose(mg(input_ids=ids, **mm).logits, expected)
 

@@ -89,10 +89,22 @@ class MGLlavaModel(LlavaModel):
 
 
 class MGLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """Declares the MG inputs in ``forward``'s signature, so ``generate`` accepts and forwards them."""
+    """Declares the MG inputs in ``forward``'s signature (``generate`` keeps only the keyword arguments it finds
+    there, and reads ``logits_to_keep`` from it), with every host parameter kept by name."""
 
-    def forward(self, *args, mg_pixel_values: Tensor | None = None, mg_boxes: list[Tensor] | None = None, **kwargs):
-        return super().forward(*args, mg_pixel_values=mg_pixel_values, mg_boxes=mg_boxes, **kwargs)
+    def forward(
+        self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, past_key_values=None,
+        inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None, labels=None,
+        logits_to_keep=0, image_sizes=None, mg_pixel_values: Tensor | None = None,
+        mg_boxes: list[Tensor] | None = None, **kwargs,
+    ):  # fmt: skip
+        return super().forward(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy, labels=labels,
+            logits_to_keep=logits_to_keep, image_sizes=image_sizes, mg_pixel_values=mg_pixel_values,
+            mg_boxes=mg_boxes, **kwargs,
+        )  # fmt: skip
 
 
 def find_mg_core(model: nn.Module) -> MGLlavaModel | None:
