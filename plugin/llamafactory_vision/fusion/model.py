@@ -29,6 +29,7 @@ from llamafactory_vision.fusion.modules import ConvGateFusion, ObjectProjector, 
 WEIGHTS = "mg_llava.safetensors"
 CONFIG = "mg_llava_config.json"
 TRAINED = ("mg_fusion", "mg_object_projector")
+MG_MODULES = ("mg_hr_tower", *TRAINED)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,14 @@ class MGLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             logits_to_keep=logits_to_keep, image_sizes=image_sizes, mg_pixel_values=mg_pixel_values,
             mg_boxes=mg_boxes, **kwargs,
         )  # fmt: skip
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        """The model file stays a plain LLaVA-1.5 checkpoint (full fine-tuning, export): the MG modules live in
+        ``mg_llava.safetensors`` (see :class:`MGCheckpointCallback`, :func:`export_mg`) and the ConvNeXt in its own
+        folder, so they are left out here."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        state_dict = {k: v for k, v in state_dict.items() if not any(f".{n}." in f".{k}" for n in MG_MODULES)}
+        super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
 
 
 def find_mg_core(model: nn.Module) -> MGLlavaModel | None:
