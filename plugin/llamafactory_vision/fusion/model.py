@@ -149,25 +149,23 @@ def load_mg_weights(core: MGLlavaModel, directory: Path) -> None:
         getattr(core, name).load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
-def attach_mg(model: nn.Module, model_args, is_trainable: bool) -> MGLlavaModel:
-    """Turn the host's loaded LLaVA (plain or PEFT-wrapped) into MG-LLaVA in place and return its core.
-
-    Trained modules come from :func:`mg_dir` when it holds them; a training run without them starts from the
-    zero-initialised fusion (plain LLaVA at step 0); inference without them is refused.
-    """
+def compose_mg(model: nn.Module, tower: nn.Module, hr_image_size: int, roi_size: int,
+               is_trainable: bool) -> MGLlavaModel:  # fmt: skip
+    """Turn a LLaVA-1.5 (plain or PEFT-wrapped) into MG-LLaVA in place around the high-res ``tower`` (a
+    ``ConvNextModel``, frozen) with fresh zero-initialised fusion and object projector; returns the core."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not isinstance(base, LlavaForConditionalGeneration):
         raise TypeError(f"`mg_hr_vision_tower` needs a LLaVA-1.5 (llava-hf) model, got {type(base).__name__}.")
     core = base.model
     dtype = next(core.multi_modal_projector.parameters()).dtype
     device = next(core.multi_modal_projector.parameters()).device
-    tower = ConvNextModel.from_pretrained(model_args.mg_hr_vision_tower, dtype=dtype).to(device)
+    tower = tower.to(device, dtype)
     tower.requires_grad_(False)
     layer = base.config.vision_feature_layer
     low_dim = base.config.vision_config.hidden_size * (1 if isinstance(layer, int) else len(layer))
     config = MGConfig(low_dim=low_dim, high_dim=tower.config.hidden_sizes[-1],
-                      text_dim=base.config.text_config.hidden_size, hr_image_size=model_args.mg_hr_image_size,
-                      roi_size=model_args.mg_roi_size)  # fmt: skip
+                      text_dim=base.config.text_config.hidden_size, hr_image_size=hr_image_size,
+                      roi_size=roi_size)  # fmt: skip
     trained_dtype = torch.float32 if is_trainable else dtype  # trainable parameters in float32, as the host does
     base.__class__ = MGLlavaForConditionalGeneration
     core.__class__ = MGLlavaModel
@@ -175,13 +173,22 @@ def attach_mg(model: nn.Module, model_args, is_trainable: bool) -> MGLlavaModel:
     core.add_module("mg_hr_tower", tower)
     core.add_module("mg_fusion", ConvGateFusion(config.low_dim, config.high_dim).to(device, trained_dtype))
     core.add_module("mg_object_projector", ObjectProjector(config.high_dim, config.text_dim).to(device, trained_dtype))
+    for name in TRAINED:
+        getattr(core, name).requires_grad_(is_trainable)
+    return core
+
+
+def attach_mg(model: nn.Module, model_args, is_trainable: bool) -> MGLlavaModel:
+    """:func:`compose_mg` with the tower from ``mg_hr_vision_tower`` and the trained modules from :func:`mg_dir` when
+    it holds them; a training run without them starts from the zero-initialised fusion (plain LLaVA at step 0);
+    inference without them is refused."""
+    tower = ConvNextModel.from_pretrained(model_args.mg_hr_vision_tower)
+    core = compose_mg(model, tower, model_args.mg_hr_image_size, model_args.mg_roi_size, is_trainable)
     source = mg_dir(model_args)
     if (source / WEIGHTS).is_file():
         load_mg_weights(core, source)
     elif not is_trainable:
         raise FileNotFoundError(f"`mg_hr_vision_tower` is set but {source} has no {WEIGHTS}: nothing trained to use.")
-    for name in TRAINED:
-        getattr(core, name).requires_grad_(is_trainable)
     return core
 
 
