@@ -34,19 +34,19 @@ from transformers import (
 SHAPES = {
     # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 (24 x 24 tokens), Vicuna-7B; MG-LLaVA's CLIP-ConvNeXt-L at 768 (24 x 24).
     "7b": {
-        "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-                       "image_size": 336, "patch_size": 14, "projection_dim": 768},
-        "text": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-                     "num_key_value_heads": 32, "vocab_size": 32064},
+        "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                   "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768},
+        "text": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064},
         "convnext": {"hidden_sizes": [192, 384, 768, 1536], "depths": [3, 3, 27, 3]},
         "hr_image_size": 768,
     },
     # CPU smoke shapes: 4 x 4 CLIP tokens (64 px / 16) and a stride-32 ConvNeXt at 128 px.
     "small": {
         "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 64, "patch_size": 16, "projection_dim": 64},
+                   "image_size": 64, "patch_size": 16, "projection_dim": 64},
         "text": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "num_key_value_heads": 4, "vocab_size": 1024},
+                 "num_key_value_heads": 4, "vocab_size": 1024},
         "convnext": {"hidden_sizes": [16, 32, 48, 64], "depths": [1, 1, 1, 1]},
         "hr_image_size": 128,
     },

@@ -32,7 +32,8 @@ def read_predictions(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int]
     """``(row index, object)`` per valid line (the index counts every non-empty line, so it matches the dataset row
     even after a bad line) and the number of bad lines."""
     rows, bad = [], 0
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if line.strip()]
+    numbered = enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+    lines = [(n, line) for n, line in numbered if line.strip()]
     for index, (number, line) in enumerate(lines):
         try:
             obj = json.loads(line)
@@ -40,7 +41,7 @@ def read_predictions(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int]
             print(f"line {number}: skipped: not JSON ({err})", file=sys.stderr)
             bad += 1
             continue
-        if not isinstance(obj, dict) or not isinstance(obj.get("predict"), str) or not isinstance(obj.get("label"), str):
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("predict", "label")):
             print(f"line {number}: skipped: needs string `predict` and `label`", file=sys.stderr)
             bad += 1
             continue

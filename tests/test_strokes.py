@@ -94,7 +94,8 @@ def test_plugin_pads_to_square_before_the_clip_processor(tiny_models, tmp_path):
 
 def _write_rows(tmp_path: Path, rows: list[dict]) -> Path:
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.jsonl", "formatting": "stroke_guess"}}))
+    info = {"d": {"file_name": "d.jsonl", "formatting": "stroke_guess"}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     return tmp_path
 
 
@@ -122,7 +123,8 @@ def picture(tmp_path) -> str:
 
 
 def test_converter_renders_and_writes_corners(tmp_path, picture):
-    (out,) = _convert(tmp_path, [{"image": picture, "strokes": [[[2, 3], [6, 3]]], "stroke_width": 1, "answer": "line"}])
+    row = {"image": picture, "strokes": [[[2, 3], [6, 3]]], "stroke_width": 1, "answer": "line"}
+    (out,) = _convert(tmp_path, [row])
     prompt = out["_prompt"][0]["content"]
     assert prompt.startswith("<image>\n")
     assert "(0.200, 0.375)" in prompt and "(0.700, 0.500)" in prompt

@@ -23,7 +23,8 @@ class VisionDataArguments(MGDataArguments, StrokeDataArguments, DataArguments):
     grounding_invalid: Literal["error", "skip"] = field(
         default="error",
         metadata={
-            "help": "What to do with an invalid row of a `grounding` or `stroke_guess` dataset (box outside the image, x2 <= x1, "
+            "help": "What to do with an invalid row of a `grounding`, `stroke_guess` or `mg_llava` dataset (box outside "
+            "the image, x2 <= x1, "
             "NaN, missing or corrupt image, no objects, ...): `error` stops with the dataset, row and field; "
             "`skip` drops the row and reports a count per reason."
         },

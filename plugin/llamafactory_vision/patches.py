@@ -87,9 +87,9 @@ def register_dataset_converter(converter: ModuleType) -> None:
 
 
 def wrap_align_dataset(loader: ModuleType) -> None:
-    """``data.loader.align_dataset`` (imported by name from ``data.converter``): grounding, stroke_guess and mg_llava rows
-    need their row index for error messages and a counted skip of invalid rows, which the host's per-example ``map``
-    cannot give."""
+    """``data.loader.align_dataset`` (imported by name from ``data.converter``): grounding, stroke_guess and
+    mg_llava rows need their row index for error messages and a counted skip of invalid rows, which the host's
+    per-example ``map`` cannot give."""
     align_grounding_dataset = _ours("llamafactory_vision.grounding.data").align_grounding_dataset
     host_align = loader.align_dataset
 

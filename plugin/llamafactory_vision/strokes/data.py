@@ -144,7 +144,8 @@ class StrokeGuessDatasetConverter(GroundingDatasetConverter):
         strokes = self._column(example, self.dataset_attr.strokes)
         mask_path = self._column(example, self.dataset_attr.stroke_mask)
         if strokes is not None and mask_path is not None:
-            raise self._fail(row, self.dataset_attr.strokes, "give `strokes` or `stroke_mask`, not both", "bad_strokes")
+            raise self._fail(row, self.dataset_attr.strokes, "give `strokes` or `stroke_mask`, not both",
+                             "bad_strokes")  # fmt: skip
         if strokes is None and mask_path is None:
             raise self._fail(row, self.dataset_attr.strokes, "no `strokes` and no `stroke_mask` given",
                              "empty_strokes")  # fmt: skip

@@ -41,4 +41,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["BBOX_FORMATS", "COLOURS", "PRESETS", "SHAPES", "encode_box", "generate_grounding", "generate_mg_llava", "generate_stroke_guess", "main", "make_scene"]
+__all__ = [
+    "BBOX_FORMATS",
+    "COLOURS",
+    "PRESETS",
+    "SHAPES",
+    "encode_box",
+    "generate_grounding",
+    "generate_mg_llava",
+    "generate_stroke_guess",
+    "main",
+    "make_scene",
+]

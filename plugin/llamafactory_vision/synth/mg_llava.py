@@ -39,7 +39,8 @@ def make_row(rng: np.random.Generator, out: Path, index: int) -> dict[str, Any]:
 
 
 def dataset_entry(file_name: str) -> dict[str, Any]:
-    return {"file_name": file_name, "formatting": "mg_llava", "columns": {"messages": "conversations", "images": "images"}}
+    columns = {"messages": "conversations", "images": "images"}
+    return {"file_name": file_name, "formatting": "mg_llava", "columns": columns}
 
 
 def generate_mg_llava(out_dir: str | Path, n: int, seed: int = 0, val_frac: float = 0.2) -> dict[str, Any]:

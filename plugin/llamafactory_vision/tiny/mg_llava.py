@@ -22,8 +22,9 @@ def build_tiny_convnext(out_dir: str | Path, seed: int = 0, hidden_sizes: tuple[
 
     Same arguments, byte-identical ``model.safetensors``; the caller's torch RNG state is left untouched.
     """
-    config = ConvNextConfig(num_channels=3, patch_size=4, num_stages=len(hidden_sizes), hidden_sizes=list(hidden_sizes),
-                            depths=[1] * len(hidden_sizes), image_size=TINY_HR_IMAGE_SIZE)  # fmt: skip
+    config = ConvNextConfig(num_channels=3, patch_size=4, num_stages=len(hidden_sizes),
+                            hidden_sizes=list(hidden_sizes), depths=[1] * len(hidden_sizes),
+                            image_size=TINY_HR_IMAGE_SIZE)  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ConvNextModel(config)
