@@ -89,3 +89,18 @@ def test_predict_and_export(trained, mg_setup, tmp_path):
     run_cli(["llamafactory-cli", "export", str(write_yaml(tmp_path / "export.yaml", export))], tmp_path)
     for name in MG_FILES:
         assert (tmp_path / "exported" / name).read_bytes() == (trained / name).read_bytes()
+
+
+def test_stage1_full_run_keeps_model_file_plain_and_llm_frozen(mg_setup, tmp_path):
+    out = tmp_path / "stage1"
+    config = _config(mg_setup, out, finetuning_type="full", freeze_vision_tower=True, max_steps=1,
+                     freeze_multi_modal_projector=False, freeze_language_model=True)  # fmt: skip
+    del config["lora_target"]
+    run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "stage1.yaml", config))], tmp_path)
+    saved, original = load_file(str(out / "model.safetensors")), load_file(str(mg_setup["model"] / "model.safetensors"))
+    assert saved.keys() == original.keys()  # a plain LLaVA checkpoint: the MG modules are in their own file
+    assert all((out / name).is_file() for name in MG_FILES)
+    language = [k for k in original if "language_model" in k or "lm_head" in k]
+    assert language and all(torch.equal(saved[k], original[k]) for k in language)
+    projector = [k for k in original if "multi_modal_projector" in k]
+    assert any(not torch.equal(saved[k], original[k]) for k in projector)

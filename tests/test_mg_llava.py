@@ -120,3 +120,36 @@ def test_object_tokens_follow_the_image_and_pool_the_mapped_boxes(tiny_models, c
     assert torch.equal(features[:16], plain_tokens)  # zero-init fusion: the image tokens are plain LLaVA's
     with torch.no_grad():
         mg(input_ids=ids, **mm)  # the token count matches the features: the host's scatter accepts them
+
+
+def _convert_mg(tmp_path, rows, max_objects=32):
+    from llamafactory_vision.fusion.data import MGDatasetConverter
+    from llamafactory_vision.hparams import VisionDataArguments
+    from llamafactory_vision.strokes.dataset_attr import StrokeDatasetAttr
+
+    data_args = VisionDataArguments(template="llava_mg", dataset_dir=str(tmp_path), mg_max_objects=max_objects)
+    attr = StrokeDatasetAttr("file", dataset_name="mg")
+    attr.join({"formatting": "mg_llava", "columns": {"messages": "conversations", "images": "images"}})
+    converter = MGDatasetConverter(attr, data_args)
+    return [converter(row, index) for index, row in enumerate(rows)]
+
+
+def _mg_row(**extra):
+    conversation = [{"from": "human", "value": "<image>What is it?"}, {"from": "gpt", "value": "a cup"}]
+    return {"conversations": conversation, "images": ["p.png"], **extra}
+
+
+def test_mg_converter_carries_normalised_boxes_and_names_bad_rows(tmp_path):
+    Image.fromarray(np.zeros((50, 100, 3), np.uint8)).save(tmp_path / "p.png")
+    good = _mg_row(objects=[{"ref": "cup", "bbox": [10, 5, 30, 25]}, {"ref": "box", "bbox": [0, 0, 50, 25],
+                                                                         }], bbox_format="xyxy")  # fmt: skip
+    (out, bare) = _convert_mg(tmp_path, [good, _mg_row()])
+    (image,) = out["_images"]
+    assert json.loads(image[BOXES_KEY]) == [[0.1, 0.1, 0.3, 0.5], [0.0, 0.0, 0.5, 0.5]]
+    assert image["path"].endswith("p.png") and out["_response"][0]["content"] == "a cup"
+    assert json.loads(bare["_images"][0][BOXES_KEY]) == []
+    bad = _mg_row(objects=[{"ref": "cup", "bbox": [10, 5, 130, 25]}])  # x2 beyond the 100 px wide image
+    with pytest.raises(ValueError, match=r"mg_llava dataset 'mg', row 1, field `objects\[0\]\.bbox`"):
+        _convert_mg(tmp_path, [good, bad])
+    with pytest.raises(ValueError, match=r"row 0, field `objects`: 2 objects, more than mg_max_objects=1"):
+        _convert_mg(tmp_path, [good], max_objects=1)
