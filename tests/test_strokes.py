@@ -189,3 +189,13 @@ def test_chat_inputs_match_the_training_row(tmp_path, picture):
     image, prompt = chat_inputs(Image.open(tmp_path / picture), mask, "guess", width=2, key="p.png|guess|hook")
     np.testing.assert_array_equal(np.asarray(image), np.asarray(Image.open(out["_images"][0])))
     assert prompt == out["_prompt"][0]["content"]
+
+
+def test_stroke_template_refuses_a_non_llava_model(tiny_models, tmp_path, picture):
+    from conftest import run_cli, train_config, write_yaml
+
+    _write_rows(tmp_path, [{"image": picture, "strokes": [[[1, 1]]], "answer": "dot"}])
+    config = train_config(tiny_models["qwen2_vl"], tmp_path, tmp_path / "out", "llava_strokes", dataset="d")
+    result = run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "c.yaml", config))], tmp_path, check=False)
+    assert result.returncode != 0
+    assert "template 'llava_strokes' pads images the LLaVA-1.5 way and needs a model of type llava" in result.stderr

@@ -97,6 +97,7 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
     """Reject settings that contradict each other across argument groups, before any model or data is loaded."""
     from llamafactory_vision.fusion.args import validate_mg_args
     from llamafactory_vision.grounding.templates import get_grounding_spec
+    from llamafactory_vision.strokes.templates import get_stroke_spec
 
     model_args = next(a for a in parsed if isinstance(a, ModelArguments))
     data_args = next(a for a in parsed if isinstance(a, DataArguments))
@@ -122,4 +123,12 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
                 f"template {spec.name!r} writes {spec.box_family} boxes and needs a model of type "
                 f"{' or '.join(spec.model_types)}, but {model_args.model_name_or_path!r} is {model_type!r}. "
                 f"Use the grounding template of that model family instead."
+            )
+    stroke_spec = get_stroke_spec(data_args.template)
+    if stroke_spec is not None and model_args.model_name_or_path is not None:
+        model_type = _model_type(model_args)
+        if model_type not in stroke_spec.model_types:
+            raise ValueError(
+                f"template {stroke_spec.name!r} pads images the LLaVA-1.5 way and needs a model of type "
+                f"{' or '.join(stroke_spec.model_types)}, but {model_args.model_name_or_path!r} is {model_type!r}."
             )
