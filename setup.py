@@ -57,7 +57,7 @@ setup(
     python_requires=">=3.11",
     package_dir={"": "plugin", "llamafactory_vision.templates": "templates"},
     packages=[*find_packages(where="plugin"), "llamafactory_vision.templates"],
-    package_data={"llamafactory_vision.templates": ["*.yaml"]},
+    package_data={"llamafactory_vision.templates": ["*.yaml", "strokes/*.yaml"]},
     install_requires=[
         "torch==2.11.0",
         "torchvision==0.26.0",

@@ -44,40 +44,60 @@ def _ours(name: str) -> ModuleType:
 
 
 def register_mm_plugins(mm_plugin: ModuleType) -> None:
-    """``data.mm_plugin.register_mm_plugin``: add our grounding plugin classes under their own names."""
-    plugins = _ours("llamafactory_vision.grounding.plugin").GROUNDING_PLUGINS
+    """``data.mm_plugin.register_mm_plugin``: add our grounding and Draw&Guess plugin classes under their own names."""
+    plugins = {
+        **_ours("llamafactory_vision.grounding.plugin").GROUNDING_PLUGINS,
+        **_ours("llamafactory_vision.strokes.plugin").STROKE_PLUGINS,
+        **_ours("llamafactory_vision.fusion.plugin").MG_PLUGINS,
+    }
     for name, plugin_class in plugins.items():
         mm_plugin.register_mm_plugin(name, plugin_class)
 
 
 def register_templates(template: ModuleType) -> None:
-    """``data.template.TEMPLATES``: register the declarative grounding templates from ``templates/*.yaml``."""
+    """``data.template.TEMPLATES``: register the declarative templates from ``templates/*.yaml`` (grounding) and
+    ``templates/strokes/*.yaml`` (Draw&Guess), and ``llava_mg`` (MG-LLaVA)."""
+    # Every module is resolved before anything is registered: a deferred hook re-runs from the start.
     _ours("llamafactory_vision.grounding.plugin")  # its plugins are registered before templates use them
-    templates = _ours("llamafactory_vision.grounding.templates")
-    templates.register_grounding_templates(template.TEMPLATES, sys.modules["llamafactory.data.mm_plugin"].get_mm_plugin)
+    _ours("llamafactory_vision.strokes.plugin")
+    _ours("llamafactory_vision.fusion.plugin")
+    grounding = _ours("llamafactory_vision.grounding.templates")
+    strokes = _ours("llamafactory_vision.strokes.templates")
+    fusion = _ours("llamafactory_vision.fusion.templates")
+    get_mm_plugin = sys.modules["llamafactory.data.mm_plugin"].get_mm_plugin
+    grounding.register_grounding_templates(template.TEMPLATES, get_mm_plugin)
+    strokes.register_stroke_templates(template.TEMPLATES, get_mm_plugin)
+    fusion.register_mg_template(template.TEMPLATES, get_mm_plugin)
 
 
 def extend_dataset_attr(parser: ModuleType) -> None:
     """``data.parser.DatasetAttr``: ``get_dataset_list`` builds it by this module-level name; our subclass adds the
-    grounding columns (``DatasetAttr.join`` keeps only the columns it knows)."""
-    parser.DatasetAttr = _ours("llamafactory_vision.grounding.dataset_attr").GroundingDatasetAttr
+    grounding and ``stroke_guess`` columns (``DatasetAttr.join`` keeps only the columns it knows)."""
+    parser.DatasetAttr = _ours("llamafactory_vision.strokes.dataset_attr").StrokeDatasetAttr
 
 
 def register_dataset_converter(converter: ModuleType) -> None:
-    """``data.converter.register_dataset_converter``: the ``grounding`` formatting."""
-    data = _ours("llamafactory_vision.grounding.data")
-    converter.register_dataset_converter("grounding", data.GroundingDatasetConverter)
+    """``data.converter.register_dataset_converter``: the ``grounding``, ``stroke_guess`` and ``mg_llava``
+    formattings."""
+    converters = {  # both resolved before registering: a deferred hook re-runs from the start
+        "grounding": _ours("llamafactory_vision.grounding.data").GroundingDatasetConverter,
+        "stroke_guess": _ours("llamafactory_vision.strokes.data").StrokeGuessDatasetConverter,
+        "mg_llava": _ours("llamafactory_vision.fusion.data").MGDatasetConverter,
+    }
+    for name, converter_class in converters.items():
+        converter.register_dataset_converter(name, converter_class)
 
 
 def wrap_align_dataset(loader: ModuleType) -> None:
-    """``data.loader.align_dataset`` (imported by name from ``data.converter``): grounding rows need their row index
-    for error messages and a counted skip of invalid rows, which the host's per-example ``map`` cannot give."""
+    """``data.loader.align_dataset`` (imported by name from ``data.converter``): grounding, stroke_guess and
+    mg_llava rows need their row index for error messages and a counted skip of invalid rows, which the host's
+    per-example ``map`` cannot give."""
     align_grounding_dataset = _ours("llamafactory_vision.grounding.data").align_grounding_dataset
     host_align = loader.align_dataset
 
     @functools.wraps(host_align)
     def align_dataset(dataset, dataset_attr, data_args, training_args):
-        if dataset_attr.formatting == "grounding":
+        if dataset_attr.formatting in ("grounding", "stroke_guess", "mg_llava"):
             return align_grounding_dataset(dataset, dataset_attr, data_args, training_args)
         return host_align(dataset, dataset_attr, data_args, training_args)
 
@@ -137,6 +157,7 @@ def extend_arguments(parser: ModuleType) -> None:
     vs. dataset format) at start-up."""
     hparams = _ours("llamafactory_vision.hparams")
     replacements = {
+        parser.ModelArguments: hparams.VisionModelArguments,
         parser.DataArguments: hparams.VisionDataArguments,
         parser.FinetuningArguments: hparams.VisionFinetuningArguments,
     }
@@ -160,12 +181,15 @@ def _validated(parse: Callable, validate: Callable) -> Callable:
 
 def dispatch_sft(tuner: ModuleType) -> None:
     """``train.tuner.run_sft`` (looked up by ``_training_function`` at call time): SFT runs with a grounding template
-    go through our grounding workflow (IoU metrics, bbox head); every other run reaches the host's ``run_sft``."""
+    go through our grounding workflow (IoU metrics, bbox head); MG-LLaVA runs get the callback that saves and resumes
+    the added modules; every other run reaches the host's ``run_sft`` unchanged."""
     is_grounding_template = _ours("llamafactory_vision.grounding.templates").is_grounding_template
     host_run_sft = tuner.run_sft
 
     @functools.wraps(host_run_sft)
     def run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks=None):
+        if getattr(model_args, "mg_hr_vision_tower", None):  # MG-LLaVA: its modules are saved beside checkpoints
+            callbacks = [*(callbacks or []), _ours("llamafactory_vision.fusion.model").MGCheckpointCallback()]
         if is_grounding_template(data_args.template):
             from llamafactory_vision.grounding.workflow import run_grounding_sft
 
@@ -175,9 +199,10 @@ def dispatch_sft(tuner: ModuleType) -> None:
     tuner.run_sft = run_sft
 
 
-def export_bbox_head(tuner: ModuleType) -> None:
-    """``train.tuner.export_model``: the host exports (and merges) the model; a bbox head lives in its own files
-    beside the adapter or model, so it is copied into ``export_dir`` too whenever the checkpoint has one."""
+def export_saved_modules(tuner: ModuleType) -> None:
+    """``train.tuner.export_model``: the host exports (and merges) the model; a bbox head and MG-LLaVA's modules live
+    in their own files beside the adapter or model, so they are copied into ``export_dir`` too whenever the
+    checkpoint has them."""
     host_export = tuner.export_model
 
     @functools.wraps(host_export)
@@ -187,6 +212,7 @@ def export_bbox_head(tuner: ModuleType) -> None:
         source = _ours("llamafactory_vision.grounding.bbox_head").export_head(parsed)
         if source is not None:
             tuner.logger.info_rank0(f"bbox head exported too: {source} -> {parsed[0].export_dir}")
+        _ours("llamafactory_vision.fusion.model").export_mg(parsed)
 
     tuner.export_model = export_model
 
@@ -305,6 +331,37 @@ def wrap_infer_tab(interface: ModuleType) -> None:
     interface.create_infer_tab = create_infer_tab
 
 
+def attach_mg_llava(loader: ModuleType) -> None:
+    """``model.loader.init_adapter`` (imported by name from ``model.adapter``; ``load_model`` calls it for train,
+    predict, chat and export): after the host has applied LoRA/freeze/full tuning, an ``mg_hr_vision_tower`` run
+    composes MG-LLaVA's modules onto the model (after, so ``lora_target: all`` never wraps them)."""
+    host_init_adapter = loader.init_adapter
+
+    @functools.wraps(host_init_adapter)
+    def init_adapter(config, model, model_args, finetuning_args, is_trainable):
+        model = host_init_adapter(config, model, model_args, finetuning_args, is_trainable)
+        if getattr(model_args, "mg_hr_vision_tower", None):
+            _ours("llamafactory_vision.fusion.model").attach_mg(model, model_args, is_trainable)
+        return model
+
+    loader.init_adapter = init_adapter
+
+
+def patch_mg_processor(loader: ModuleType) -> None:
+    """``model.loader.patch_processor`` (imported by name from ``model.patcher``): the host hands per-run image
+    settings (``image_max_pixels``, ...) to the plugins as processor attributes; the MG high-res side goes the same
+    way, so the ``llava_mg`` plugin builds inputs for the run's ``mg_hr_image_size``."""
+    host_patch_processor = loader.patch_processor
+
+    @functools.wraps(host_patch_processor)
+    def patch_processor(processor, tokenizer, model_args):
+        host_patch_processor(processor, tokenizer, model_args)
+        if getattr(model_args, "mg_hr_vision_tower", None):
+            processor.mg_hr_image_size = model_args.mg_hr_image_size
+
+    loader.patch_processor = patch_processor
+
+
 # Order matters for modules imported before install(): plugins before the templates that use them.
 HOOKS: dict[str, tuple[Callable[[ModuleType], None], ...]] = {
     "llamafactory.data.mm_plugin": (register_mm_plugins,),
@@ -313,7 +370,8 @@ HOOKS: dict[str, tuple[Callable[[ModuleType], None], ...]] = {
     "llamafactory.data.converter": (register_dataset_converter,),
     "llamafactory.data.loader": (wrap_align_dataset, select_dataset_processor),
     "llamafactory.hparams.parser": (report_failed_hooks, extend_arguments),
-    "llamafactory.train.tuner": (dispatch_sft, export_bbox_head),
+    "llamafactory.model.loader": (attach_mg_llava, patch_mg_processor),
+    "llamafactory.train.tuner": (dispatch_sft, export_saved_modules),
     "llamafactory.extras.constants": (register_model_groups, extend_training_stages),
     "llamafactory.webui.locales": (extend_locales,),
     "llamafactory.webui.manager": (include_pending_inputs,),

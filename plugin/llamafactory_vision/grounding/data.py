@@ -39,21 +39,24 @@ SKIP_COLUMN = "_lfv_skip"
 class GroundingDataError(ValueError):
     """An invalid grounding row; ``reason`` is a short key used to count skipped rows."""
 
-    def __init__(self, dataset: str, row: int | None, field: str, message: str, reason: str):
+    def __init__(self, dataset: str, row: int | None, field: str, message: str, reason: str, kind: str = "grounding"):
         # "counting from 0": the first row of the file is row 0 (an editor would call it line 1)
-        where = f"grounding dataset {dataset!r}, row {row if row is not None else '?'} (counting from 0), field `{field}`"
+        where = f"{kind} dataset {dataset!r}, row {row if row is not None else '?'} (counting from 0), field `{field}`"
         super().__init__(f"{where}: {message}")
         self.dataset, self.row, self.field, self.message, self.reason = dataset, row, field, message, reason
+        self.kind = kind
 
     def __reduce__(self):
         # Pickle rebuilds an exception as `cls(*self.args)`, and `args` holds only the formatted text: without this,
         # a worker of `preprocessing_num_workers > 1` sends an error the parent cannot rebuild and the pool hangs.
-        return type(self), (self.dataset, self.row, self.field, self.message, self.reason)
+        return type(self), (self.dataset, self.row, self.field, self.message, self.reason, self.kind)
 
 
 @dataclass
 class GroundingDatasetConverter(DatasetConverter):
     """Converts one grounding row into ``_prompt``/``_response``/``_images`` with box markers."""
+
+    kind = "grounding"  # the formatting name, in error messages
 
     def __post_init__(self):
         self.spec = get_grounding_spec(self.data_args.template)
@@ -64,7 +67,7 @@ class GroundingDatasetConverter(DatasetConverter):
             )
 
     def _fail(self, row: int | None, field: str, message: str, reason: str) -> GroundingDataError:
-        return GroundingDataError(self.dataset_attr.dataset_name, row, field, message, reason)
+        return GroundingDataError(self.dataset_attr.dataset_name, row, field, message, reason, self.kind)
 
     def _column(self, example: dict[str, Any], name: str | None) -> Any:
         return example.get(name) if name else None
@@ -197,9 +200,10 @@ def _write_skipped_rows(dataset_name: str, rows: list[int], reasons: list[str], 
 
 
 def align_grounding_dataset(dataset, dataset_attr, data_args, training_args):
-    """``align_dataset`` for ``formatting: grounding``: converts with row indices, then drops the rows marked
-    invalid (``grounding_invalid: skip``), reports how many were skipped for each reason and which rows (counting
-    from 0), and lists them in ``<output_dir>/grounding_skipped_rows/<dataset>.json``."""
+    """``align_dataset`` for ``formatting: grounding`` (and ``stroke_guess``, whose converter shares the row
+    handling): converts with row indices, then drops the rows marked invalid (``grounding_invalid: skip``), reports
+    how many were skipped for each reason and which rows (counting from 0), and lists them in
+    ``<output_dir>/grounding_skipped_rows/<dataset>.json``."""
     from llamafactory.data.converter import get_dataset_converter
 
     if data_args.grounding_invalid == "skip" and data_args.streaming:
@@ -219,9 +223,9 @@ def align_grounding_dataset(dataset, dataset_attr, data_args, training_args):
         kwargs = dict(
             num_proc=data_args.preprocessing_num_workers,
             load_from_cache_file=(not data_args.overwrite_cache) or (training_args.local_process_index != 0),
-            desc="Converting grounding dataset",
+            desc=f"Converting {dataset_attr.formatting} dataset",
         )
-    converter = get_dataset_converter("grounding", dataset_attr, data_args)
+    converter = get_dataset_converter(dataset_attr.formatting, dataset_attr, data_args)
     dataset = dataset.map(converter, with_indices=True, batched=False, remove_columns=column_names, **kwargs)
     if data_args.grounding_invalid == "skip":
         reasons = dataset[SKIP_COLUMN]
@@ -232,7 +236,7 @@ def align_grounding_dataset(dataset, dataset_attr, data_args, training_args):
             path = _write_skipped_rows(dataset_attr.dataset_name, rows, reasons, training_args)
             shown = ", ".join(map(str, rows[:_ROWS_SHOWN])) + (", ..." if len(rows) > _ROWS_SHOWN else "")
             logger.warning_rank0(
-                f"grounding dataset {dataset_attr.dataset_name!r}: skipped {sum(skipped.values())} of "
+                f"{dataset_attr.formatting} dataset {dataset_attr.dataset_name!r}: skipped {sum(skipped.values())} of "
                 f"{len(dataset)} rows ({counts}): rows {shown} (rows count from 0: the first row of the file is "
                 f"row 0){f'; every skipped row and its reason: {path}' if path else ''}."
             )

@@ -2,10 +2,12 @@
 
 - :mod:`.vlm`: the chat VLM families LLaMA-Factory loads as ``model_name_or_path`` (Qwen2-VL, Qwen2.5-VL,
   Qwen3-VL, LLaVA-1.5).
+- :mod:`.mg_llava`: the ConvNeXt high-resolution branch of MG-LLaVA, sized for the tiny LLaVA.
 
 ``python -m llamafactory_vision.tiny --out DIR`` writes them (see :func:`.vlm.main`).
 """
 
+from llamafactory_vision.tiny.mg_llava import TINY_HR_IMAGE_SIZE, build_tiny_convnext
 from llamafactory_vision.tiny.vlm import (
     FAMILIES,
     LLAVA_LEADING_TOKENS,
@@ -21,7 +23,9 @@ __all__ = [
     "LLAVA_LEADING_TOKENS",
     "LLAVA_TRAILING_TOKENS",
     "QWEN_SPECIAL_TOKENS",
+    "TINY_HR_IMAGE_SIZE",
     "build_tiny",
+    "build_tiny_convnext",
     "main",
     "train_byte_level_bpe",
 ]
