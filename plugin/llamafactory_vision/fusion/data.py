@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamafactory.data.converter import SharegptDatasetConverter
-from llamafactory.extras import logging
 
 from llamafactory_vision.fusion.templates import BOXES_KEY, MG_TEMPLATE
 from llamafactory_vision.grounding.data import GroundingDatasetConverter
+from llamafactory_vision.log import get_logger
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 MG_FORMATTING = "mg_llava"
 
 
