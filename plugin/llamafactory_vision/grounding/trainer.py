@@ -107,7 +107,8 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
           of processes (undoing DDP's average); the head's is a box sum over the step's global box count, times the
           same factor. Gradients then equal those of one process on the whole global batch.
         """
-        if self._host_divides_by_accumulation(num_items_in_batch):
+        scaled_by_host = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
+        if num_items_in_batch is None or not scaled_by_host:  # evaluation passes no num_items_in_batch
             return terms["total"] / terms["boxes"].clamp_min(1)
         boxes = self._boxes_in_step if self._boxes_in_step is not None else terms["boxes"]
         factor = 1
