@@ -25,7 +25,8 @@ from llamafactory.extras.misc import count_parameters
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-logger = get_logger(__name__)
+# a child of the host's library logger: its handler and level (LLAMAFACTORY_VERBOSITY) show our info lines
+logger = get_logger(f"llamafactory.{__name__}")
 
 HEAD_ATTR = "bbox_head"  # the head's submodule name on the model
 HEAD_WEIGHTS = "bbox_head.safetensors"

@@ -29,7 +29,7 @@ from llamafactory_vision.grounding.metrics import GroundingMetricAccumulator, he
 from llamafactory_vision.grounding.templates import get_grounding_spec
 from llamafactory_vision.grounding.trainer import BBoxLossConfig, GroundingTrainer
 
-logger = get_logger(__name__)
+logger = get_logger(f"llamafactory.{__name__}")  # under the host's library logger, so info lines show
 
 
 @dataclass
