@@ -1028,8 +1028,8 @@ def test_asft_loss_is_refused_with_the_head(tiny_models, demo_data, tmp_path):
 
 def parallel_config(model: Path, data_dir: Path, out: Path, **extra) -> dict[str, Any]:
     """2 SGD steps with use_dft_loss (the LM loss normalised over the step's tokens, so one process with the whole
-    global batch is the oracle), logged and evaluated (one row per batch) every step, a short gloo timeout so a hang
-    fails fast."""
+    global batch is the oracle), logged and evaluated (one row per process and batch) every step, a short gloo
+    timeout so a hang fails fast."""
     return train_config(
         model, data_dir, out, GROUND_TEMPLATE[FAMILY], bbox_head=True, use_dft_loss=True, disable_shuffling=True,
         optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", ddp_timeout=120, overwrite_cache=True,
@@ -1040,7 +1040,8 @@ def parallel_config(model: Path, data_dir: Path, out: Path, **extra) -> dict[str
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, tiny_models, mixed_data) -> Run:
     work = tmp_path_factory.mktemp("one_process")
-    return train_run(work, parallel_config(tiny_models[FAMILY], mixed_data, work / "out", per_device_train_batch_size=2))
+    config = parallel_config(tiny_models[FAMILY], mixed_data, work / "out", per_device_train_batch_size=2)
+    return train_run(work, {**config, "per_device_eval_batch_size": 2})  # the global eval batch too
 
 
 @pytest.mark.e2e

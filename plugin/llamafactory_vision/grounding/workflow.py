@@ -29,7 +29,7 @@ from llamafactory_vision.grounding.templates import get_grounding_spec
 from llamafactory_vision.grounding.trainer import BBoxLossConfig, GroundingTrainer
 from llamafactory_vision.log import get_logger
 
-logger = get_logger(__name__)
+logger = get_logger(f"llamafactory.{__name__}")  # under the host's library logger, so info lines show
 
 
 # Generation settings recorded beside the scores: greedy and sampled IoU are not comparable.
