@@ -14,9 +14,11 @@ from llamafactory.hparams.data_args import DataArguments
 from llamafactory.hparams.finetuning_args import FinetuningArguments
 from llamafactory.hparams.model_args import ModelArguments
 
+from llamafactory_vision.editing.args import EditDataArguments, EditFinetuningArguments
+
 
 @dataclass
-class VisionDataArguments(DataArguments):
+class VisionDataArguments(EditDataArguments, DataArguments):
     grounding_invalid: Literal["error", "skip"] = field(
         default="error",
         metadata={
@@ -33,7 +35,7 @@ class VisionDataArguments(DataArguments):
 
 
 @dataclass
-class VisionFinetuningArguments(FinetuningArguments):
+class VisionFinetuningArguments(EditFinetuningArguments, FinetuningArguments):
     bbox_head: bool = field(
         default=False,
         metadata={
@@ -104,6 +106,9 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
             raise ValueError("`bbox_head: true` does not support `train_on_prompt` (boxes in prompts are not targets).")
         if data_args.packing or data_args.neat_packing:
             raise ValueError("`bbox_head: true` does not support `packing`/`neat_packing` (box positions per row).")
+    from llamafactory_vision.editing.args import validate_edit_args
+
+    validate_edit_args(model_args, data_args, finetuning_args, _model_type)
     if spec is not None and model_args.model_name_or_path is not None:
         model_type = _model_type(model_args)
         if model_type not in spec.model_types:

@@ -55,29 +55,39 @@ def register_templates(template: ModuleType) -> None:
     templates.register_grounding_templates(template.TEMPLATES, sys.modules["llamafactory.data.mm_plugin"].get_mm_plugin)
 
 
+def register_edit_template(template: ModuleType) -> None:
+    """``data.template.TEMPLATES``: add ``llava_edit`` (LLaVA v1.5's conversation, for ``stage: edit``)."""
+    tokens = _ours("llamafactory_vision.editing.tokens")
+    tokens.register_edit_template(template.TEMPLATES, sys.modules["llamafactory.data.mm_plugin"].get_mm_plugin)
+
+
 def extend_dataset_attr(parser: ModuleType) -> None:
     """``data.parser.DatasetAttr``: ``get_dataset_list`` builds it by this module-level name; our subclass adds the
-    grounding columns (``DatasetAttr.join`` keeps only the columns it knows)."""
-    parser.DatasetAttr = _ours("llamafactory_vision.grounding.dataset_attr").GroundingDatasetAttr
+    grounding and edit columns (``DatasetAttr.join`` keeps only the columns it knows)."""
+    parser.DatasetAttr = _ours("llamafactory_vision.editing.dataset_attr").EditDatasetAttr
 
 
 def register_dataset_converter(converter: ModuleType) -> None:
-    """``data.converter.register_dataset_converter``: the ``grounding`` formatting."""
+    """``data.converter.register_dataset_converter``: the ``grounding`` and ``edit`` formattings."""
     data = _ours("llamafactory_vision.grounding.data")
     converter.register_dataset_converter("grounding", data.GroundingDatasetConverter)
+    edit_data = _ours("llamafactory_vision.editing.data")
+    converter.register_dataset_converter(edit_data.EDIT_FORMAT, edit_data.EditDatasetConverter)
 
 
 def wrap_align_dataset(loader: ModuleType) -> None:
-    """``data.loader.align_dataset`` (imported by name from ``data.converter``): grounding rows need their row index
-    for error messages and a counted skip of invalid rows, which the host's per-example ``map`` cannot give."""
-    align_grounding_dataset = _ours("llamafactory_vision.grounding.data").align_grounding_dataset
+    """``data.loader.align_dataset`` (imported by name from ``data.converter``): grounding and edit rows need their row
+    index for error messages and a counted skip of invalid rows, which the host's per-example ``map`` cannot give."""
+    ours = {
+        "grounding": _ours("llamafactory_vision.grounding.data").align_grounding_dataset,
+        "edit": _ours("llamafactory_vision.editing.data").align_edit_dataset,
+    }
     host_align = loader.align_dataset
 
     @functools.wraps(host_align)
     def align_dataset(dataset, dataset_attr, data_args, training_args):
-        if dataset_attr.formatting == "grounding":
-            return align_grounding_dataset(dataset, dataset_attr, data_args, training_args)
-        return host_align(dataset, dataset_attr, data_args, training_args)
+        align = ours.get(dataset_attr.formatting, host_align)
+        return align(dataset, dataset_attr, data_args, training_args)
 
     loader.align_dataset = align_dataset
 
@@ -85,12 +95,17 @@ def wrap_align_dataset(loader: ModuleType) -> None:
 def select_dataset_processor(loader: ModuleType) -> None:
     """``data.loader._get_dataset_processor``: the bbox head needs box targets beside the tokens, which the host's
     supervised processor drops. Our workflow asks ``get_dataset`` for stage ``BBOX_STAGE`` and gets our processor;
-    every other stage reaches the host's choice."""
+    every other stage reaches the host's choice. ``stage: edit`` gets the edit processor (target image columns)."""
     head_data = _ours("llamafactory_vision.grounding.head_data")
+    edit_data = _ours("llamafactory_vision.editing.data")
     host_get = loader._get_dataset_processor
 
     @functools.wraps(host_get)
     def _get_dataset_processor(data_args, stage, template, tokenizer, processor, do_generate=False):
+        if stage == "edit":
+            return edit_data.EditDatasetProcessor(
+                template=template, tokenizer=tokenizer, processor=processor, data_args=data_args
+            )
         if stage != head_data.BBOX_STAGE:
             return host_get(data_args, stage, template, tokenizer, processor, do_generate)
         if do_generate:  # generation needs prompts only, as for plain SFT
@@ -145,6 +160,33 @@ def dispatch_sft(tuner: ModuleType) -> None:
     tuner.run_sft = run_sft
 
 
+def dispatch_edit_stage(tuner: ModuleType) -> None:
+    """``train.tuner._training_function`` (called by ``run_exp`` at call time): its stage dispatch is a closed
+    if/elif that raises on unknown stages, so runs whose config asks for ``stage: edit`` go to our copy of it
+    (editing/workflow.py); every other run reaches the host's function unchanged."""
+    host_training_function = tuner._training_function
+
+    @functools.wraps(host_training_function)
+    def _training_function(config):
+        if _requested_stage(tuner.read_args(config.get("args"))) == "edit":
+            return _ours("llamafactory_vision.editing.workflow").run_edit_stage(config)
+        return host_training_function(config)
+
+    tuner._training_function = _training_function
+
+
+def _requested_stage(raw_args: dict | list) -> str | None:
+    """The ``stage`` of raw training arguments (a parsed YAML/JSON dict or a ``--key value`` list)."""
+    if isinstance(raw_args, dict):
+        return raw_args.get("stage")
+    for i, arg in enumerate(raw_args):
+        if arg.startswith("--stage="):
+            return arg.split("=", 1)[1]
+        if arg == "--stage" and i + 1 < len(raw_args):
+            return raw_args[i + 1]
+    return None
+
+
 def export_bbox_head(tuner: ModuleType) -> None:
     """``train.tuner.export_model``: the host exports (and merges) the model; a bbox head lives in its own files
     beside the adapter or model, so it is copied into ``export_dir`` too."""
@@ -161,12 +203,12 @@ def export_bbox_head(tuner: ModuleType) -> None:
 # Order matters for modules imported before install(): plugins before the templates that use them.
 HOOKS: dict[str, tuple[Callable[[ModuleType], None], ...]] = {
     "llamafactory.data.mm_plugin": (register_mm_plugins,),
-    "llamafactory.data.template": (register_templates,),
+    "llamafactory.data.template": (register_templates, register_edit_template),
     "llamafactory.data.parser": (extend_dataset_attr,),
     "llamafactory.data.converter": (register_dataset_converter,),
     "llamafactory.data.loader": (wrap_align_dataset, select_dataset_processor),
     "llamafactory.hparams.parser": (extend_arguments,),
-    "llamafactory.train.tuner": (dispatch_sft, export_bbox_head),
+    "llamafactory.train.tuner": (dispatch_sft, dispatch_edit_stage, export_bbox_head),
 }
 
 

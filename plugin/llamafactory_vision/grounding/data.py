@@ -154,28 +154,35 @@ class GroundingDatasetConverter(DatasetConverter):
 
 
 def align_grounding_dataset(dataset, dataset_attr, data_args, training_args):
-    """``align_dataset`` for ``formatting: grounding``: converts with row indices, then drops the rows marked
-    invalid (``grounding_invalid: skip``) and reports how many were skipped for each reason."""
+    """``align_dataset`` for ``formatting: grounding`` (see :func:`align_with_row_checks`)."""
+    return align_with_row_checks(dataset, dataset_attr, data_args, training_args, "grounding", "grounding_invalid")
+
+
+def align_with_row_checks(dataset, dataset_attr, data_args, training_args, formatting: str, invalid_key: str):
+    """``align_dataset`` for one of our formats: converts with row indices (for error messages), then drops the rows
+    the converter marked invalid in ``SKIP_COLUMN`` (when ``data_args.<invalid_key>`` is ``skip``) and reports how
+    many were skipped for each reason."""
     from llamafactory.data.converter import get_dataset_converter
 
-    if data_args.grounding_invalid == "skip" and data_args.streaming:
-        raise ValueError("`grounding_invalid: skip` needs `streaming: false`, so that skipped rows can be counted.")
+    skip = getattr(data_args, invalid_key) == "skip"
+    if skip and data_args.streaming:
+        raise ValueError(f"`{invalid_key}: skip` needs `streaming: false`, so that skipped rows can be counted.")
     column_names = list(next(iter(dataset)).keys())
     kwargs = {}
     if not data_args.streaming:
         kwargs = dict(
             num_proc=data_args.preprocessing_num_workers,
             load_from_cache_file=(not data_args.overwrite_cache) or (training_args.local_process_index != 0),
-            desc="Converting grounding dataset",
+            desc=f"Converting {formatting} dataset",
         )
-    converter = get_dataset_converter("grounding", dataset_attr, data_args)
+    converter = get_dataset_converter(formatting, dataset_attr, data_args)
     dataset = dataset.map(converter, with_indices=True, batched=False, remove_columns=column_names, **kwargs)
-    if data_args.grounding_invalid == "skip":
+    if skip:
         skipped = Counter(reason for reason in dataset[SKIP_COLUMN] if reason)
         if skipped:
             counts = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
             logger.warning_rank0(
-                f"grounding dataset {dataset_attr.dataset_name!r}: skipped {sum(skipped.values())} of "
+                f"{formatting} dataset {dataset_attr.dataset_name!r}: skipped {sum(skipped.values())} of "
                 f"{len(dataset)} rows ({counts})."
             )
             dataset = dataset.filter(lambda reason: not reason, input_columns=SKIP_COLUMN)

@@ -1,6 +1,7 @@
 """Offline synthetic datasets with known answers, for tests and demos: one module per capability.
 
 - :mod:`.grounding`: coloured shapes with exact boxes (``grounding`` format).
+- :mod:`.edit`: recolour/move edits of one shape with exact targets (``edit`` format).
 
 ``python -m llamafactory_vision.synth <capability> --out DIR ...`` writes one (see :func:`main`).
 """
@@ -11,7 +12,8 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from llamafactory_vision.synth import grounding
+from llamafactory_vision.synth import edit, grounding
+from llamafactory_vision.synth.edit import generate_edit
 from llamafactory_vision.synth.grounding import (
     BBOX_FORMATS,
     COLOURS,
@@ -23,7 +25,7 @@ from llamafactory_vision.synth.grounding import (
 )
 
 # Each capability module adds its sub-command with `add_parser(commands)`; the parsed args carry `generate`.
-CAPABILITIES = (grounding,)
+CAPABILITIES = (grounding, edit)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,4 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["BBOX_FORMATS", "COLOURS", "PRESETS", "SHAPES", "encode_box", "generate_grounding", "main", "make_scene"]
+__all__ = [
+    "BBOX_FORMATS",
+    "COLOURS",
+    "PRESETS",
+    "SHAPES",
+    "encode_box",
+    "generate_edit",
+    "generate_grounding",
+    "main",
+    "make_scene",
+]

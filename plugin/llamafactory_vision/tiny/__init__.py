@@ -2,10 +2,13 @@
 
 - :mod:`.vlm`: the chat VLM families LLaMA-Factory loads as ``model_name_or_path`` (Qwen2-VL, Qwen2.5-VL,
   Qwen3-VL, LLaVA-1.5).
+- :mod:`.diffusion`: an 8-channel (InstructPix2Pix) or 4-channel (SD-1.5) UNet + VAE + scheduler folder, and a
+  CLIP model with a character vocabulary (editing).
 
 ``python -m llamafactory_vision.tiny --out DIR`` writes them (see :func:`.vlm.main`).
 """
 
+from llamafactory_vision.tiny.diffusion import build_tiny_clip, build_tiny_diffusion
 from llamafactory_vision.tiny.vlm import (
     FAMILIES,
     LLAVA_LEADING_TOKENS,
@@ -22,6 +25,8 @@ __all__ = [
     "LLAVA_TRAILING_TOKENS",
     "QWEN_SPECIAL_TOKENS",
     "build_tiny",
+    "build_tiny_clip",
+    "build_tiny_diffusion",
     "main",
     "train_byte_level_bpe",
 ]
