@@ -58,6 +58,15 @@ class EditFinetuningArguments:
             "for p < 2d and the source image for d <= p < 3d (d = 0.05: 10% text, 10% image, 5% both)."
         },
     )
+    edit_head_width: int = field(
+        default=512, metadata={"help": "d_model of the edit head's transformer (MGIE: 512)."}
+    )
+    edit_head_layers: int = field(
+        default=4, metadata={"help": "Encoder layers and decoder layers (each) of the edit head (MGIE: 4)."}
+    )
+    edit_head_ffn: int = field(
+        default=2048, metadata={"help": "Feed-forward width of the edit head's transformer (MGIE: 2048)."}
+    )
     edit_train_unet: bool = field(
         default=True, metadata={"help": "Train the UNet (MGIE: yes). The VAE is always frozen."}
     )
@@ -84,6 +93,11 @@ class EditFinetuningArguments:
             raise ValueError(f"`edit_diffusion_weight` must be >= 0, got {self.edit_diffusion_weight}.")
         if not 0 <= self.edit_cfg_dropout <= 1 / 3:
             raise ValueError(f"`edit_cfg_dropout` must be in [0, 1/3] (3 * d <= 1), got {self.edit_cfg_dropout}.")
+        for name in ("edit_head_width", "edit_head_layers", "edit_head_ffn"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if self.edit_head_width % 4:
+            raise ValueError(f"`edit_head_width` must split into the head's 4 attention heads, got {self.edit_head_width}.")
         if self.edit_num_inference_steps < 1:
             raise ValueError(f"`edit_num_inference_steps` must be >= 1, got {self.edit_num_inference_steps}.")
         if self.stage == EDIT_STAGE and not self.diffusion_model_name_or_path:

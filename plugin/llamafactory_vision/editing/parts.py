@@ -63,11 +63,11 @@ def parts_dir(model_args) -> Path:
 
 
 def attach_parts(
-    model: nn.Module, diffusion_path: str, trained_dir: Path | None, is_trainable: bool, train_unet: bool, seed: int
+    model: nn.Module, diffusion_path: str, trained_dir: Path | None, is_trainable: bool, finetuning_args, seed: int
 ) -> DiffusionParts:
     """Load the diffusion parts and an edit head (trained ones from ``trained_dir`` when it has them, else a fresh
-    head seeded by ``seed`` and the folder's UNet) and attach them to ``model``. Returns the parts (with the
-    scheduler, which has no weights and stays off the model)."""
+    head of the configured size seeded by ``seed`` and the folder's UNet) and attach them to ``model``. Returns the
+    parts (with the scheduler, which has no weights and stays off the model)."""
     parts = load_diffusion(diffusion_path)
     llm_hidden = model.get_input_embeddings().embedding_dim
     has_trained = trained_dir is not None and (trained_dir / HEAD_DIR).is_dir()
@@ -82,12 +82,19 @@ def attach_parts(
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            head = EditHead(llm_hidden_size=llm_hidden, cross_attention_dim=parts.unet.config.cross_attention_dim)
+            head = EditHead(
+                llm_hidden_size=llm_hidden,
+                cross_attention_dim=parts.unet.config.cross_attention_dim,
+                d_model=finetuning_args.edit_head_width,
+                num_encoder_layers=finetuning_args.edit_head_layers,
+                num_decoder_layers=finetuning_args.edit_head_layers,
+                dim_feedforward=finetuning_args.edit_head_ffn,
+            )
     if head.config.llm_hidden_size != llm_hidden:
         raise ValueError(f"{trained_dir / HEAD_DIR}: the edit head was trained for hidden size "
                          f"{head.config.llm_hidden_size}, the model has {llm_hidden}.")  # fmt: skip
     head.requires_grad_(is_trainable)
-    parts.unet.requires_grad_(is_trainable and train_unet)
+    parts.unet.requires_grad_(is_trainable and finetuning_args.edit_train_unet)
     parts.vae.requires_grad_(False)
     device = next(model.parameters()).device
     model.add_module(HEAD_ATTR, head.to(device))

@@ -33,7 +33,7 @@ def edit_grid(rows: list[tuple[Image.Image, Image.Image, Image.Image]], side: in
     return grid
 
 
-def predict_edits(trainer, dataset, template, tokenizer_module, parts: DiffusionParts, record: EditRecord, finetuning_args):
+def predict_edits(trainer, dataset, tokenizer_module, parts: DiffusionParts, record: EditRecord, finetuning_args):
     out = Path(trainer.args.output_dir)
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model).eval()

@@ -43,6 +43,34 @@ def run_edit_stage(config: dict[str, Any]) -> None:
 
 
 def run_edit(model_args, data_args, training_args, finetuning_args, generating_args, callbacks=None):
+    trainer, dataset_module, tokenizer_module, parts, record = build_edit_trainer(
+        model_args, data_args, training_args, finetuning_args, callbacks
+    )
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+        if trainer.is_world_process_zero() and finetuning_args.plot_loss:
+            plot_loss(training_args.output_dir, keys=["loss", "eval_loss", *LOG_KEYS, *(f"eval_{k}" for k in LOG_KEYS)])
+
+    if training_args.do_eval:
+        metrics = trainer.evaluate(metric_key_prefix="eval")
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    if training_args.do_predict:
+        from llamafactory_vision.editing.predict import predict_edits
+
+        predict_edits(trainer, dataset_module["eval_dataset"], tokenizer_module, parts, record, finetuning_args)
+
+    create_modelcard_and_push(trainer, model_args, data_args, training_args, finetuning_args)
+
+
+def build_edit_trainer(model_args, data_args, training_args, finetuning_args, callbacks=None):
+    """Tokenizer (+ [IMG] tokens), template, dataset, model (+ edit head, UNet, VAE), collator and trainer of an edit
+    run. Returns ``(trainer, dataset_module, tokenizer_module, parts, record)``."""
     model_args = with_img_tokens(model_args)  # [IMG0]..[IMG7] through the host's add_special_tokens
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
@@ -55,7 +83,7 @@ def run_edit(model_args, data_args, training_args, finetuning_args, generating_a
         finetuning_args.diffusion_model_name_or_path,
         trained,
         is_trainable=training_args.do_train,
-        train_unet=finetuning_args.edit_train_unet,
+        finetuning_args=finetuning_args,
         seed=training_args.seed,
     )
     record = EditRecord(
@@ -92,24 +120,4 @@ def run_edit(model_args, data_args, training_args, finetuning_args, generating_a
         **dataset_module,
         **tokenizer_module,
     )
-
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        trainer.save_state()
-        if trainer.is_world_process_zero() and finetuning_args.plot_loss:
-            plot_loss(training_args.output_dir, keys=["loss", "eval_loss", *LOG_KEYS, *(f"eval_{k}" for k in LOG_KEYS)])
-
-    if training_args.do_eval:
-        metrics = trainer.evaluate(metric_key_prefix="eval")
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-
-    if training_args.do_predict:
-        from llamafactory_vision.editing.predict import predict_edits
-
-        predict_edits(trainer, dataset_module["eval_dataset"], template, tokenizer_module, parts, record, finetuning_args)
-
-    create_modelcard_and_push(trainer, model_args, data_args, training_args, finetuning_args)
+    return trainer, dataset_module, tokenizer_module, parts, record
