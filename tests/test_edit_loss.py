@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from llamafactory_vision.editing.diffusion import (
     cfg_masks,
     draw,

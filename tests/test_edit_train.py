@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import edit_config
-
 from llamafactory_vision.editing.parts import HEAD_ATTR, UNET_ATTR, VAE_ATTR
 
 
 def _build(edit_models, edit_data, out, **extra):
     from llamafactory.hparams import get_train_args
-
     from llamafactory_vision.editing.workflow import build_edit_trainer
 
     config = edit_config(edit_models, edit_data, out, **extra)
