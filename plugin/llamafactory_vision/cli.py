@@ -2,7 +2,7 @@
 
     llamafactory-vision preview CONFIG.yaml --out DIR [--n 16]   draw target boxes as the model sees them
     llamafactory-vision convert coco|refcoco ...                  COCO / RefCOCO annotations -> grounding jsonl
-    llamafactory-vision demo [--out out/demo]                     the offline end-to-end grounding demo
+    llamafactory-vision demo [--task grounding|edit] [--out DIR]  the offline end-to-end demos
     llamafactory-vision edit --model_name_or_path M [--adapter_name_or_path A] --image in.png
         --instruction "make it snowy" --out out.png [--steps 100 --text_guidance 7.5 --image_guidance 1.5 --seed N]
                                                                   edit one image with a trained `stage: edit` model
@@ -23,9 +23,13 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from llamafactory_vision.demo import run_demo
+    if args.task == "edit":
+        from llamafactory_vision.editing.demo import DEFAULT_OUT, run_edit_demo
 
-    return run_demo(args.out, quick=args.quick)
+        return run_edit_demo(args.out or DEFAULT_OUT, quick=args.quick)
+    from llamafactory_vision.demo import DEFAULT_OUT, run_demo
+
+    return run_demo(args.out or DEFAULT_OUT, quick=args.quick)
 
 
 def _edit(args: argparse.Namespace) -> int:
@@ -73,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_convert_parser(commands)
 
-    demo = commands.add_parser("demo", help="offline demo: tiny Qwen2-VL, synthetic data, train, evaluate")
-    demo.add_argument("--out", default="out/demo", help="working folder (default out/demo)")
+    demo = commands.add_parser("demo", help="offline demo on tiny models: grounding (Qwen2-VL) or edit (LLaVA + UNet)")
+    demo.add_argument("--task", choices=("grounding", "edit"), default="grounding", help="which demo (default grounding)")
+    demo.add_argument("--out", default=None, help="working folder (default out/demo, or out/demo_edit for edit)")
     demo.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline end to end")
     demo.set_defaults(func=_demo)
 

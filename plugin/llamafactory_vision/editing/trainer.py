@@ -9,64 +9,19 @@ checkpoint, restored on resume and by ``load_best_model_at_end``.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
-from torch import Tensor, nn
+from torch import nn
 from typing_extensions import override
 
-from llamafactory_vision.editing.diffusion import DiffusionParts, draw, edit_diffusion_loss, sample_generators
-from llamafactory_vision.editing.edit_head import EditHead
+from llamafactory_vision.editing.diffusion import sample_generators
+from llamafactory_vision.editing.loss import EditLossConfig, edit_loss
 from llamafactory_vision.editing.parts import EditRecord, get_parts, load_parts_into, save_parts, without_parts
 
-EDIT_INPUTS = ("edit_source_pixels", "edit_target_pixels", "edit_positions", "edit_keys")
+EDIT_INPUTS = ("edit_source_pixels", "edit_target_pixels", "edit_positions", "edit_keys")  # from EditCollator
 LOG_KEYS = ("lm_loss", "diffusion_loss")
-
-
-@dataclass(frozen=True)
-class EditLossConfig:
-    diffusion_weight: float
-    cfg_dropout: float
-    img_token_ids: tuple[int, ...]
-
-
-def edit_loss(
-    head: EditHead,
-    parts: DiffusionParts,
-    hidden: Tensor,
-    input_embeddings: nn.Module,
-    inputs: dict[str, Tensor],
-    generators: list[torch.Generator],
-    config: EditLossConfig,
-) -> Tensor:
-    """The diffusion loss of one batch, coupled to the LLM through the [IMG] hidden states.
-
-    hidden: ``Tensor[B, L, H]`` last hidden states; inputs: the ``EDIT_INPUTS`` of :class:`EditCollator`;
-    generators: one per sample (see diffusion.py). Returns a scalar.
-    """
-    # 1. The LLM's hidden states that predict [IMG0]..[IMG7], and the [IMG] input embeddings (MGIE sums them).
-    positions = inputs["edit_positions"]
-    rows = torch.arange(hidden.size(0), device=hidden.device)[:, None]
-    img_hidden = hidden[rows, positions]  # [B, 8, H]
-    ids = torch.tensor(config.img_token_ids, device=hidden.device)
-    img_embeds = input_embeddings(ids)[None].expand(hidden.size(0), -1, -1)
-    # 2. Edit head: the UNet condition and the null ("no instruction") condition.
-    condition = head(img_hidden, img_embeds)
-    null_condition = head.null_condition(img_embeds)
-    # 3. Per-sample draws: CFG dropout p, timestep, then noise and the target posterior sample.
-    draws = draw(generators, parts.scheduler.config.num_train_timesteps)
-    # 4. Noise-prediction loss on the target latent, conditioned on the source latent.
-    return edit_diffusion_loss(
-        parts,
-        condition,
-        null_condition,
-        inputs["edit_source_pixels"],
-        inputs["edit_target_pixels"],
-        draws,
-        config.cfg_dropout,
-    )
 
 
 class EditTrainer(CustomSeq2SeqTrainer):
