@@ -72,8 +72,8 @@ def build(small: bool, device: str, dtype: torch.dtype, resolution: int):
     from transformers import LlavaForConditionalGeneration
 
     config = llava_config(small)
-    with torch.device(device):
-        llm = LlavaForConditionalGeneration(config).to(dtype)
+    with torch.device(device):  # built on the device, in the compute dtype: 7B never passes through float32
+        llm = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     vocab = config.text_config.vocab_size
     llm.resize_token_embeddings(vocab + NUM_IMG, mean_resizing=False)  # the [IMG] tokens
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
@@ -85,8 +85,9 @@ def build(small: bool, device: str, dtype: torch.dtype, resolution: int):
     parts = diffusion_parts(small, resolution)
     parts.unet.to(device)  # fp32 master weights, bf16 autocast (as mixed-precision training)
     parts.vae.to(device, dtype).requires_grad_(False)
+    size = {"d_model": 32, "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 64} if small else {}
     head = EditHead(llm_hidden_size=config.text_config.hidden_size,
-                    cross_attention_dim=parts.unet.config.cross_attention_dim).to(device)  # fmt: skip
+                    cross_attention_dim=parts.unet.config.cross_attention_dim, **size).to(device)  # MGIE size on GPU
     img_ids = tuple(range(vocab, vocab + NUM_IMG))
     return llm, parts, head, img_ids, config
 
@@ -110,8 +111,9 @@ def make_batch(config, img_ids, batch: int, resolution: int, device: str, dtype:
     }  # fmt: skip
 
 
-def timed(step, steps: int, warmup: int, device: str) -> tuple[float, float]:
-    """Median seconds per step and peak memory (GiB, CUDA only) over the timed steps."""
+def timed(step, steps: int, warmup: int, device: str) -> tuple[float, float | None]:
+    """Median seconds per step, and peak allocated memory over the timed steps (GiB, CUDA only; all three models stay
+    resident, so a phase's peak is the resident weights and optimizer state plus its own activations)."""
     for _ in range(warmup):
         step()
     if device.startswith("cuda"):
@@ -124,7 +126,7 @@ def timed(step, steps: int, warmup: int, device: str) -> tuple[float, float]:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     return statistics.median(times), peak
 
 
@@ -134,10 +136,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=None, help="UNet training side (default 256; 32 --small)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per phase")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per phase (--small: 3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each phase (--small: 1)")
     args = parser.parse_args(argv)
     resolution = args.resolution or (32 if args.small else 256)
+    if args.small:
+        args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
@@ -185,11 +189,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name, step in (("llm", llm_step), ("unet", unet_step), ("coupled", coupled_step)):
         seconds, peak = timed(step, args.steps, args.warmup, args.device)
         phases[name] = {"s_per_step": round(seconds, 4), "samples_per_s": round(args.batch_size / seconds, 2),
-                        "peak_gib": round(peak, 2)}  # fmt: skip
+                        "peak_gib": None if peak is None else round(peak, 2)}  # fmt: skip
     separate = phases["llm"]["s_per_step"] + phases["unet"]["s_per_step"]
     result = {
         "preset": "small" if args.small else "llava-1.5-7b + sd-1.5 unet", "device": args.device,
-        "gpu": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "hardware": torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "batch_size": args.batch_size, "resolution": resolution,
         "image_tokens": config.image_seq_length, "steps": args.steps, "build_seconds": round(build_seconds, 1),
         **{f"{name}_{k}": v for name, phase in phases.items() for k, v in phase.items()},

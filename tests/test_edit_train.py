@@ -82,3 +82,25 @@ def test_diffusion_loss_falls_on_a_fixed_batch(edit_models, edit_data, tmp_path)
         optimizer.step()
         losses.append(trainer._stored_metrics["train"]["diffusion_loss"][-1])
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_split_batch_gives_the_same_losses(built):
+    """What data parallelism relies on: the CE over a batch of 4 equals the token-weighted CE of its halves, and the
+    diffusion loss (per-row seeded draws) equals the mean of the halves' means."""
+    trainer = built[0]
+    dataset, collator = trainer.train_dataset, trainer.data_collator
+    rows = [dataset[i] for i in range(4)]
+
+    def losses(batch_rows):
+        batch = trainer._prepare_inputs(collator(batch_rows))
+        items = (batch["labels"][:, 1:] != -100).sum()
+        trainer._stored_metrics.clear()
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, batch, num_items_in_batch=items)
+        stored = trainer._stored_metrics["train" if trainer.model.training else "eval"]
+        return stored["lm_loss"][-1], stored["diffusion_loss"][-1], items.item()
+
+    lm, diffusion, _ = losses(rows)
+    (lm_a, diff_a, n_a), (lm_b, diff_b, n_b) = losses(rows[:2]), losses(rows[2:])
+    assert lm == pytest.approx((lm_a * n_a + lm_b * n_b) / (n_a + n_b), rel=1e-6)
+    assert diffusion == pytest.approx((diff_a + diff_b) / 2, rel=1e-6)
