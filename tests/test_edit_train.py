@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import edit_config
@@ -13,8 +15,8 @@ def _build(edit_models, edit_data, out, **extra):
     from llamafactory_vision.editing.workflow import build_edit_trainer
 
     config = edit_config(edit_models, edit_data, out, **extra)
-    model_args, data_args, training_args, finetuning_args, _ = get_train_args({k: str(v) if hasattr(v, "is_dir") else v
-                                                                               for k, v in config.items()})
+    plain = {k: str(v) if isinstance(v, Path) else v for k, v in config.items()}  # as from a YAML file
+    model_args, data_args, training_args, finetuning_args, _ = get_train_args(plain)
     return build_edit_trainer(model_args, data_args, training_args, finetuning_args)
 
 

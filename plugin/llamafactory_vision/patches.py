@@ -70,8 +70,8 @@ def extend_dataset_attr(parser: ModuleType) -> None:
 def register_dataset_converter(converter: ModuleType) -> None:
     """``data.converter.register_dataset_converter``: the ``grounding`` and ``edit`` formattings."""
     data = _ours("llamafactory_vision.grounding.data")
+    edit_data = _ours("llamafactory_vision.editing.data")  # before registering: a deferred hook reruns in full
     converter.register_dataset_converter("grounding", data.GroundingDatasetConverter)
-    edit_data = _ours("llamafactory_vision.editing.data")
     converter.register_dataset_converter(edit_data.EDIT_FORMAT, edit_data.EditDatasetConverter)
 
 
