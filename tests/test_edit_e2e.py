@@ -4,7 +4,9 @@ eval/edit_eval.py and the pipeline's save/load."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,11 +32,26 @@ def _config(edit_models, edit_data, out, **extra):
 
 
 @pytest.fixture(scope="module")
-def run_a(edit_models, edit_data, tmp_path_factory):
+def equal_data(edit_data, tmp_path_factory) -> Path:
+    """The synthetic edit set with one expressive text for every row, so every row has as many target tokens.
+
+    The host's multimodal SFT trainer takes the CE as a token mean per process (``model_accepts_loss_kwargs = False``)
+    and DDP averages those means: 2 processes equal 1 process on the same global batch only when each process holds
+    as many target tokens. The same holds for stock LLaMA-Factory runs."""
+    root = tmp_path_factory.mktemp("edit_equal")
+    shutil.copytree(edit_data, root, dirs_exist_ok=True)
+    for name in ("edit_train.jsonl", "edit_val.jsonl"):
+        rows = [{**row, "expressive": "the picture changes as asked"} for row in read_jsonl(root / name)]
+        (root / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_a(edit_models, equal_data, tmp_path_factory):
     """1 process, batch 4, 4 steps, checkpoints at 2 and 4, eval each 2 steps, best = highest eval loss."""
     root = tmp_path_factory.mktemp("edit_a")
     config = _config(
-        edit_models, edit_data, root / "out", save_strategy="steps", save_steps=2, eval_dataset="synth_edit_val",
+        edit_models, equal_data, root / "out", save_strategy="steps", save_steps=2, eval_dataset="synth_edit_val",
         eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4, load_best_model_at_end=True,
         metric_for_best_model="eval_loss", greater_is_better=True, plot_loss=True,
     )  # fmt: skip
@@ -84,17 +101,17 @@ def test_resume_continues_exactly(run_a, tmp_path):
             assert again[step][key] == pytest.approx(full[step][key], abs=1e-4), (step, key)
 
 
-def test_two_processes_match_one(run_a, edit_models, edit_data, tmp_path):
+def test_two_processes_match_one(run_a, edit_models, equal_data, tmp_path):
     root, _ = run_a
-    config = _config(edit_models, edit_data, tmp_path / "out", per_device_train_batch_size=2)
+    config = _config(edit_models, equal_data, tmp_path / "out", per_device_train_batch_size=2)
     config["max_steps"] = 2
     run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "c.yaml", config))], cwd=tmp_path,
             FORCE_TORCHRUN="1", NPROC_PER_NODE="2")  # fmt: skip
     one = _train_logs(root / "out")[:2]
     two = _train_logs(tmp_path / "out")
     assert len(two) == 2
-    for a, b in zip(one, two):  # the parts are logged rounded to 4 decimals; the split itself is exact to 1e-6
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)  # (test_edit_train: a batch of 4 vs 2 + 2)
+    for a, b in zip(one, two):  # the parts are logged rounded to 4 decimals
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-5)
         for key in ("lm_loss", "diffusion_loss"):
             assert b[key] == pytest.approx(a[key], abs=2e-4), key
 
