@@ -157,6 +157,7 @@ def test_predict_writes_images_grid_and_metrics(run_predict, edit_models, edit_d
 
 def test_cli_edit_is_seeded_and_matches_the_pipeline(run_a, edit_models, edit_data, tmp_path):
     from llamafactory_vision.editing.pipeline import EditPipeline
+    from llamafactory_vision.editing.tokens import img_token_ids
     from PIL import Image
 
     adapter = run_a[0] / "out"
@@ -168,6 +169,13 @@ def test_cli_edit_is_seeded_and_matches_the_pipeline(run_a, edit_models, edit_da
     assert "expressive instruction:" in result.stdout
 
     pipe = EditPipeline.from_training(str(edit_models["llava"]), str(adapter))
+    # the trained [IMG] rows come back with the adapter (the host's resize_vocab + modules_to_save)
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    ids = img_token_ids(pipe.processor.tokenizer)
+    embed_key = next(k for k in saved if k.endswith("embed_tokens.weight"))
+    head_key = next(k for k in saved if k.endswith("lm_head.weight"))
+    assert torch.equal(pipe.mllm.get_input_embeddings().weight[ids], saved[embed_key][ids])
+    assert torch.equal(pipe.mllm.get_output_embeddings().weight[ids], saved[head_key][ids])
     with Image.open(source) as image:
         first = pipe(image, "make the circle blue", num_inference_steps=3, generator=torch.Generator().manual_seed(5))
         again = pipe(image, "make the circle blue", num_inference_steps=3, generator=torch.Generator().manual_seed(5))
