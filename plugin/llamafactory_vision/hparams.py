@@ -14,7 +14,7 @@ from llamafactory.hparams.data_args import DataArguments
 from llamafactory.hparams.finetuning_args import FinetuningArguments
 from llamafactory.hparams.model_args import ModelArguments
 
-from llamafactory_vision.editing.args import EditDataArguments, EditFinetuningArguments
+from llamafactory_vision.editing.args import EditDataArguments, EditFinetuningArguments, validate_edit_args
 
 
 @dataclass
@@ -106,8 +106,6 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
             raise ValueError("`bbox_head: true` does not support `train_on_prompt` (boxes in prompts are not targets).")
         if data_args.packing or data_args.neat_packing:
             raise ValueError("`bbox_head: true` does not support `packing`/`neat_packing` (box positions per row).")
-    from llamafactory_vision.editing.args import validate_edit_args
-
     validate_edit_args(model_args, data_args, finetuning_args, _model_type)
     if spec is not None and model_args.model_name_or_path is not None:
         model_type = _model_type(model_args)
