@@ -14,12 +14,13 @@ from llamafactory.hparams.data_args import DataArguments
 from llamafactory.hparams.finetuning_args import FinetuningArguments
 from llamafactory.hparams.model_args import ModelArguments
 
+from llamafactory_vision.editing.args import EditDataArguments, EditFinetuningArguments, validate_edit_args
 from llamafactory_vision.fusion.args import MGDataArguments, MGModelArguments
 from llamafactory_vision.strokes.args import StrokeDataArguments
 
 
 @dataclass
-class VisionDataArguments(MGDataArguments, StrokeDataArguments, DataArguments):
+class VisionDataArguments(EditDataArguments, MGDataArguments, StrokeDataArguments, DataArguments):
     grounding_invalid: Literal["error", "skip"] = field(
         default="error",
         metadata={
@@ -56,7 +57,7 @@ class VisionModelArguments(MGModelArguments, ModelArguments):
 
 
 @dataclass
-class VisionFinetuningArguments(FinetuningArguments):
+class VisionFinetuningArguments(EditFinetuningArguments, FinetuningArguments):
     bbox_head: bool = field(
         default=False,
         metadata={
@@ -142,6 +143,7 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
                 "`bbox_head: true` does not support `use_asft_loss: true` (the host's ASFT loss returns no hidden "
                 "states for the head). Use `use_dft_loss` or `use_eaft_loss`, or the plain LM loss."
             )
+    validate_edit_args(model_args, data_args, finetuning_args, _model_type)
     if spec is not None and model_args.model_name_or_path is not None:
         model_type = _model_type(model_args)
         if model_type not in spec.model_types:

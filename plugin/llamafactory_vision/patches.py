@@ -35,11 +35,16 @@ class _Deferred(Exception):
 
 
 def _ours(name: str) -> ModuleType:
-    """Import a module of ours for a hook, or defer the hook if that module is still executing."""
+    """Import a module of ours for a hook, or defer the hook while any module of ours is mid-import.
+
+    Not only ``name`` itself: ``name`` may import a module that is mid-import (a hook on ``data.parser`` wants the
+    dataset-attribute classes while the one whose import pulled in ``data.parser`` has not finished). The hook runs
+    again when the innermost of them finishes, and defers again while an outer one is still running.
+    """
     from llamafactory_vision import _bootstrap
 
-    if name in _bootstrap.executing:
-        raise _Deferred(name)
+    if _bootstrap.executing:
+        raise _Deferred(_bootstrap.executing[-1])
     return importlib.import_module(name)
 
 
@@ -70,36 +75,49 @@ def register_templates(template: ModuleType) -> None:
     fusion.register_mg_template(template.TEMPLATES, get_mm_plugin)
 
 
+def register_edit_template(template: ModuleType) -> None:
+    """``data.template.TEMPLATES``: add ``llava_edit`` (LLaVA v1.5's conversation, for ``stage: edit``)."""
+    tokens = _ours("llamafactory_vision.editing.tokens")
+    tokens.register_edit_template(template.TEMPLATES, sys.modules["llamafactory.data.mm_plugin"].get_mm_plugin)
+
+
 def extend_dataset_attr(parser: ModuleType) -> None:
     """``data.parser.DatasetAttr``: ``get_dataset_list`` builds it by this module-level name; our subclass adds the
-    grounding and ``stroke_guess`` columns (``DatasetAttr.join`` keeps only the columns it knows)."""
-    parser.DatasetAttr = _ours("llamafactory_vision.strokes.dataset_attr").StrokeDatasetAttr
+    grounding, ``stroke_guess`` and ``edit`` columns (``DatasetAttr.join`` keeps only the columns it knows)."""
+    parser.DatasetAttr = _ours("llamafactory_vision.dataset_attr").VisionDatasetAttr
 
 
 def register_dataset_converter(converter: ModuleType) -> None:
-    """``data.converter.register_dataset_converter``: the ``grounding``, ``stroke_guess`` and ``mg_llava``
+    """``data.converter.register_dataset_converter``: the ``grounding``, ``stroke_guess``, ``mg_llava`` and ``edit``
     formattings."""
-    converters = {  # both resolved before registering: a deferred hook re-runs from the start
+    edit_data = _ours("llamafactory_vision.editing.data")
+    converters = {  # all resolved before registering: a deferred hook re-runs from the start
         "grounding": _ours("llamafactory_vision.grounding.data").GroundingDatasetConverter,
         "stroke_guess": _ours("llamafactory_vision.strokes.data").StrokeGuessDatasetConverter,
         "mg_llava": _ours("llamafactory_vision.fusion.data").MGDatasetConverter,
+        edit_data.EDIT_FORMAT: edit_data.EditDatasetConverter,
     }
     for name, converter_class in converters.items():
         converter.register_dataset_converter(name, converter_class)
 
 
 def wrap_align_dataset(loader: ModuleType) -> None:
-    """``data.loader.align_dataset`` (imported by name from ``data.converter``): grounding, stroke_guess and
-    mg_llava rows need their row index for error messages and a counted skip of invalid rows, which the host's
-    per-example ``map`` cannot give."""
+    """``data.loader.align_dataset`` (imported by name from ``data.converter``): rows of our formats need their row
+    index for error messages and a counted skip of invalid rows, which the host's per-example ``map`` cannot give."""
     align_grounding_dataset = _ours("llamafactory_vision.grounding.data").align_grounding_dataset
+    edit_data = _ours("llamafactory_vision.editing.data")
+    ours = {
+        "grounding": align_grounding_dataset,
+        "stroke_guess": align_grounding_dataset,
+        "mg_llava": align_grounding_dataset,
+        edit_data.EDIT_FORMAT: edit_data.align_edit_dataset,
+    }
     host_align = loader.align_dataset
 
     @functools.wraps(host_align)
     def align_dataset(dataset, dataset_attr, data_args, training_args):
-        if dataset_attr.formatting in ("grounding", "stroke_guess", "mg_llava"):
-            return align_grounding_dataset(dataset, dataset_attr, data_args, training_args)
-        return host_align(dataset, dataset_attr, data_args, training_args)
+        align = ours.get(dataset_attr.formatting, host_align)
+        return align(dataset, dataset_attr, data_args, training_args)
 
     loader.align_dataset = align_dataset
 
@@ -107,12 +125,17 @@ def wrap_align_dataset(loader: ModuleType) -> None:
 def select_dataset_processor(loader: ModuleType) -> None:
     """``data.loader._get_dataset_processor``: the bbox head needs box targets beside the tokens, which the host's
     supervised processor drops. Our workflow asks ``get_dataset`` for stage ``BBOX_STAGE`` and gets our processor;
-    every other stage reaches the host's choice."""
+    every other stage reaches the host's choice. ``stage: edit`` gets the edit processor (target image columns)."""
     head_data = _ours("llamafactory_vision.grounding.head_data")
+    edit_data = _ours("llamafactory_vision.editing.data")
     host_get = loader._get_dataset_processor
 
     @functools.wraps(host_get)
     def _get_dataset_processor(data_args, stage, template, tokenizer, processor, do_generate=False):
+        if stage == "edit":
+            return edit_data.EditDatasetProcessor(
+                template=template, tokenizer=tokenizer, processor=processor, data_args=data_args
+            )
         if stage != head_data.BBOX_STAGE:
             return host_get(data_args, stage, template, tokenizer, processor, do_generate)
         if do_generate:  # generation needs prompts only, as for plain SFT
@@ -197,6 +220,33 @@ def dispatch_sft(tuner: ModuleType) -> None:
         return host_run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
 
     tuner.run_sft = run_sft
+
+
+def dispatch_edit_stage(tuner: ModuleType) -> None:
+    """``train.tuner._training_function`` (called by ``run_exp`` at call time): its stage dispatch is a closed
+    if/elif that raises on unknown stages, so runs whose config asks for ``stage: edit`` go to our copy of it
+    (editing/workflow.py); every other run reaches the host's function unchanged."""
+    host_training_function = tuner._training_function
+
+    @functools.wraps(host_training_function)
+    def _training_function(config):
+        if _requested_stage(tuner.read_args(config.get("args"))) == "edit":
+            return _ours("llamafactory_vision.editing.workflow").run_edit_stage(config)
+        return host_training_function(config)
+
+    tuner._training_function = _training_function
+
+
+def _requested_stage(raw_args: dict | list) -> str | None:
+    """The ``stage`` of raw training arguments (a parsed YAML/JSON dict or a ``--key value`` list)."""
+    if isinstance(raw_args, dict):
+        return raw_args.get("stage")
+    for i, arg in enumerate(raw_args):
+        if arg.startswith("--stage="):
+            return arg.split("=", 1)[1]
+        if arg == "--stage" and i + 1 < len(raw_args):
+            return raw_args[i + 1]
+    return None
 
 
 def export_saved_modules(tuner: ModuleType) -> None:
@@ -365,13 +415,13 @@ def patch_mg_processor(loader: ModuleType) -> None:
 # Order matters for modules imported before install(): plugins before the templates that use them.
 HOOKS: dict[str, tuple[Callable[[ModuleType], None], ...]] = {
     "llamafactory.data.mm_plugin": (register_mm_plugins,),
-    "llamafactory.data.template": (register_templates,),
+    "llamafactory.data.template": (register_templates, register_edit_template),
     "llamafactory.data.parser": (extend_dataset_attr,),
     "llamafactory.data.converter": (register_dataset_converter,),
     "llamafactory.data.loader": (wrap_align_dataset, select_dataset_processor),
     "llamafactory.hparams.parser": (report_failed_hooks, extend_arguments),
     "llamafactory.model.loader": (attach_mg_llava, patch_mg_processor),
-    "llamafactory.train.tuner": (dispatch_sft, export_saved_modules),
+    "llamafactory.train.tuner": (dispatch_sft, dispatch_edit_stage, export_saved_modules),
     "llamafactory.extras.constants": (register_model_groups, extend_training_stages),
     "llamafactory.webui.locales": (extend_locales,),
     "llamafactory.webui.manager": (include_pending_inputs,),

@@ -1,7 +1,6 @@
 """What our capabilities show in LLaMA Board: stages, templates offered per model family.
 
-- :data:`STAGES`: ``stage`` YAML value -> display name in the Train tab's stage list. A capability that adds a stage
-  (e.g. the editing stage, ``edit: "Edit (diffusion-coupled)"``) adds its entry here.
+- :data:`STAGES`: ``stage`` YAML value -> display name in the Train tab's stage list (the editing stage today).
 - :data:`TEMPLATE_SOURCES`: callables returning ``{our template: (host base template, model types)}``; the web UI
   offers each template as ``<host model name>-<suffix>`` beside every host model of a matching family.
 """
@@ -10,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-STAGES: dict[str, str] = {}
+STAGES: dict[str, str] = {"edit": "Edit (diffusion-coupled)"}
 
 # config.model_type -> prefix of LLaMA-Factory's model names of that family (extras/constants.py)
 MODEL_NAME_PREFIXES: dict[str, tuple[str, ...]] = {
@@ -27,8 +26,23 @@ def _grounding_templates() -> dict[str, tuple[str, tuple[str, ...], str]]:
     return {s.name: (s.base_template, s.model_types, "Grounding") for s in load_grounding_specs().values()}
 
 
+def _llava_templates() -> dict[str, tuple[str, tuple[str, ...], str]]:
+    """LLaVA-1.5 templates of editing (MGIE), Draw&Guess and MG-LLaVA; each is the host's ``llava`` conversation."""
+    from llamafactory_vision.editing.tokens import BASE_TEMPLATE, EDIT_TEMPLATE
+    from llamafactory_vision.fusion.templates import MG_TEMPLATE
+    from llamafactory_vision.strokes.templates import load_stroke_specs
+
+    templates = {EDIT_TEMPLATE: (BASE_TEMPLATE, ("llava",), "Edit"), MG_TEMPLATE: (BASE_TEMPLATE, ("llava",), "MG")}
+    for spec in load_stroke_specs().values():
+        templates[spec.name] = (spec.base_template, spec.model_types, "DrawGuess")
+    return templates
+
+
 # Each returns {template name: (host base template, config.model_type values, model-name suffix)}.
-TEMPLATE_SOURCES: list[Callable[[], dict[str, tuple[str, tuple[str, ...], str]]]] = [_grounding_templates]
+TEMPLATE_SOURCES: list[Callable[[], dict[str, tuple[str, tuple[str, ...], str]]]] = [
+    _grounding_templates,
+    _llava_templates,
+]
 
 
 def our_templates() -> dict[str, tuple[str, tuple[str, ...], str]]:
