@@ -25,6 +25,15 @@ class VisionDataArguments(DataArguments):
             "`skip` drops the row and reports a count per reason."
         },
     )
+    grounding_fast_tokenize: bool = field(
+        default=True,
+        metadata={
+            "help": "Grounding templates: count each image's tokens from its header and the processor's resize "
+            "arithmetic instead of decoding and patchifying it at tokenization time (the host's way). Token ids "
+            "and labels are identical; images are still decoded when batched, so an image whose header reads but "
+            "whose pixels do not fails there instead. `false` restores the host's path."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
