@@ -89,17 +89,12 @@ def arch_config(arch: str, small: bool) -> dict:
     return spec
 
 
-def write_model(arch: str, out: Path, small: bool, device: str, dtype: torch.dtype, seed: int = 0) -> Path:
-    """Write a random-weight checkpoint of ``arch`` with our tiny tokenizer and the real processor bounds.
-
-    Returns ``out``, loadable as LLaMA-Factory's ``model_name_or_path``.
-    """
-    from llamafactory_vision.tiny import build_tiny
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+def model_config(arch: str, small: bool, tokenizer):
+    """The transformers config of ``arch`` with the special-token ids of ``tokenizer`` (our tiny Qwen tokenizer)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
     spec = arch_config(arch, small)
-    build_tiny(spec["family"], out, seed=seed)  # tokenizer, processor, generation config; weights replaced below
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    config_class = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig, "qwen3_vl": Qwen3VLConfig}
     ids = {
         "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
@@ -107,10 +102,22 @@ def write_model(arch: str, out: Path, small: bool, device: str, dtype: torch.dty
         "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
     }
     text = {**spec["text"], "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    config_class = type(AutoConfig.from_pretrained(out))
-    config = config_class(
+    return config_class[spec["family"]](
         text_config=text, vision_config=spec["vision"], tie_word_embeddings=text["tie_word_embeddings"], **ids
     )
+
+
+def write_model(arch: str, out: Path, small: bool, device: str, dtype: torch.dtype, seed: int = 0) -> Path:
+    """Write a random-weight checkpoint of ``arch`` with our tiny tokenizer and the real processor bounds.
+
+    Returns ``out``, loadable as LLaMA-Factory's ``model_name_or_path``.
+    """
+    from llamafactory_vision.tiny import build_tiny
+    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    spec = arch_config(arch, small)
+    build_tiny(spec["family"], out, seed=seed)  # tokenizer, processor, generation config; weights replaced below
+    config = model_config(arch, small, AutoTokenizer.from_pretrained(out))
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
