@@ -121,6 +121,8 @@ def write_model(arch: str, out: Path, small: bool, device: str, dtype: torch.dty
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    for stale in out.glob("model*.safetensors*"):  # the tiny weights; the real size may be sharded differently
+        stale.unlink()
     model.save_pretrained(out)
     del model
 

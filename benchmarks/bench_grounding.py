@@ -419,9 +419,9 @@ def run_cpu(small: bool, work: Path) -> dict:
     torch.set_num_threads(1)
     return {
         "threads": torch.get_num_threads(),
-        "prep": bench_prep(work, rows=40 if small else 300),
+        "prep": bench_prep(work, rows=40 if small else 200),
         "convert": bench_convert(work, objects=5_000 if small else 100_000),
-        "ground_eval": bench_ground_eval(work, rows=2_000 if small else 50_000),
+        "ground_eval": bench_ground_eval(work, rows=2_000 if small else 20_000),
     }
 
 

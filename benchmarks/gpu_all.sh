@@ -68,8 +68,8 @@ timeout $(( 420 * SCALE )) "${PIN[@]}" python3 benchmarks/bench_grounding.py --w
   > /tmp/gpu_all/cpu.out 2> /tmp/gpu_all/cpu.log &
 CPU_PID=$!
 
-run_step a 190 python3 benchmarks/bench_grounding.py --workload a --device $DEVICE "${SIZE[@]}" --out "$OUT/results/a.json"
-run_step b 160 python3 benchmarks/bench_grounding.py --workload b --device $DEVICE "${SIZE[@]}" --out "$OUT/results/b.json"
+run_step a 180 python3 benchmarks/bench_grounding.py --workload a --device $DEVICE "${SIZE[@]}" --out "$OUT/results/a.json"
+run_step b 150 python3 benchmarks/bench_grounding.py --workload b --device $DEVICE "${SIZE[@]}" --out "$OUT/results/b.json"
 [ -f benchmarks/bench_edit.py ] && run_step edit 60 python3 benchmarks/bench_edit.py --device $DEVICE
 [ -f benchmarks/bench_mg_llava.py ] && run_step mg_llava 60 python3 benchmarks/bench_mg_llava.py --device $DEVICE
 
@@ -88,7 +88,7 @@ zero3() {
   python3 benchmarks/check_head.py --model $work/model --adapter $work/run
 }
 if [ $DRY = 1 ] || python3 -c 'import deepspeed' 2>> /tmp/gpu_all/deepspeed_import.log; then
-  run_step zero3 110 bash -c "$(declare -f zero3); DRY=$DRY DEVICE=$DEVICE; zero3"
+  run_step zero3 130 bash -c "$(declare -f zero3); DRY=$DRY DEVICE=$DEVICE; zero3"
 else
   STATUS[zero3]="skipped: deepspeed does not import (see log)"
   { echo "===== zero3: deepspeed import failed"; tail -n 20 /tmp/gpu_all/deepspeed_import.log; } >> "$OUT/log.txt"
