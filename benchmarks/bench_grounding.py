@@ -245,7 +245,9 @@ def train_variant(model_dir: Path, data_dir: Path, work: Path, family: str, vari
             if with_head:
                 terms = bbox_head_loss(head, outputs.hidden_states[-1], batch["bbox_spans"], batch["bbox_targets"],
                                        head_config)  # fmt: skip
-                loss = loss + head_config.loss_weight * terms["total"].to(loss.dtype)
+                # the box mean, as GroundingTrainer normalises it on the host's default (mean) loss path
+                head_term = terms["total"] / terms["boxes"].clamp_min(1)
+                loss = loss + head_config.loss_weight * head_term.to(loss.dtype)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

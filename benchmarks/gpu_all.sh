@@ -11,7 +11,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #   b         Qwen2.5-VL-3B and Qwen3-VL-2B LoRA: the same
 #   edit      benchmarks/bench_edit.py --device cuda       (if the file exists)
 #   mg_llava  benchmarks/bench_mg_llava.py --device cuda   (if the file exists)
-#   zero3     llamafactory-cli train yaml_examples/deepspeed/qwen2vl_ground_head_z3.yaml on a random Qwen2-VL-2B, one
+#   zero3     llamafactory-cli train yaml_examples/qwen2vl_ground_head_ds3.yaml on a random Qwen2-VL-2B, one
 #             GPU under torchrun, then benchmarks/check_head.py (the saved head reloads as predict loads it)
 # Results: $OUT/results/<step>.json (the JSON each step prints last on stdout), $OUT/log.txt (the tail of each
 # step's output), $OUT/summary.txt: at most 8 files.
@@ -81,7 +81,7 @@ zero3() {
   python3 benchmarks/arch.py --arch qwen2vl-2b --out $work/model --device $DEVICE "${small[@]}" >&2
   python3 -m llamafactory_vision.synth grounding --out $work/data --n 32 --preset demo --val-frac 0 >&2
   FORCE_TORCHRUN=1 NNODES=1 NPROC_PER_NODE=1 MASTER_PORT=29517 python3 -m llamafactory.cli train \
-    yaml_examples/deepspeed/qwen2vl_ground_head_z3.yaml model_name_or_path=$work/model dataset_dir=$work/data \
+    yaml_examples/qwen2vl_ground_head_ds3.yaml model_name_or_path=$work/model dataset_dir=$work/data \
     dataset=synth_ground_train output_dir=$work/run max_steps=4 num_train_epochs=1 save_steps=1000 \
     per_device_train_batch_size=2 gradient_accumulation_steps=1 learning_rate=1e-3 preprocessing_num_workers=1 \
     dataloader_num_workers=0 image_max_pixels=262144 plot_loss=false bf16=$bf16 $ds >&2

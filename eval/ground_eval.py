@@ -2,15 +2,21 @@
 
 Reads ``generated_predictions.jsonl`` (one JSON object per line with ``prompt``, ``predict`` and ``label``, both
 decoded without special tokens; optionally ``predict_boxes_head`` from a bbox regression head), prints one JSON
-object with the metrics of :mod:`llamafactory_vision.grounding.metrics` plus ``family`` and ``bad_rows`` (lines
-that are not such an object; they are skipped, never fatal), and writes it to ``--out``.
+object with the metrics of :mod:`llamafactory_vision.grounding.metrics` (rec rows: the first predicted box, as
+published Acc@0.5; detect rows: matching, recall/precision@0.5; reg rows: text match) plus ``family``,
+``bad_rows`` (lines that are not such an object, or rows that cannot be scored; skipped, never fatal, reported on
+stderr with their row number counting from 0), ``decoding`` (the generation settings of the predict run, read from
+the ``predict_results.json`` beside the predictions; ``null`` when not recorded) and, when the answers look like
+another coordinate space than the labels, ``coord_space_warning``; and writes it to ``--out``.
 
     python eval/ground_eval.py --predictions saves/x/predict/generated_predictions.jsonl --out metrics.json
 
-``--visualize DIR`` writes ``DIR/{row:05d}.png`` per row: label boxes green, predicted boxes red, head boxes blue.
-The predictions file holds no image paths, so pass the dataset the predictions came from with ``--images`` (same
-row order: LLaMA-Factory's predict keeps it) and ``--dataset-dir`` for relative paths. Qwen2.5-VL writes pixels
-of the image as the model sees it; drawing those needs the model's processor (``--model``).
+``--images`` names the dataset the predictions came from (same row order: LLaMA-Factory's predict keeps it;
+``--dataset-dir`` for relative paths). Rows are then scored against the dataset's own float boxes (not the label
+text, rounded to the family's grid) and its ``task`` column, all compared in ``[0, 1]`` of the image; Qwen2.5-VL
+writes pixels of the image as the model sees it, so it needs the model's processor (``--model``).
+``--visualize DIR`` (needs ``--images``) writes ``DIR/{row:05d}.png`` per row: label boxes green, predicted boxes
+red, head boxes blue.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +41,14 @@ from llamafactory_vision.boxes import (
     normalize_xyxy,
     to_xyxy,
 )
-from llamafactory_vision.grounding.formats import Box, BoxCodec, get_codec, parse_answer
-from llamafactory_vision.grounding.metrics import HEAD_BOX_FIELDS, grounding_scores, head_boxes_for_family
+from llamafactory_vision.grounding.formats import RELATIVE_SCALE, Box, get_codec, parse_answer
+from llamafactory_vision.grounding.metrics import (
+    HEAD_BOX_FIELDS,
+    KINDS,
+    GroundingMetricAccumulator,
+    head_boxes_for_family,
+    score_row,
+)
 from llamafactory_vision.grounding.visualize import draw_boxes
 from PIL import Image
 
@@ -139,6 +152,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.visualize is not None and args.images is None:
         parser.error("--visualize needs --images: the predictions file holds no image paths")
+    if args.model is not None and args.images is None:
+        parser.error("--model is used with --images (Qwen2.5-VL model-view pixels of the dataset's images)")
     return args
 
 
@@ -170,7 +185,7 @@ def collect_head_boxes(
                 raise TypeError(f"predict_boxes_head={objects!r} is not a list")
             heads.append(head_boxes_for_family(objects, family))
         except (TypeError, ValueError) as err:
-            print(f"row {index}: skipped: {err}", file=sys.stderr)
+            print(f"row {index} (counting from 0): skipped: {err}", file=sys.stderr)
             bad += 1
             continue
         kept.append((index, obj))
@@ -183,8 +198,8 @@ def load_processor(family: str, args: argparse.Namespace) -> Any:
         return None
     if args.model is None:
         raise SystemExit(
-            "error: qwen2_5_vl answers are pixels of the image as the model sees it; drawing them needs "
-            "--model DIR (a local model dir whose processor fixes that size)"
+            "error: qwen2_5_vl answers are pixels of the image as the model sees it; pairing them with the dataset's "
+            "boxes (--images) needs --model DIR (a local model dir whose processor fixes that size)"
         )
     from transformers import AutoProcessor
 
@@ -193,13 +208,6 @@ def load_processor(family: str, args: argparse.Namespace) -> Any:
     processor.image_max_pixels = args.image_max_pixels
     processor.image_min_pixels = args.image_min_pixels
     return processor
-
-
-def to_pixels(
-    boxes: Sequence[Sequence[float]], codec: BoxCodec, model_size: tuple[int, int], image_size: tuple[int, int]
-) -> list[Box]:
-    """Boxes as a family writes them -> ``xyxy`` pixels of the original image of ``image_size = (width, height)``."""
-    return [denormalize_xyxy(codec.decode_box(box, model_size=model_size), image_size) for box in boxes]
 
 
 def dataset_boxes(row: Any, image_size: tuple[int, int]) -> list[Box] | None:
@@ -225,59 +233,142 @@ def check_alignment(index: int, label: list[Box], row: Any, image_size: tuple[in
         abs(a - b) > tolerance for box, exp in zip(label, expected) for a, b in zip(box, exp)
     ):
         raise SystemExit(
-            f"error: predictions row {index} does not match row {index} of --images (label boxes {label} vs "
-            f"dataset boxes {expected}, normalised). Rows are paired by position: pass the dataset file the "
-            "predictions were made from, without rows skipped by `grounding_invalid: skip`."
+            f"error: predictions row {index} does not match row {index} of --images (rows count from 0; label boxes "
+            f"{label} vs dataset boxes {expected}, normalised). Rows are paired by position: pass the dataset file "
+            "the predictions were made from, without rows skipped by `grounding_invalid: skip`."
         )
 
 
-def visualize(
+@dataclass
+class ResolvedRow:
+    """A prediction row paired with its dataset row, every box normalised xyxy in ``[0, 1]`` of the image.
+
+    ``label`` holds the dataset's float boxes when the dataset row has readable ones, else the label text's boxes.
+    """
+
+    index: int
+    obj: dict[str, Any]
+    task: str | None
+    image_path: Path | None
+    image_size: tuple[int, int]
+    predict: list[Box]
+    label: list[Box]
+    head: list[Box] | None
+
+
+def _dataset_task(row: Any) -> str | None:
+    task = row.get("task", "rec") if isinstance(row, dict) else None
+    return task if task in KINDS else None
+
+
+def resolve_rows(
     rows: list[tuple[int, dict[str, Any]]],
     heads: list[list[Box] | None],
     family: str,
     processor: Any,
     args: argparse.Namespace,
-) -> dict[str, int]:
-    """Draw every row onto its image; returns ``visualized`` and ``visualize_failures`` counts."""
+) -> tuple[list[ResolvedRow], int]:
+    """Pair each prediction with row ``index`` of ``--images`` and normalise its boxes; returns the rows and how many
+    could not be scored (no image size where the family needs one: reported on stderr)."""
     codec = get_codec(family)
     dataset = read_dataset(args.images)
     dataset_dir = args.dataset_dir if args.dataset_dir is not None else args.images.parent
+    resolved, bad = [], 0
+    for (index, obj), head in zip(rows, heads):
+        row = dataset[index] if index < len(dataset) else None
+        path = image_path(row, dataset_dir)
+        try:
+            if path is None:
+                raise OSError(f"no image in row {index} of {args.images}")
+            with Image.open(path) as opened:  # the header is enough for the size
+                size = opened.size
+            model_size = model_view_size(*size, processor) if processor is not None else size
+        except (OSError, ValueError) as err:  # unreadable, or a size the host cannot process (aspect ratio > 200)
+            if family in ("qwen2_5_vl", "llava"):  # their coordinates depend on the image size
+                print(f"row {index} (counting from 0): skipped: {err}", file=sys.stderr)
+                bad += 1
+                continue
+            print(f"row {index} (counting from 0): {err}; scored on the label text", file=sys.stderr)
+            path, size, model_size = None, (RELATIVE_SCALE, RELATIVE_SCALE), (RELATIVE_SCALE, RELATIVE_SCALE)
+
+        def decode(boxes: Sequence[Sequence[float]], view: tuple[int, int] = model_size) -> list[Box]:
+            return [codec.decode_box(box, model_size=view) for box in boxes]
+
+        label_text = decode(parse_answer(obj["label"]).boxes)
+        dataset_label = dataset_boxes(row, size) if path is not None else None
+        if dataset_label is not None:
+            # one unit of the coarsest written grid (1/1000, or a model-view pixel) plus rounding and clamping
+            check_alignment(index, label_text, row, size, 1.5 / min(RELATIVE_SCALE, *model_size))
+        resolved.append(
+            ResolvedRow(
+                index=index,
+                obj=obj,
+                task=_dataset_task(row),
+                image_path=path,
+                image_size=size,
+                predict=decode(parse_answer(obj["predict"]).boxes),
+                label=dataset_label if dataset_label is not None else label_text,
+                head=None if head is None else decode(head),
+            )
+        )
+    return resolved, bad
+
+
+def score_resolved(rows: list[ResolvedRow], family: str) -> tuple[dict[str, Any], str | None]:
+    """Metrics over rows resolved against the dataset (boxes in ``[0, 1]``); and the coordinate-space warning."""
+    accumulator = GroundingMetricAccumulator(family, bounds=(1.0, 1.0))
+    for row in rows:
+        accumulator.add(
+            score_row(
+                row.obj["predict"],
+                row.obj["label"],
+                row.head,
+                row.task,
+                pred_boxes=row.predict,
+                label_boxes=row.label if row.task != "reg" else None,
+            )
+        )
+    return accumulator.compute(), accumulator.warning
+
+
+def visualize(rows: list[ResolvedRow], args: argparse.Namespace) -> dict[str, int]:
+    """Draw every resolved row onto its image; returns ``visualized`` and ``visualize_failures`` counts."""
     args.visualize.mkdir(parents=True, exist_ok=True)
     done, failed = 0, 0
-    for (index, obj), head in zip(rows, heads):
-        path = image_path(dataset[index], dataset_dir) if index < len(dataset) else None
-        if path is None:
-            print(f"row {index}: no image in {args.images}", file=sys.stderr)
+    for row in rows:
+        if row.image_path is None:
             failed += 1
             continue
-        try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except OSError as err:
-            print(f"row {index}: cannot open {path}: {err}", file=sys.stderr)
-            failed += 1
-            continue
-        width, height = image.size
-        try:
-            model_size = model_view_size(width, height, processor) if processor is not None else (width, height)
-        except ValueError as err:  # a size the host cannot process either (e.g. aspect ratio over 200)
-            print(f"row {index}: {path}: {err}", file=sys.stderr)
-            failed += 1
-            continue
-        label, predict = parse_answer(obj["label"]), parse_answer(obj["predict"])
-        label_norm = [codec.decode_box(box, model_size=model_size) for box in label.boxes]
-        # one unit of the coarsest written grid (1/1000, or a model-view pixel) plus rounding
-        tolerance = 1.5 / min(1000, *model_size)
-        check_alignment(index, label_norm, dataset[index], image.size, tolerance)
-        image = draw_boxes(image, to_pixels(label.boxes, codec, model_size, image.size), LABEL_COLOR, label.refs)
+        with Image.open(row.image_path) as opened:
+            image = opened.convert("RGB")
+        label_refs = parse_answer(row.obj["label"]).refs
+        predict_refs = parse_answer(row.obj["predict"]).refs
+        pixels = [denormalize_xyxy(box, image.size) for box in row.label]
+        image = draw_boxes(image, pixels, LABEL_COLOR, label_refs if len(label_refs) == len(pixels) else None)
         image = draw_boxes(
-            image, to_pixels(predict.boxes, codec, model_size, image.size), PREDICT_COLOR, predict.refs, "bottom"
+            image, [denormalize_xyxy(box, image.size) for box in row.predict], PREDICT_COLOR, predict_refs, "bottom"
         )
-        if head:
-            image = draw_boxes(image, to_pixels(head, codec, model_size, image.size), HEAD_COLOR)
-        image.save(args.visualize / f"{index:05d}.png")
+        if row.head:
+            image = draw_boxes(image, [denormalize_xyxy(box, image.size) for box in row.head], HEAD_COLOR)
+        image.save(args.visualize / f"{row.index:05d}.png")
         done += 1
     return {"visualized": done, "visualize_failures": failed}
+
+
+def read_decoding(predictions: Path) -> dict[str, float | int] | None:
+    """The decoding settings the predict run recorded in the ``predict_results.json`` beside ``predictions``
+    (``predict_decoding_*`` keys, see the grounding workflow), or ``None``."""
+    path = predictions.parent / "predict_results.json"
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    prefix = "predict_decoding_"
+    found = {k.removeprefix(prefix): v for k, v in results.items() if k.startswith(prefix)} if isinstance(
+        results, dict) else {}  # fmt: skip
+    return found or None
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -286,10 +377,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows, bad = read_predictions(args.predictions)
     detected = detect_family([obj["label"] for _, obj in rows])
     # Settle everything that can stop the run before any work is done.
-    draw_family = processor = None
-    if args.visualize is not None:
-        draw_family = resolve_family(args.family, detected, "--visualize")
-        processor = load_processor(draw_family, args)
+    family = detected if args.family == "auto" else args.family
+    processor = None
+    if args.images is not None:
+        family = resolve_family(args.family, detected, "--images")
+        processor = load_processor(family, args)
     heads: list[list[Box] | None] = [None] * len(rows)
     if any("predict_boxes_head" in obj for _, obj in rows):
         head_family = resolve_family(args.family, detected, "predict_boxes_head")
@@ -298,11 +390,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows, heads, bad_heads = collect_head_boxes(rows, head_family)
         bad += bad_heads
 
-    metrics: dict[str, Any] = {"family": detected if args.family == "auto" else args.family}
-    metrics.update(grounding_scores(((obj["predict"], obj["label"]) for _, obj in rows), head_boxes=heads))
+    metrics: dict[str, Any] = {"family": family}
+    if args.images is not None:
+        resolved, bad_resolved = resolve_rows(rows, heads, family, processor, args)
+        bad += bad_resolved
+        scores, warning = score_resolved(resolved, family)
+    else:
+        accumulator = GroundingMetricAccumulator(family if family in FAMILIES else None)
+        accumulator.update([obj["predict"] for _, obj in rows], [obj["label"] for _, obj in rows], heads)
+        scores, warning = accumulator.compute(), accumulator.warning
+    metrics.update(scores)
     metrics["bad_rows"] = bad
-    if draw_family is not None:
-        metrics.update(visualize(rows, heads, draw_family, processor, args))
+    metrics["decoding"] = read_decoding(args.predictions)
+    if metrics["decoding"] is None:
+        print("note: no decoding settings recorded beside the predictions (predict_results.json)", file=sys.stderr)
+    if warning:
+        metrics["coord_space_warning"] = warning
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.visualize is not None:
+        metrics.update(visualize(resolved, args))
 
     text = json.dumps(metrics, indent=2)
     print(text)

@@ -48,8 +48,8 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def cli(args: list[str], cwd: Path, check: bool = True):
-    return run_cli(args, cwd, check=check, OMP_NUM_THREADS="1")
+def cli(args: list[str], cwd: Path, check: bool = True, **env: str):
+    return run_cli(args, cwd, check=check, OMP_NUM_THREADS="1", **env)
 
 
 def parse(config: dict[str, Any]) -> tuple:
@@ -144,6 +144,11 @@ def log_steps(output_dir: Path) -> list[dict[str, Any]]:
     """The per-step entries of ``trainer_state.json`` (which, unlike trainer_log.jsonl, keeps our extra keys)."""
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     return [entry for entry in history if "loss" in entry]
+
+
+def eval_steps(output_dir: Path) -> list[dict[str, Any]]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [entry for entry in history if "eval_loss" in entry]
 
 
 BOX_1000 = re.compile(r"\((\d+),(\d+)\),\((\d+),(\d+)\)")  # a Qwen2-VL label once the box tokens are stripped
@@ -323,11 +328,16 @@ def assert_anchors(family: str, tokenizer, ids: list[int], label_start: int, spa
     return inner_texts
 
 
-@pytest.mark.parametrize("family", QWEN_FAMILIES)
-def test_anchor_spans_and_targets(family, tiny_models, multi_data, tmp_path):
-    template = GROUND_TEMPLATE[family]
-    full, tokenizer = head_dataset(tiny_models[family], multi_data, template, tmp_path / "a", cutoff_len=1024)
-    cut, _ = head_dataset(tiny_models[family], multi_data, template, tmp_path / "b", cutoff_len=CUT_LEN)
+ANCHOR_CASES = [(family, "native") for family in QWEN_FAMILIES] + [("qwen2_5_vl", "compact")]
+
+
+@pytest.mark.parametrize("family,style", ANCHOR_CASES)
+def test_anchor_spans_and_targets(family, style, tiny_models, multi_data, tmp_path):
+    """The head finds every box in the answer text, in the native style (Qwen2.5/3-VL: fenced JSON, one object per
+    line) and the compact one."""
+    template, extra = GROUND_TEMPLATE[family], {"ground_answer_style": style}
+    full, tokenizer = head_dataset(tiny_models[family], multi_data, template, tmp_path / "a", cutoff_len=1024, **extra)
+    cut, _ = head_dataset(tiny_models[family], multi_data, template, tmp_path / "b", cutoff_len=CUT_LEN, **extra)
     targets = expected_targets(multi_data, "ground_train.jsonl")
     assert len(full) == len(cut) == len(targets)
     assert max(len(t) for t in targets) >= 3
@@ -383,6 +393,154 @@ def test_save_load_round_trip(tmp_path):
         assert loaded(hidden).shape == (5, 7, 4)
     with pytest.raises(FileNotFoundError, match=HEAD_WEIGHTS):
         load_head(tmp_path)
+
+
+class _StubModel(torch.nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, hidden_size)
+        self.device = torch.device("cpu")
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.embed
+
+
+def test_saved_head_settings_conflicting_with_yaml_are_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from llamafactory_vision.grounding.bbox_head import attach_head
+
+    saved = BBoxHead(BBoxHeadConfig(hidden_size=32, num_layers=2, source="box_end"))
+    with random_head(saved):
+        save_head(saved, tmp_path)
+        expected = {k: v.clone() for k, v in saved.state_dict().items()}
+    model_args = SimpleNamespace(adapter_name_or_path=None, model_name_or_path=str(tmp_path))
+    for layers, source, message in [
+        (3, None, "bbox_head_layers: 3 in the YAML, 2 in the saved head"),
+        (None, "box_start", "bbox_head_source: 'box_start' in the YAML, 'box_end' in the saved head"),
+    ]:
+        finetuning_args = SimpleNamespace(bbox_head_layers=layers, bbox_head_source=source)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            attach_head(_StubModel(32), model_args, finetuning_args, is_trainable=True)
+    for layers, source in [(None, None), (2, "box_end")]:  # unset, or set to the saved values: the saved head
+        model = _StubModel(32)
+        finetuning_args = SimpleNamespace(bbox_head_layers=layers, bbox_head_source=source)
+        head = attach_head(model, model_args, finetuning_args, is_trainable=True)
+        assert model.bbox_head is head and head.config == saved.config
+        assert all(torch.equal(head.state_dict()[k], v) for k, v in expected.items())
+
+
+class _ZeroStage3:
+    """A stand-in for DeepSpeed ZeRO-3 on CPU: each parameter keeps an empty placeholder (``ds_id`` set, as
+    deepspeed marks them) and its full value aside; ``gathered_parameters`` brings the full values back inside its
+    ``with`` block, as ``deepspeed.zero.GatheredParameters`` does (installed in place of bbox_head's call to it)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.params = list(module.parameters())
+        self.full = [p.data.clone() for p in self.params]
+        self.gathered: list[list[torch.nn.Parameter]] = []
+        for i, param in enumerate(self.params):
+            param.ds_id = i
+            param.data = torch.empty(0, dtype=param.dtype)
+
+    def gathered_parameters(self, params, modifier_rank=None):
+        stage = self
+
+        @contextmanager
+        def gathered():
+            assert modifier_rank is None  # read only
+            stage.gathered.append(list(params))
+            for param in params:
+                param.data = stage.full[param.ds_id]
+            try:
+                yield
+            finally:
+                for param in params:
+                    param.data = torch.empty(0, dtype=param.dtype)
+
+        return gathered()
+
+    def restore(self) -> None:
+        for param, full in zip(self.params, self.full):
+            param.data = full
+            del param.ds_id
+
+    def install(self, monkeypatch) -> None:
+        from llamafactory_vision.grounding import bbox_head
+
+        monkeypatch.setattr(bbox_head, "gathered_parameters", lambda params: self.gathered_parameters(params, None))
+
+
+def test_zero3_partitioned_head_is_saved_gathered(tmp_path, monkeypatch):
+    head = BBoxHead(BBoxHeadConfig(hidden_size=32, num_layers=2))
+    with random_head(head):
+        expected = {k: v.clone() for k, v in head.state_dict().items()}
+        stage = _ZeroStage3(head)
+        stage.install(monkeypatch)
+        try:
+            with pytest.raises(ValueError, match="are empty: gather them"):  # what saving state_dict() would write
+                save_head(head, tmp_path / "raw", state=head.state_dict())
+            save_head(head, tmp_path / "gathered")
+            assert len(stage.gathered) == 1 and len(stage.gathered[0]) == 4  # every weight, in one gather
+        finally:
+            stage.restore()
+    saved = load_file(str(tmp_path / "gathered" / HEAD_WEIGHTS))
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], v) for k, v in expected.items())
+
+
+def test_zero3_trainer_save_model_gathers_head_on_every_rank(build_trainer, tmp_path, monkeypatch):
+    """``save_model`` runs on every rank (``_save`` on the main one only): the gather happens there."""
+    trainer = build_trainer("detr_defaults")
+    head = trainer.model.bbox_head
+    with random_head(head, seed=4):
+        expected = {k: v.clone() for k, v in head.state_dict().items()}
+        stage = _ZeroStage3(head)
+        stage.install(monkeypatch)
+        try:
+            trainer.save_model(str(tmp_path / "ckpt"))
+        finally:
+            stage.restore()
+    assert len(stage.gathered) == 1
+    saved = head_state(tmp_path / "ckpt")
+    assert all(torch.equal(saved[k], v) for k, v in expected.items())
+    assert not any("bbox" in k for k in load_file(str(tmp_path / "ckpt" / "adapter_model.safetensors")))
+
+
+def test_load_best_model_restores_its_head(build_trainer, tmp_path):
+    """``load_best_model_at_end``: the best checkpoint's head comes back with its adapter, not the last one's."""
+    trainer = build_trainer("detr_defaults")
+    head = trainer.model.bbox_head
+    with random_head(head, seed=5):
+        best = {k: v.clone() for k, v in head.state_dict().items()}
+        trainer.save_model(str(tmp_path / "checkpoint-1"))
+    with random_head(head, seed=6):  # the last step's head
+        trainer.state.best_model_checkpoint = str(tmp_path / "checkpoint-1")
+        trainer._load_best_model()
+        restored = {k: v.clone() for k, v in head.state_dict().items()}
+    assert all(torch.equal(restored[k], v) for k, v in best.items())
+
+
+def test_generated_vision_tokens_do_not_break_head_predict(build_trainer):
+    """A model may generate <|vision_start|><|image_pad|>: the head's forward pass must not read them as an image."""
+    trainer = build_trainer("detr_defaults")
+    model, tokenizer = trainer.model, trainer.processing_class
+    model.eval()
+    row = trainer.train_dataset[0]
+    prompt_len = next(i for i, label in enumerate(row["labels"]) if label != -100)
+    feature = {k: v for k, v in row.items() if k not in ("bbox_spans", "bbox_targets", "bbox_cut")}
+    feature = {**feature, "input_ids": row["input_ids"][:prompt_len], "attention_mask": [1] * prompt_len,
+               "labels": row["labels"][:prompt_len]}  # fmt: skip
+    # as the predict collator gives them (built without the model: no precomputed M-RoPE positions)
+    batch = trainer.data_collator([feature])
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "position_ids", "rope_deltas")}
+    answer = "<|vision_start|><|image_pad|><|vision_end|>the green circle<|box_start|>(100,200),(300,400)<|box_end|>"
+    new_tokens = torch.tensor([tokenizer.encode(answer, add_special_tokens=False)])
+    assert (new_tokens == model.config.image_token_id).any()
+    generated = torch.cat([inputs["input_ids"], new_tokens], dim=1)
+    with random_head(model.bbox_head):
+        (boxes,) = trainer._head_boxes(model, inputs, generated)
+    assert len(boxes) == 1 and all(0 <= v <= 1000 for v in boxes[0]["xyxy_1000"])
 
 
 @dataclass(frozen=True)
@@ -442,6 +600,17 @@ def test_lora_run_saves_head_beside_adapter_and_checkpoints(lora_head_run, tiny_
     for key, value in head_state(run.output_dir / "checkpoint-2").items():
         assert torch.equal(value, final[key])
 
+    # One line says which head was attached, and the host's parameter count grows by the head's.
+    head_params = 2 * (hidden_size * hidden_size + hidden_size) + 4 * hidden_size + 4
+    attached = re.search(
+        r"bbox head attached \(new \(last layer zero-initialised\)\): bbox_head_layers=3, bbox_head_source=box_start, "
+        rf"hidden_size={hidden_size}, {head_params:,} params, trainable\. With the head: trainable params: ([\d,]+)",
+        run.log,
+    )
+    host = re.search(r"trainable params: ([\d,]+) \|\| all params", run.log)  # the host's line comes first
+    assert attached and host, run.log[-3000:]
+    assert int(attached.group(1).replace(",", "")) == int(host.group(1).replace(",", "")) + head_params
+
     steps = log_steps(run.output_dir)
     assert [entry["step"] for entry in steps] == [1, 2]
     for entry in steps:  # logged beside `loss`, rounded to 4 decimals; DETR weights by default
@@ -479,7 +648,10 @@ def test_predict_loads_the_adapters_head(lora_head_run, multi_data, tmp_path):
             assert len(box["xyxy_1000"]) == 4 and all(isinstance(v, int) and 0 <= v <= 1000 for v in box["xyxy_1000"])
             assert len(box["xyxy_model"]) == 4
     results = json.loads((tmp_path / "pred" / "predict_results.json").read_text())
-    assert results["predict_head_n"] == sum(len(row["objects"]) for row in val_rows)
+    # rec rows (one label box) and detect-style rows (several: matched) together score every label box
+    one_box = sum(len(row["objects"]) == 1 for row in val_rows)
+    assert results["predict_head_n"] == one_box
+    assert results["predict_head_detect_n"] == sum(len(row["objects"]) for row in val_rows) - one_box
     assert 0.0 <= results["predict_head_acc@0.5"] <= 1.0 and 0.0 <= results["predict_head_miou"] <= 1.0
     if not any(p["predict_boxes_head"] for p in predictions):  # a 2-step model may write no box at all
         assert results["predict_head_miou"] == results["predict_head_acc@0.5"] == 0.0
@@ -584,10 +756,47 @@ def test_head_with_eval_on_each_dataset(tiny_models, multi_data, tmp_path):
 
     config = train_config(
         tiny_models[FAMILY], multi_data, tmp_path / "out", GROUND_TEMPLATE[FAMILY], bbox_head=True, max_steps=1,
-        eval_dataset="synth_ground_val", eval_on_each_dataset=True,
+        eval_dataset="synth_ground_val", eval_on_each_dataset=True, eval_strategy="steps", eval_steps=1,
     )  # fmt: skip
     run_exp({k: str(v) if isinstance(v, Path) else v for k, v in config.items()})
     assert (tmp_path / "out" / HEAD_WEIGHTS).is_file()
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    (evaluation,) = [entry for entry in history if "eval_synth_ground_val_loss" in entry]
+    prefix = "eval_synth_ground_val_"  # the head's figures carry the dataset's own prefix
+    assert {f"{prefix}lm_loss", f"{prefix}bbox_l1", f"{prefix}bbox_giou"} <= evaluation.keys()
+
+
+def test_streaming_trains_the_head(tiny_models, demo_data, tmp_path):
+    from llamafactory.train.tuner import run_exp
+
+    # the host shards a streamed local file into `dataloader_num_workers` shards (0 shards: no rows)
+    config = train_config(tiny_models[FAMILY], demo_data, tmp_path / "out", GROUND_TEMPLATE[FAMILY], bbox_head=True,
+                          streaming=True, dataloader_num_workers=1, overwrite_cache=True)  # fmt: skip
+    run_exp({k: str(v) if isinstance(v, Path) else v for k, v in config.items()})
+    steps = log_steps(tmp_path / "out")
+    assert [entry["step"] for entry in steps] == [1, 2]
+    assert all({"lm_loss", "bbox_l1", "bbox_giou"} <= entry.keys() for entry in steps)
+    assert head_state(tmp_path / "out")["bbox_fc2.weight"].any()
+
+
+def test_tokenized_path_without_box_columns_is_refused(tiny_models, demo_data, tmp_path):
+    """A dataset tokenized by stock SFT (head off) and reloaded from tokenized_path has no box targets."""
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.model import load_tokenizer
+    from llamafactory_vision.grounding import workflow
+
+    tokenized = tmp_path / "tokenized"
+    config = train_config(tiny_models[FAMILY], demo_data, tmp_path / "out", GROUND_TEMPLATE[FAMILY],
+                          tokenized_path=tokenized, overwrite_cache=True)  # fmt: skip
+    model_args, data_args, training_args, _, _ = parse(config)
+    tokenizer_module = load_tokenizer(model_args)
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    assert (tokenized / "dataset_dict.json").is_file()
+
+    with pytest.raises(ValueError, match="has no bbox_spans, bbox_targets, bbox_cut column") as error:
+        workflow.run_grounding_sft(*parse({**config, "bbox_head": True}))
+    assert f"tokenized_path: {tokenized}" in str(error.value) and "bbox_head: true" in str(error.value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -705,9 +914,9 @@ def test_predict_with_full_model_head(learn_run, learn_data, tmp_path):
         if not boxes:
             ious.append(0.0)
             continue
-        best = box_iou(torch.tensor(boxes, dtype=torch.float64), label).max().item()
-        ious.append(best)
-        trained.append(best)
+        first = box_iou(torch.tensor(boxes[:1], dtype=torch.float64), label).item()  # rec: the first box counts
+        ious.append(first)
+        trained.append(first)
         centred.append(box_iou(torch.tensor([[250.0, 250.0, 750.0, 750.0]], dtype=torch.float64), label).item())
     assert results["predict_head_n"] == len(predictions)
     assert results["predict_head_miou"] == pytest.approx(sum(ious) / len(ious), abs=1e-9)
@@ -716,15 +925,158 @@ def test_predict_with_full_model_head(learn_run, learn_data, tmp_path):
     assert sum(trained) / len(trained) > sum(centred) / len(centred) + 0.05
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Gradient accumulation, world size and the host's loss paths
+# ----------------------------------------------------------------------------------------------------------------
+
+# Train tasks in row order: with 2 processes and batch 1 (no shuffling), step 1 gives rank 0 a rec row (one box) and
+# rank 1 a reg row (no box target: the box is in the prompt); step 2 the other way round.
+MIXED_TASKS = ("rec", "reg", "reg", "rec", "rec", "reg")
+LOSS_PATHS = {"mean": {}, "dft": {"use_dft_loss": True}, "eaft": {"use_eaft_loss": True}}
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory) -> Path:
+    """Demo scenes (one object each), train rows alternating rec and reg as in MIXED_TASKS."""
+    root = tmp_path_factory.mktemp("mixed")
+    generate_grounding(root, n=8, seed=7, val_frac=0.25, preset="demo")
+    rows = read_jsonl(root / "ground_train.jsonl")
+    assert len(rows) == len(MIXED_TASKS)
+    lines = [json.dumps({**row, "task": task}) for row, task in zip(rows, MIXED_TASKS)]
+    (root / "ground_train.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def step_grads(trainer, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict]:
+    """One optimizer step's gradients as the host's training loop takes them (``get_batch_samples``, then
+    ``training_step`` per micro-batch), and what ``log`` then adds."""
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    trainer._metric_sums.clear()
+    trainer.current_gradient_accumulation_steps = len(micro_batches)
+    samples, num_items = trainer.get_batch_samples(iter(micro_batches), len(micro_batches), trainer.args.device)
+    for batch in samples:
+        trainer.training_step(model, batch, num_items)
+    trainer.log({"loss": 0.0})
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return grads, trainer.state.log_history[-1]
+
+
+@pytest.mark.parametrize("path", list(LOSS_PATHS))
+def test_accumulated_gradients_equal_one_batch(path, tiny_models, mixed_data, tmp_path):
+    """Rows 0 (rec, one box), 1 (reg, no box) and 3 (rec, one box) as 3 accumulated micro-batches vs. one batch.
+
+    With use_dft_loss/use_eaft_loss the host normalises the LM loss over the step's tokens (``num_items_in_batch``):
+    the head's must be normalised over the step's boxes, so both runs give the same gradients and logged figures.
+    On the host's default path for VLMs each micro-batch's LM loss is its own mean, divided by the accumulation
+    steps: the head's must be too, so the step's gradients are the mean of each micro-batch's single-batch ones.
+    """
+    config = train_config(
+        tiny_models[FAMILY], mixed_data, tmp_path, GROUND_TEMPLATE[FAMILY], bbox_head=True, overwrite_cache=True,
+        per_device_train_batch_size=1, gradient_accumulation_steps=3, **LOSS_PATHS[path],
+    )  # fmt: skip
+    trainer = workflow_trainer(config)
+    trainer.model.train()
+    rows = [trainer.train_dataset[i] for i in (0, 1, 3)]
+    assert [len(row["bbox_spans"]) for row in rows] == [1, 0, 1]
+    collate = trainer.data_collator
+    with random_head(trainer.model.bbox_head):
+        accumulated, logged = step_grads(trainer, [collate([row]) for row in rows])
+        if path == "mean":
+            singles = [step_grads(trainer, [collate([row])]) for row in rows]
+            expected = {name: sum(grads[name] for grads, _ in singles) / 3 for name in singles[0][0]}
+            expected_log = {"lm_loss": sum(log["lm_loss"] for _, log in singles) / 3}
+            for key in ("bbox_l1", "bbox_giou"):  # means over the boxes: rows 0 and 3 have one each
+                expected_log[key] = (singles[0][1][key] + singles[2][1][key]) / 2
+        else:
+            expected, expected_log = step_grads(trainer, [collate(rows)])
+    assert expected.keys() == accumulated.keys()
+    assert any(name.startswith("bbox_head.bbox_fc0") for name in expected)  # the random head gets gradients
+    for name, grad in expected.items():
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    for key in ("lm_loss", "bbox_l1", "bbox_giou"):
+        assert logged[key] == pytest.approx(expected_log[key], abs=2e-4), key
+
+
+def test_asft_loss_is_refused_with_the_head(tiny_models, demo_data, tmp_path):
+    config = train_config(tiny_models[FAMILY], demo_data, tmp_path, GROUND_TEMPLATE[FAMILY], bbox_head=True,
+                          use_asft_loss=True)  # fmt: skip
+    with pytest.raises(ValueError, match="does not support `use_asft_loss: true`"):
+        parse(config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. Two processes (gloo) against one, on the same global batches
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parallel_config(model: Path, data_dir: Path, out: Path, **extra) -> dict[str, Any]:
+    """2 SGD steps with use_dft_loss (the LM loss normalised over the step's tokens, so one process with the whole
+    global batch is the oracle), logged and evaluated (one row per batch) every step, a short gloo timeout so a hang
+    fails fast."""
+    return train_config(
+        model, data_dir, out, GROUND_TEMPLATE[FAMILY], bbox_head=True, use_dft_loss=True, disable_shuffling=True,
+        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", ddp_timeout=120, overwrite_cache=True,
+        eval_dataset="synth_ground_val", eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=1, **extra,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, tiny_models, mixed_data) -> Run:
+    work = tmp_path_factory.mktemp("one_process")
+    return train_run(work, parallel_config(tiny_models[FAMILY], mixed_data, work / "out", per_device_train_batch_size=2))
+
+
 @pytest.mark.e2e
-def test_head_trains_under_torchrun_two_process_gloo(tmp_path, tiny_models, demo_data):
-    """2-process CPU data parallel with gradient accumulation: the head is part of the DDP model and is saved once."""
-    out = tmp_path / "ddp"
-    config = train_config(tiny_models["qwen2_vl"], demo_data, out, GROUND_TEMPLATE["qwen2_vl"], bbox_head=True,
-                          ddp_backend="gloo", gradient_accumulation_steps=2, max_steps=2)  # fmt: skip
+def test_two_processes_train_like_one(one_process_run, tiny_models, mixed_data, tmp_path):
+    """Mixed rec/reg rows, batch 1 per process: at each step one rank has no box target. Both processes must log
+    (this hung in the per-key gather) and give the figures and weights of one process on the same global batch."""
+    config = parallel_config(tiny_models[FAMILY], mixed_data, tmp_path / "out", per_device_train_batch_size=1)
     result = run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "ddp.yaml", config))], tmp_path,
                      FORCE_TORCHRUN="1", NPROC_PER_NODE="2")  # fmt: skip
     assert "world size: 2" in result.stdout + result.stderr
-    logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    assert all({"lm_loss", "bbox_l1", "bbox_giou"} <= set(log) for log in logs if "loss" in log)
-    assert (out / "bbox_head.safetensors").is_file()
+    two, one = log_steps(tmp_path / "out"), log_steps(one_process_run.output_dir)
+    assert [e["step"] for e in two] == [e["step"] for e in one] == [1, 2]
+    for ours, oracle in zip(two, one):
+        for key in ("loss", "lm_loss", "bbox_l1", "bbox_giou", "grad_norm"):
+            assert ours[key] == pytest.approx(oracle[key], rel=1e-3, abs=2e-4), (key, ours, oracle)
+    two, one = eval_steps(tmp_path / "out"), eval_steps(one_process_run.output_dir)
+    assert [e["step"] for e in two] == [e["step"] for e in one] == [1, 2]
+    for ours, oracle in zip(two, one):  # evaluation during training, its rows split over both processes
+        for key in ("eval_loss", "eval_lm_loss", "eval_bbox_l1", "eval_bbox_giou"):
+            assert ours[key] == pytest.approx(oracle[key], rel=1e-3, abs=2e-4), (key, ours, oracle)
+    for name in ("adapter_model.safetensors", HEAD_WEIGHTS):
+        ours, oracle = load_file(str(tmp_path / "out" / name)), load_file(str(one_process_run.output_dir / name))
+        assert ours.keys() == oracle.keys()
+        for key in oracle:
+            torch.testing.assert_close(ours[key], oracle[key], rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+    assert head_state(tmp_path / "out")["bbox_fc2.weight"].any()
+
+
+@pytest.mark.e2e
+def test_two_process_predict_equals_one(learn_run, learn_data, tmp_path):
+    """42 val rows, 6 per batch: 7 batches, so the sampler pads the second process with a repeated batch that the
+    gather drops. Every row (text, head boxes, row index, image) and every metric equals the 1-process run's."""
+    outputs = {}
+    for procs in ("1", "2"):
+        config = predict_config(learn_run, learn_data, tmp_path / procs, finetuning_type="full", do_sample=False,
+                                ddp_timeout=120)  # fmt: skip
+        config.update(model_name_or_path=learn_run.output_dir, per_device_eval_batch_size=6)
+        del config["lora_target"]
+        env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"} if procs == "2" else {}
+        cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / f"predict{procs}.yaml", config))], tmp_path,
+            **env)  # fmt: skip
+        outputs[procs] = (
+            read_jsonl(tmp_path / procs / "generated_predictions.jsonl"),
+            json.loads((tmp_path / procs / "predict_results.json").read_text()),
+        )
+    (rows1, results1), (rows2, results2) = outputs["1"], outputs["2"]
+    val_rows = read_jsonl(learn_data / "ground_val.jsonl")
+    assert len(val_rows) == 42
+    assert [row["row"] for row in rows1] == list(range(42))
+    assert [Path(row["image"]).name for row in rows1] == [Path(v["images"][0]).name for v in val_rows]
+    assert sum(bool(row["predict_boxes_head"]) for row in rows1) >= 5  # the head really wrote boxes
+    assert rows2 == rows1
+    for key, value in results1.items():
+        if "runtime" not in key and "per_second" not in key:
+            assert results2[key] == value, key

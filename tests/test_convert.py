@@ -16,6 +16,7 @@ from llamafactory_vision.grounding.convert import (
     convert_coco,
     convert_refcoco,
 )
+from PIL import Image
 
 INSTANCES = {
     "images": [
@@ -48,6 +49,16 @@ REFS = [
 ]
 
 
+@pytest.fixture()
+def imgs(tmp_path: Path) -> str:
+    """The images of INSTANCES, at the sizes its records give, in ``tmp_path/imgs``."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for record in INSTANCES["images"]:
+        Image.new("RGB", (record["width"], record["height"])).save(folder / record["file_name"])
+    return str(folder)
+
+
 def _write(path: Path, data: object) -> Path:
     path.write_text(json.dumps(data))
     return path
@@ -57,26 +68,26 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_coco_rows_group_boxes_by_image_and_category(tmp_path: Path) -> None:
+def test_coco_rows_group_boxes_by_image_and_category(tmp_path: Path, imgs: str) -> None:
     instances = _write(tmp_path / "instances.json", INSTANCES)
-    stats = convert_coco(instances, "/data/coco", tmp_path / "out" / "coco.jsonl")
+    stats = convert_coco(instances, imgs, tmp_path / "out" / "coco.jsonl")
     rows = _rows(tmp_path / "out" / "coco.jsonl")
     assert rows[:2] == [
         {
-            "images": ["/data/coco/a.jpg"],
+            "images": ["../imgs/a.jpg"],
             "objects": [{"ref": "dog", "bbox": [10, 20, 30, 40]}, {"ref": "dog", "bbox": [300, 200, 50, 60]}],
             "bbox_format": "xywh",
             "task": "detect",
         },
         {
-            "images": ["/data/coco/a.jpg"],
+            "images": ["../imgs/a.jpg"],
             "objects": [{"ref": "person", "bbox": [100.5, 50.25, 60, 120]}],
             "bbox_format": "xywh",
             "task": "detect",
         },
     ]
     # The box reaching past the right edge is clipped to x2 <= 100 exactly (as the grounding format checks it).
-    assert rows[2]["images"] == ["/data/coco/b.jpg"] and rows[2]["objects"][0]["ref"] == "person"
+    assert rows[2]["images"] == ["../imgs/b.jpg"] and rows[2]["objects"][0]["ref"] == "person"
     x1, y1, x2, y2 = to_xyxy(rows[2]["objects"][0]["bbox"], "xywh")
     assert (x1, y1, y2) == (90, 10, 20) and 99.99 < x2 <= 100
     assert len(rows) == 3
@@ -85,10 +96,10 @@ def test_coco_rows_group_boxes_by_image_and_category(tmp_path: Path) -> None:
     )
 
 
-def test_refcoco_rows_one_per_sentence(tmp_path: Path) -> None:
+def test_refcoco_rows_one_per_sentence(tmp_path: Path, imgs: str) -> None:
     instances = _write(tmp_path / "instances.json", INSTANCES)
     refs = _write(tmp_path / "refs.json", REFS)
-    stats = convert_refcoco(refs, instances, "imgs", tmp_path / "ref.jsonl")
+    stats = convert_refcoco(refs, instances, imgs, tmp_path / "ref.jsonl")
     rows = _rows(tmp_path / "ref.jsonl")
     assert [(row["objects"][0]["ref"], row["images"][0]) for row in rows] == [
         ("man in red", "imgs/a.jpg"),
@@ -105,28 +116,28 @@ def test_refcoco_rows_one_per_sentence(tmp_path: Path) -> None:
     assert stats.rows == 4 and stats.images == 2 and stats.skipped_empty_sentences == 1 and stats.clipped == 1
 
 
-def test_refcoco_split_filter(tmp_path: Path) -> None:
+def test_refcoco_split_filter(tmp_path: Path, imgs: str) -> None:
     instances = _write(tmp_path / "instances.json", INSTANCES)
     refs = _write(tmp_path / "refs.json", REFS)
-    convert_refcoco(refs, instances, "imgs", tmp_path / "val.jsonl", split="val")
+    convert_refcoco(refs, instances, imgs, tmp_path / "val.jsonl", split="val")
     assert [row["objects"][0]["ref"] for row in _rows(tmp_path / "val.jsonl")] == ["dog on the right", "brown dog"]
     with pytest.raises(ValueError, match=r"split='testC'.*testA"):
-        convert_refcoco(refs, instances, "imgs", tmp_path / "x.jsonl", split="testC")
+        convert_refcoco(refs, instances, imgs, tmp_path / "x.jsonl", split="testC")
 
 
-def test_pickled_refs_need_the_flag(tmp_path: Path) -> None:
+def test_pickled_refs_need_the_flag(tmp_path: Path, imgs: str) -> None:
     instances = _write(tmp_path / "instances.json", INSTANCES)
     refs = tmp_path / "refs(unc).p"
     refs.write_bytes(pickle.dumps(REFS, protocol=2))
     with pytest.raises(ValueError, match="allow-pickle"):
-        convert_refcoco(refs, instances, "imgs", tmp_path / "x.jsonl")
+        convert_refcoco(refs, instances, imgs, tmp_path / "x.jsonl")
     assert not (tmp_path / "x.jsonl").exists()
     # Content decides too: a pickle renamed to .json is still refused.
     disguised = tmp_path / "refs.json"
     disguised.write_bytes(refs.read_bytes())
     with pytest.raises(ValueError, match="allow_pickle=True"):
-        convert_refcoco(disguised, instances, "imgs", tmp_path / "x.jsonl")
-    stats = convert_refcoco(refs, instances, "imgs", tmp_path / "x.jsonl", split="train", allow_pickle=True)
+        convert_refcoco(disguised, instances, imgs, tmp_path / "x.jsonl")
+    stats = convert_refcoco(refs, instances, imgs, tmp_path / "x.jsonl", split="train", allow_pickle=True)
     assert stats.rows == 1 and _rows(tmp_path / "x.jsonl")[0]["objects"][0]["ref"] == "man in red"
 
 
@@ -140,35 +151,117 @@ def test_pickled_refs_need_the_flag(tmp_path: Path) -> None:
         (lambda d: d["images"][1].update(file_name=None), r"images\[1\]\.file_name: expected str"),
     ],
 )
-def test_errors_name_file_record_and_field(tmp_path: Path, mutate, pattern: str) -> None:
+def test_errors_name_file_record_and_field(tmp_path: Path, imgs: str, mutate, pattern: str) -> None:
     data = json.loads(json.dumps(INSTANCES))
     mutate(data)
     instances = _write(tmp_path / "instances.json", data)
     with pytest.raises(ValueError, match=pattern):
-        convert_coco(instances, "imgs", tmp_path / "x.jsonl")
+        convert_coco(instances, imgs, tmp_path / "x.jsonl")
 
 
-def test_refcoco_errors_name_the_ref(tmp_path: Path) -> None:
+def test_refcoco_errors_name_the_ref(tmp_path: Path, imgs: str) -> None:
     instances = _write(tmp_path / "instances.json", INSTANCES)
     refs = _write(tmp_path / "refs.json", [REFS[0], {**REFS[1], "ann_id": 404}])
     with pytest.raises(ValueError, match=r"refs\.json: refs\[1\]\.ann_id: 404"):
-        convert_refcoco(refs, instances, "imgs", tmp_path / "x.jsonl")
+        convert_refcoco(refs, instances, imgs, tmp_path / "x.jsonl")
     refs = _write(tmp_path / "refs.json", [{**REFS[0], "sentences": [{"raw": "no sent"}]}])
     with pytest.raises(ValueError, match=r"refs\[0\]\.sentences\[0\]\.sent: missing field"):
-        convert_refcoco(refs, instances, "imgs", tmp_path / "x.jsonl")
+        convert_refcoco(refs, instances, imgs, tmp_path / "x.jsonl")
 
 
-def test_cli_and_console_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_and_console_script(tmp_path: Path, imgs: str, capsys: pytest.CaptureFixture[str]) -> None:
     instances = _write(tmp_path / "instances.json", INSTANCES)
     refs = _write(tmp_path / "refs.json", REFS)
-    argv = ["convert", "coco", "--instances", str(instances), "--images", "imgs", "--out", str(tmp_path / "c.jsonl")]
+    argv = ["convert", "coco", "--instances", str(instances), "--images", imgs, "--out", str(tmp_path / "c.jsonl")]
     assert cli_main(argv) == 0
     assert json.loads(capsys.readouterr().out)["skipped_crowd"] == 2
     assert len(_rows(tmp_path / "c.jsonl")) == 3
 
     script = Path(sys.executable).parent / "llamafactory-vision"
-    argv = ["convert", "refcoco", "--refs", str(refs), "--instances", str(instances), "--images", "imgs"]
+    argv = ["convert", "refcoco", "--refs", str(refs), "--instances", str(instances), "--images", imgs]
     result = subprocess.run([str(script), *argv, "--out", str(tmp_path / "r.jsonl"), "--split", "testA"],
                             capture_output=True, text=True, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert [row["objects"][0]["ref"] for row in _rows(tmp_path / "r.jsonl")] == ["person at the edge"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The image files are the truth: sizes read from each header, folders checked, paths usable as dataset_dir
+# ----------------------------------------------------------------------------------------------------------------
+
+ORIGINAL, FILE = (4032, 3024), (1008, 756)  # annotated on the camera original, shipped downsized 4x
+
+
+def _downsized(tmp_path: Path) -> tuple[Path, Path]:
+    """One image whose record gives the original's size while its file is 4x smaller."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", FILE).save(folder / "IMG_1.jpg")
+    instances = {
+        "images": [{"id": 7, "file_name": "IMG_1.jpg", "width": ORIGINAL[0], "height": ORIGINAL[1]}],
+        "categories": [{"id": 1, "name": "cat"}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 1, "bbox": [400, 300, 2000, 1200]},
+            {"id": 2, "image_id": 7, "category_id": 1, "bbox": [3000, 2000, 1032, 1024]},  # to the corner
+        ],
+    }
+    return _write(tmp_path / "instances.json", instances), folder
+
+
+def test_json_size_that_differs_from_the_file_is_an_error_naming_both(tmp_path: Path) -> None:
+    instances, folder = _downsized(tmp_path)
+    pattern = r"images\[0\]\.width/height: the JSON gives 4032x3024 but image file '.*IMG_1\.jpg' is 1008x756"
+    with pytest.raises(ValueError, match=pattern):
+        convert_coco(instances, str(folder), tmp_path / "x.jsonl")
+    refs = _write(tmp_path / "refs.json", [{"ref_id": 0, "ann_id": 1, "image_id": 7, "split": "val",
+                                            "sentences": [{"sent": "the cat"}]}])  # fmt: skip
+    with pytest.raises(ValueError, match=pattern):
+        convert_refcoco(refs, instances, str(folder), tmp_path / "x.jsonl")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_rescale_to_file_scales_the_boxes_and_counts_the_image(tmp_path: Path) -> None:
+    instances, folder = _downsized(tmp_path)
+    stats = convert_coco(instances, str(folder), tmp_path / "x.jsonl", rescale_to_file=True)
+    assert stats.rescaled_images == 1 and stats.clipped == 0
+    boxes = [obj["bbox"] for obj in _rows(tmp_path / "x.jsonl")[0]["objects"]]
+    assert boxes[0] == pytest.approx([100, 75, 500, 300])  # every number / 4
+    x1, y1, x2, y2 = to_xyxy(boxes[1], "xywh")
+    assert (x1, y1) == (750, 500) and x2 <= FILE[0] and y2 <= FILE[1]
+    assert (x2, y2) == pytest.approx(FILE)
+
+    argv = ["convert", "coco", "--instances", str(instances), "--images", str(folder), "--out", str(tmp_path / "c.jsonl")]
+    with pytest.raises(ValueError, match="--rescale-to-file"):
+        cli_main(argv)
+    assert cli_main([*argv, "--rescale-to-file"]) == 0
+
+
+def test_missing_images_folder_or_file_is_an_error(tmp_path: Path, imgs: str) -> None:
+    instances = _write(tmp_path / "instances.json", INSTANCES)
+    with pytest.raises(ValueError, match=r"images folder '.*no_such_dir' does not exist"):
+        convert_coco(instances, str(tmp_path / "no_such_dir"), tmp_path / "x.jsonl")
+    (Path(imgs) / "b.jpg").unlink()
+    with pytest.raises(ValueError, match=r"images\[1\]\.file_name: image file '.*b\.jpg' not found"):
+        convert_coco(instances, imgs, tmp_path / "x.jsonl")
+
+
+def test_written_paths_resolve_from_the_output_folder_as_dataset_dir(tmp_path: Path, imgs: str, monkeypatch) -> None:
+    """Oracle: LLaMA-Factory's own media lookup (through the grounding converter) with dataset_dir = the output
+    folder, run from another working directory."""
+    from llamafactory_vision.grounding.data import GroundingDatasetConverter
+    from llamafactory_vision.grounding.dataset_attr import GroundingDatasetAttr
+    from llamafactory_vision.hparams import VisionDataArguments
+
+    instances = _write(tmp_path / "instances.json", INSTANCES)
+    data_dir = tmp_path / "data" / "coco"
+    monkeypatch.chdir(tmp_path)
+    convert_coco(instances, "imgs", Path("data/coco/train.jsonl"))  # relative arguments, as typed in a shell
+    attr = GroundingDatasetAttr("file", dataset_name="train.jsonl")
+    attr.join({"file_name": "train.jsonl", "formatting": "grounding"})
+    converter = GroundingDatasetConverter(attr, VisionDataArguments(template="qwen2_vl_ground", dataset_dir=str(data_dir)))
+    monkeypatch.chdir(Path(imgs))  # somewhere else: only dataset_dir may make the paths resolve
+    rows = _rows(data_dir / "train.jsonl")
+    assert [row["images"][0] for row in rows] == ["../../imgs/a.jpg", "../../imgs/a.jpg", "../../imgs/b.jpg"]
+    for i, row in enumerate(rows):
+        (found,) = converter(row, i)["_images"]
+        assert Path(found).resolve() == (Path(imgs) / Path(row["images"][0]).name).resolve()

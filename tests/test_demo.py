@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 @pytest.mark.e2e
@@ -15,6 +15,7 @@ def test_demo_quick_runs_every_step_and_reports(tmp_path):
     report = result.stdout
     for line in ("text acc@0.5", "head acc@0.5", "text mIoU", "parse failures", "pictures:"):
         assert line in report
+    assert "    training steps: 5/5 [" in report  # the host's progress, summarised while training runs
     assert len(list((out / "preview").glob("*.png"))) == 8
     assert (out / "train" / "bbox_head.safetensors").is_file()
     after = json.loads((out / "predict_after" / "predict_results.json").read_text())
@@ -22,3 +23,78 @@ def test_demo_quick_runs_every_step_and_reports(tmp_path):
         assert key in after
     rows = [json.loads(line) for line in (out / "predict_after" / "generated_predictions.jsonl").open()]
     assert rows and all("predict_boxes_head" in row for row in rows)
+
+
+TQDM_RUN = """
+import sys, time
+from tqdm import tqdm
+for _ in tqdm(range(40), desc="Converting grounding dataset", mininterval=0):
+    pass
+for step in tqdm(range(1, 31), mininterval=0):  # the trainer's bar has no description
+    if step % 10 == 0:
+        print({"loss": 2.5 / step, "epoch": step / 30}, flush=True)
+"""
+
+
+def test_demo_commands_show_progress_on_the_terminal_and_everything_in_the_log(tmp_path, capsys):
+    """Real tqdm bars (as the host prints them, to stderr with carriage returns) become a short status per tenth of
+    each bar on a non-terminal stdout, with the last logged loss; the log keeps every refresh."""
+    import sys
+
+    from llamafactory_vision.demo import _run
+
+    _run([sys.executable, "-c", TQDM_RUN], tmp_path / "run.log")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("    ")]
+    converting = [line for line in lines if line.startswith("    Converting grounding dataset: ")]
+    training = [line for line in lines if line.startswith("    training steps: ")]
+    assert converting[-1].startswith("    Converting grounding dataset: 40/40 [")
+    assert training[-1].startswith("    training steps: 30/30 [") and training[-1].endswith("loss 0.08333333333333333")
+    assert len(converting) == 11 and len(training) == 11  # 0/N, then one per tenth: not one per refresh
+    log = (tmp_path / "run.log").read_text()
+    assert log.count("/40 [") >= 40 and log.count("/30 [") >= 30 and "'loss': 0.25" in log
+
+
+def _example_comments() -> dict[str, str]:
+    return {
+        str(path.relative_to(REPO)): "\n".join(line for line in path.read_text().splitlines() if line.lstrip().startswith("#"))
+        for path in sorted((REPO / "yaml_examples").rglob("*.yaml"))
+    }  # fmt: skip
+
+
+def test_commands_in_example_comments_run_and_build_what_the_demo_builds(tmp_path):
+    """The demo YAML's by-hand commands parse with the real command lines and give the demo's own model and data
+    settings (its `synth` command once lacked the required `--n`)."""
+    import re
+    import shlex
+
+    from llamafactory_vision import demo
+    from llamafactory_vision.synth import build_parser
+    from llamafactory_vision.tiny import build_tiny
+    from llamafactory_vision.tiny import main as tiny_main
+
+    comments = _example_comments()
+    synth = {name: re.findall(r"python -m llamafactory_vision\.synth (.+)", text) for name, text in comments.items()}
+    readme = [line.split("#")[0] for line in (REPO / "README.md").read_text().splitlines()]
+    synth["README.md"] = [m for line in readme for m in re.findall(r"python -m llamafactory_vision\.synth (.+)", line)]
+    assert synth["README.md"]
+    for commands in synth.values():
+        for command in commands:
+            build_parser().parse_args(shlex.split(command))  # exits (fails the test) on a bad command
+    (demo_synth,) = synth["yaml_examples/demo/qwen2vl_ground_train.yaml"]
+    args = build_parser().parse_args(shlex.split(demo_synth))
+    assert (args.n, args.val_frac, args.preset, args.seed) == (demo.DEMO_ROWS, 0.1, "demo", demo.SEED)
+
+    (demo_tiny,) = re.findall(r"python -m llamafactory_vision\.tiny (.+)", comments["yaml_examples/demo/qwen2vl_ground_train.yaml"])
+    argv = shlex.split(demo_tiny)
+    argv[argv.index("--out") + 1] = str(tmp_path / "by_hand")
+    tiny_main(argv)
+    built = build_tiny("qwen2_vl", tmp_path / "demo" / "qwen2_vl", seed=demo.SEED, **demo.MODEL_SIZE)
+    for file in ("config.json", "model.safetensors"):
+        assert (tmp_path / "by_hand" / "qwen2_vl" / file).read_bytes() == (built / file).read_bytes(), file
+
+
+def test_bf16_examples_say_what_to_do_on_cpu():
+    for path in sorted((REPO / "yaml_examples").rglob("*.yaml")):
+        for line in path.read_text().splitlines():
+            if line.startswith("bf16: true"):
+                assert "on CPU set `bf16: false`" in line, path

@@ -89,7 +89,7 @@ def test_train_then_predict_then_ground_eval(trained, tmp_path):
     results = json.loads((predict_dir / "predict_results.json").read_text())
     for key in METRIC_KEYS:
         assert f"predict_{key}" in results, sorted(results)
-    assert results["predict_n"] == n_boxes
+    assert results["predict_n"] + results["predict_detect_n"] == n_boxes  # rec rows: one box each; detect: several
     for key in ("acc@0.5", "acc@0.75", "miou"):
         assert 0.0 <= results[f"predict_{key}"] <= 1.0
 
@@ -113,7 +113,7 @@ def test_train_then_predict_then_ground_eval(trained, tmp_path):
     for key in ("n", "acc@0.5", "miou", "parse_failures"):
         assert key in metrics, sorted(metrics)
     assert metrics["family"] == run.family
-    assert metrics["n"] == results["predict_n"] == n_boxes
+    assert metrics["n"] == results["predict_n"] and metrics["detect_n"] == results["predict_detect_n"]
     assert metrics["label_parse_failures"] == 0
     for key in ("acc@0.5", "acc@0.75", "miou", "parse_failures"):
         assert metrics[key] == pytest.approx(results[f"predict_{key}"], abs=1e-4), key

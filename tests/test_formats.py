@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from llamafactory_vision.boxes import normalize_xyxy
 from llamafactory_vision.grounding.formats import (
+    ANSWER_STYLES,
     CODECS,
     GroundedObject,
     LlavaCodec,
@@ -17,14 +20,25 @@ from llamafactory_vision.grounding.formats import (
     parse_answer,
     register_codec,
 )
+from qwen_reference import convert_to_qwen2vl_format, convert_to_qwen25vl_format, convert_to_qwen25vl_format_exact
 
-ONE = [GroundedObject("red car", (0.1, 0.2, 0.3456, 0.5))]
-THREE = ONE + [
-    GroundedObject('blue "x" 车', (0.5, 0.5, 0.9, 0.99)),
-    GroundedObject("dog", (0.0, 0.0, 1.0, 1.0)),
-]
+# An original image of 640 x 480 pixels; smart_resize(480, 640, factor 28) makes the model view 644 x 476.
+ORIGINAL_SIZE = (640, 480)
 MODEL_SIZE = (644, 476)  # (width, height) of the model view; 644 = 23 * 28, 476 = 17 * 28
+PIXEL_BOXES = {"red car": [64, 96, 221.184, 240], 'blue "x" 车': [320, 240, 576, 475.2], "dog": [0, 0, 640, 480]}
+ONE = [GroundedObject("red car", normalize_xyxy(PIXEL_BOXES["red car"], ORIGINAL_SIZE))]
+THREE = [GroundedObject(ref, normalize_xyxy(box, ORIGINAL_SIZE)) for ref, box in PIXEL_BOXES.items()]
 
+
+def qwen_reference_boxes(family: str) -> list[list[int]]:
+    """Each of ``THREE``'s pixel boxes as Qwen's own converter writes it (tests/qwen_reference.py)."""
+    width, height = ORIGINAL_SIZE
+    if family == "qwen2_5_vl":
+        return [convert_to_qwen25vl_format(b, height, width, MODEL_SIZE[1], MODEL_SIZE[0]) for b in PIXEL_BOXES.values()]
+    return [convert_to_qwen2vl_format(b, height, width) for b in PIXEL_BOXES.values()]
+
+
+# The compact style, written out by hand; test_golden_boxes_are_qwens_own checks every number against Qwen's converter.
 GOLDEN = {
     ("qwen2_vl", 1): "<|object_ref_start|>red car<|object_ref_end|><|box_start|>(100,200),(346,500)<|box_end|>",
     ("qwen2_vl", 3): (
@@ -32,12 +46,13 @@ GOLDEN = {
         '<|object_ref_start|>blue "x" 车<|object_ref_end|><|box_start|>(500,500),(900,990)<|box_end|>'
         "<|object_ref_start|>dog<|object_ref_end|><|box_start|>(0,0),(1000,1000)<|box_end|>"
     ),
-    # 0.1 * 644 = 64.4 -> 64, 0.2 * 476 = 95.2 -> 95, 0.3456 * 644 = 222.6 -> 223, 0.5 * 476 = 238.
+    # 64 * 644/640 = 64.4 -> 64, 96 * 476/480 = 95.2 -> 95, 221.184 * 644/640 = 222.6 -> 223, 240 * 476/480 = 238;
+    # the whole image clamps to [0, 643] x [0, 475].
     ("qwen2_5_vl", 1): '[{"bbox_2d": [64, 95, 223, 238], "label": "red car"}]',
     ("qwen2_5_vl", 3): (
         '[{"bbox_2d": [64, 95, 223, 238], "label": "red car"}, '
         '{"bbox_2d": [322, 238, 580, 471], "label": "blue \\"x\\" 车"}, '
-        '{"bbox_2d": [0, 0, 644, 476], "label": "dog"}]'
+        '{"bbox_2d": [0, 0, 643, 475], "label": "dog"}]'
     ),
     ("qwen3_vl", 1): '[{"bbox_2d": [100, 200, 346, 500], "label": "red car"}]',
     ("qwen3_vl", 3): (
@@ -53,6 +68,16 @@ GOLDEN = {
         "dog [0.000, 0.130, 1.000, 0.870]"
     ),
 }
+# The native style of the JSON families: how Qwen2.5-VL / Qwen3-VL answer zero-shot (their cookbooks print e.g.
+# "```json\n[\n\t{\"point_2d\": [925, 618], \"label\": \"point_1\"}\n]\n```"): a fenced list, one object per line.
+NATIVE = {
+    ("qwen2_5_vl", 3): "```json\n[\n"
+    '\t{"bbox_2d": [64, 95, 223, 238], "label": "red car"},\n'
+    '\t{"bbox_2d": [322, 238, 580, 471], "label": "blue \\"x\\" 车"},\n'
+    '\t{"bbox_2d": [0, 0, 643, 475], "label": "dog"}\n'
+    "]\n```",
+    ("qwen3_vl", 1): '```json\n[\n\t{"bbox_2d": [100, 200, 346, 500], "label": "red car"}\n]\n```',
+}
 REGIONS = {
     "qwen2_vl": "<|box_start|>(100,200),(346,500)<|box_end|>",
     "qwen2_5_vl": "[64, 95, 223, 238]",
@@ -64,16 +89,60 @@ REGIONS = {
 @pytest.mark.parametrize("family,count", sorted(GOLDEN))
 def test_golden_answers(family, count):
     objects = ONE if count == 1 else THREE
-    text = get_codec(family).format_answer(objects, MODEL_SIZE)
+    text = get_codec(family).format_answer(objects, MODEL_SIZE, "compact")
     assert text == GOLDEN[(family, count)]
     parsed = parse_answer(text)
     assert not parsed.failed
     assert parsed.refs == [obj.ref for obj in objects]
+    if family in ("qwen2_vl", "llava"):  # one style: their native answer is this form
+        assert get_codec(family).format_answer(objects, MODEL_SIZE, "native") == text
 
 
-@pytest.mark.parametrize("family", sorted(REGIONS))
-def test_golden_regions(family):
-    assert get_codec(family).format_region(ONE[0].box, MODEL_SIZE) == REGIONS[family]
+@pytest.mark.parametrize("family,count", sorted(NATIVE))
+def test_golden_native_answers(family, count):
+    objects = ONE if count == 1 else THREE
+    text = get_codec(family).format_answer(objects, MODEL_SIZE)  # native is the default
+    assert text == NATIVE[(family, count)]
+    assert json.loads(text.removeprefix("```json\n").removesuffix("\n```")) == json.loads(GOLDEN[(family, count)])
+    parsed = parse_answer(text)
+    assert parsed.boxes == parse_answer(GOLDEN[(family, count)]).boxes
+    assert parsed.refs == [obj.ref for obj in objects]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_golden_boxes_are_qwens_own(family):
+    reference = qwen_reference_boxes(family)
+    for style in ANSWER_STYLES:
+        written = parse_answer(get_codec(family).format_answer(THREE, MODEL_SIZE, style)).boxes
+        assert written == [tuple(float(v) for v in box) for box in reference]
+
+
+def test_qwen2_5_vl_boxes_follow_qwens_converter_on_random_boxes():
+    # Oracle: convert_to_qwen25vl_format's arithmetic (tests/qwen_reference.py) with qwen_vl_utils' smart_resize.
+    from qwen_vl_utils import smart_resize
+
+    codec, rng, ties = get_codec("qwen2_5_vl"), random.Random(7), 0
+    for _ in range(3000):
+        width, height = rng.randint(28, 3000), rng.randint(28, 3000)
+        if max(width, height) / min(width, height) > 150:
+            continue
+        new_height, new_width = smart_resize(height, width, 28, 56 * 56, 14 * 14 * 4 * 1280)
+        xs = sorted(rng.randint(0, width * 4) / 4 for _ in range(2))  # quarter pixels make exact .5 ties common
+        ys = sorted(rng.randint(0, height * 4) / 4 for _ in range(2))
+        box = [xs[0], ys[0], xs[1], ys[1]]
+        ours = codec.encode_box(normalize_xyxy(box, (width, height)), (new_width, new_height))
+        exact = convert_to_qwen25vl_format_exact(box, height, width, new_height, new_width)
+        assert ours == exact, (box, width, height)
+        literal = convert_to_qwen25vl_format(box, height, width, new_height, new_width)
+        ties += literal != exact  # the notebook's float product fell an ulp to the other side of a .5 tie
+    assert ties <= 3
+
+
+def test_golden_regions_and_styles():
+    for family, region in REGIONS.items():
+        assert get_codec(family).format_region(ONE[0].box, MODEL_SIZE) == region
+    with pytest.raises(ValueError, match="answer style 'fancy'"):
+        get_codec("qwen3_vl").format_answer(ONE, MODEL_SIZE, "fancy")
 
 
 def test_registry():
@@ -86,16 +155,16 @@ def test_registry():
         get_codec("qwen2_vl").format_answer([], MODEL_SIZE)
 
 
+@pytest.mark.parametrize("style", ANSWER_STYLES)
 @pytest.mark.parametrize("family", sorted(REGIONS))
-def test_box_pattern_brackets_each_box(family):
+def test_box_pattern_brackets_each_box(family, style):
     codec = get_codec(family)
-    text = codec.format_answer(THREE, MODEL_SIZE)
+    text = codec.format_answer(THREE, MODEL_SIZE, style)
     matches = list(re.finditer(codec.box_pattern, text))
     assert len(matches) == len(THREE)
     for match, obj in zip(matches, THREE):
-        numbers = re.findall(r"[\d.]+", codec.format_region(obj.box, MODEL_SIZE))
         between = text[match.end("open") : match.start("close")]
-        assert re.findall(r"[\d.]+", between) == numbers
+        assert [float(v) for v in re.findall(r"[\d.]+", between)] == codec.encode_box(obj.box, MODEL_SIZE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,8 +175,8 @@ def test_box_pattern_brackets_each_box(family):
 def _tolerance(family: str, model_size: tuple[int, int]) -> tuple[float, float]:
     """Largest rounding error of a decoded box, in normalised units (x, y)."""
     width, height = model_size
-    if family == "qwen2_5_vl":
-        return 0.5 / width, 0.5 / height
+    if family == "qwen2_5_vl":  # rounding, or the clamp of 1.0 to W' - 1
+        return 1.0 / width, 1.0 / height
     if family == "llava":
         side = max(width, height)
         return 0.0005 * side / width, 0.0005 * side / height

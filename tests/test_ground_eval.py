@@ -187,3 +187,115 @@ def test_draw_boxes_copies_and_survives_wild_boxes():
     assert out.getpixel((60, 20)) == (255, 0, 0)  # a zero-width box is still drawn as a line
     with pytest.raises(ValueError, match="labels has 1"):
         draw_boxes(image, boxes, "red", labels=["a"])
+
+
+# ---------------------------------------------------------------------------------------------- hand-written cases
+
+
+def tv_iou(a, b) -> float:
+    """The oracle: torchvision's IoU of two xyxy boxes (never our matching code)."""
+    import torch
+    from torchvision.ops import box_iou
+
+    return float(box_iou(torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64))[0, 0])
+
+
+def px(box_1000, size=(200, 100)):
+    """A 0-1000 box -> pixels of an image of ``size``."""
+    w, h = size
+    return [box_1000[0] * w / 1000, box_1000[1] * h / 1000, box_1000[2] * w / 1000, box_1000[3] * h / 1000]
+
+
+DATASET_BOX = [20.3, 20.3, 99.7, 79.6]  # floats: the label text rounds them to the 1000 grid
+LABEL_1000 = (102, 203, 499, 796)  # round(20.3 / 200 * 1000) = 102, round(20.3 / 100 * 1000) = 203, ...
+WRONG_1000 = (600, 0, 700, 100)
+DETECT_BOXES = [[10, 10, 50, 50], [120, 40, 180, 90]]
+
+
+def hand_rows() -> tuple[list, list]:
+    """Predictions and the dataset they came from (qwen2_vl text, images of 200x100)."""
+    label = "a({},{}),({},{})".format(*LABEL_1000)
+    wrong = "x({},{}),({},{})".format(*WRONG_1000)
+    detect_label = "c(50,100),(250,500) c(600,400),(900,900)"
+    predictions = [
+        row(f"{wrong} {label}", label),  # 0 rec: wrong box first -> 0, even though the right one follows
+        row(f"{label} {wrong}", label),  # 1 rec: right box first
+        row("The red car.", "red car"),  # 2 reg: a normalised text match
+        row("c(50,100),(250,500)", detect_label),  # 3 detect: one of two found
+    ]
+    dataset = [
+        {"images": ["w.png"], "objects": [{"ref": "a", "bbox": DATASET_BOX}]},
+        {"images": ["w.png"], "objects": [{"ref": "a", "bbox": DATASET_BOX}], "task": "rec"},
+        {"images": ["w.png"], "objects": [{"ref": "red car", "bbox": [0, 0, 10, 10]}], "task": "reg"},
+        {"images": ["w.png"], "objects": [{"ref": "c", "bbox": b} for b in DETECT_BOXES], "task": "detect"},
+    ]
+    return predictions, dataset
+
+
+def test_cli_scores_hand_written_rows_against_dataset_float_boxes(tmp_path: Path):
+    Image.new("RGB", (200, 100), GRAY).save(tmp_path / "w.png")
+    predictions, dataset = hand_rows()
+    pred_file = write_jsonl(tmp_path / "generated_predictions.jsonl", predictions)
+    data_file = write_jsonl(tmp_path / "d.jsonl", dataset)
+    (tmp_path / "predict_results.json").write_text(json.dumps(
+        {"predict_acc@0.5": 0.5, "predict_decoding_do_sample": 0, "predict_decoding_num_beams": 1}))  # fmt: skip
+
+    proc = run_eval("--predictions", str(pred_file), "--images", str(data_file), "--family", "qwen2_vl")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)
+    right = tv_iou(px(LABEL_1000), DATASET_BOX)  # the float box, not the rounded label text (which would give 1.0)
+    assert 0.97 < right < 1.0
+    assert m["rows"] == 4 and m["n"] == 2
+    assert m["acc@0.5"] == 0.5 and m["acc@0.75"] == 0.5  # [wrong, right] scores 0, [right, wrong] scores 1
+    assert m["miou"] == pytest.approx((tv_iou(px(WRONG_1000), DATASET_BOX) + right) / 2, abs=1e-12)
+    assert m["precision@0.5"] == pytest.approx(1 / 4)
+    assert m["reg_rows"] == 1 and m["reg_exact"] == 0.0 and m["reg_match"] == 1.0
+    assert m["detect_rows"] == 1 and m["detect_n"] == 2
+    assert m["detect_recall@0.5"] == 0.5 and m["detect_precision@0.5"] == 1.0
+    assert m["detect_miou"] == pytest.approx(tv_iou(px((50, 100, 250, 500)), DETECT_BOXES[0]) / 2, abs=1e-12)
+    assert m["parse_failures"] == 0 and m["label_parse_failures"] == 0 and m["bad_rows"] == 0
+    assert m["decoding"] == {"do_sample": 0, "num_beams": 1}
+    assert m["coord_space_suspect"] == 0 and "coord_space_warning" not in m
+
+    # Without the dataset the rounded label text is the reference: the right box scores exactly 1.
+    proc = run_eval("--predictions", str(pred_file))
+    m = json.loads(proc.stdout)
+    assert m["miou"] == pytest.approx((0.0 + 1.0) / 2) and m["reg_rows"] == 1 and m["detect_n"] == 2
+
+
+def test_predict_results_metric_agrees_with_hand_values(tmp_path: Path):
+    """ComputeGroundingMetrics (what writes predict_results.json) on token ids of the same hand-written texts."""
+    import numpy as np
+    from llamafactory_vision.grounding.workflow import ComputeGroundingMetrics, decoding_settings
+    from llamafactory_vision.tiny import build_tiny
+    from transformers import AutoTokenizer, EvalPrediction
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny("qwen2_vl", tmp_path / "m"))
+    predictions, _ = hand_rows()
+
+    def ids(texts):
+        rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        width = max(len(r) for r in rows)
+        return np.array([r + [-100] * (width - len(r)) for r in rows])
+
+    metric = ComputeGroundingMetrics(tokenizer, "qwen2_vl", decoding=decoding_settings({"do_sample": False}))
+    m = metric(EvalPrediction(ids([p["predict"] for p in predictions]), ids([p["label"] for p in predictions])))
+    assert m["n"] == 2 and m["acc@0.5"] == 0.5 and m["miou"] == pytest.approx(0.5)
+    assert m["precision@0.5"] == pytest.approx(1 / 4)
+    assert (m["reg_rows"], m["reg_match"], m["detect_n"], m["detect_recall@0.5"]) == (1, 1.0, 2, 0.5)
+    assert m["detect_miou"] == pytest.approx(tv_iou((50, 100, 250, 500), (50, 100, 250, 500)) / 2)
+    assert m["parse_failures"] == 0 and m["decoding_do_sample"] == 0
+    assert "rouge-l" in m  # the host's text metrics are kept
+
+
+def test_cli_warns_about_another_coordinate_space(tmp_path: Path):
+    # Qwen3-VL answers in pixels of a large image (past 1000) for 0-1000 labels.
+    rows = [row(json.dumps([{"bbox_2d": [1100 + i, 900, 1900, 1400], "label": "x"}]),
+                json.dumps([{"bbox_2d": [550, 600, 950, 930], "label": "x"}])) for i in range(6)]  # fmt: skip
+    proc = run_eval("--predictions", str(write_jsonl(tmp_path / "p.jsonl", rows)), "--family", "qwen3_vl")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)
+    assert m["coord_space_suspect"] == 1 and m["pred_out_of_range"] == 1.0
+    assert "outside the coordinate range 0-1000" in m["coord_space_warning"]
+    assert "warning:" in proc.stderr and "no decoding settings recorded" in proc.stderr
+    assert m["decoding"] is None

@@ -92,7 +92,7 @@ def test_bad_input_names_dataset_row_and_field(image_dir, reason, overrides, fie
     assert "'rows.jsonl'" in message and "row 7" in message and f"field `{field}`" in message
 
 
-def test_skip_mode_drops_and_counts_invalid_rows(image_dir, caplog):
+def test_skip_mode_drops_and_counts_invalid_rows(image_dir, caplog, tmp_path):
     from datasets import Dataset
 
     rows = [_row(), _row(objects=[]), _row(images=["nope.png"]), _row(), _row(bbox_format="yxyx")]
@@ -103,12 +103,21 @@ def test_skip_mode_drops_and_counts_invalid_rows(image_dir, caplog):
 
     class _TrainingArgs:
         local_process_index = 0
+        output_dir = str(tmp_path / "out")
 
     aligned = align_grounding_dataset(Dataset.from_list(rows), attr, data_args, _TrainingArgs())
     assert len(aligned) == 2
     assert "_lfv_skip" not in aligned.column_names
     report = caplog.text
-    assert "skipped 3 of 5 rows (1 missing_image, 1 no_objects, 1 unknown_format)" in report
+    assert "skipped 3 of 5 rows (1 missing_image, 1 no_objects, 1 unknown_format): rows 1, 2, 4" in report
+    assert "rows count from 0" in report
+    written = json.loads((tmp_path / "out" / "grounding_skipped_rows" / "rows.jsonl.json").read_text())
+    assert written["rows_count_from"] == 0 and written["total_rows"] == 5
+    assert written["skipped"] == [
+        {"row": 1, "reason": "no_objects"},
+        {"row": 2, "reason": "missing_image"},
+        {"row": 4, "reason": "unknown_format"},
+    ]
 
 
 def test_grounding_format_needs_a_grounding_template(image_dir):
@@ -139,7 +148,9 @@ def test_cli_stops_at_the_bad_row_or_skips_it_when_asked(tmp_path, tiny_models):
 
     config.update(grounding_invalid="skip", output_dir=str(tmp_path / "out2"))
     result = run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "b.yaml", config))], tmp_path)
-    assert "skipped 1 of 2 rows (1 outside_image)" in result.stdout + result.stderr
+    assert "skipped 1 of 2 rows (1 outside_image): rows 1 (rows count from 0" in result.stdout + result.stderr
+    skipped = json.loads((tmp_path / "out2" / "grounding_skipped_rows" / "bad.jsonl.json").read_text())
+    assert skipped["skipped"] == [{"row": 1, "reason": "outside_image"}]
 
 
 @pytest.mark.e2e

@@ -10,9 +10,11 @@ import pytest
 import torch
 from llamafactory_vision.grounding.metrics import (
     GroundingMetricAccumulator,
+    check_coordinate_space,
     grounding_scores,
     head_boxes_for_family,
     match_boxes,
+    score_row,
 )
 from torchmetrics.functional.detection import intersection_over_union
 from torchvision.ops import box_iou as tv_box_iou
@@ -110,28 +112,96 @@ def test_degenerate_and_empty():
 # ---------------------------------------------------------------------------------------------- grounding_scores
 
 
+def tv_iou(a, b) -> float:
+    """The oracle: torchvision's IoU of two xyxy boxes."""
+    return float(tv_box_iou(torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64))[0, 0])
+
+
+def test_rec_scores_the_first_box_as_published():
+    # The hidden case of the issue: one referring expression answered [wrong, right] and [right, wrong]. The published
+    # protocol scores the first box: 0 and 1, so Acc@0.5 = 0.5 (best-of-all matching said 1.0).
+    right, wrong = (100, 100, 200, 200), (0, 0, 10, 10)
+    label = qwen2_text([right])
+    m = grounding_scores([(qwen2_text([wrong, right]), label), (qwen2_text([right, wrong]), label)])
+    assert m["n"] == 2 and m["rows"] == 2
+    assert m["acc@0.5"] == 0.5 and m["acc@0.75"] == 0.5
+    assert m["miou"] == pytest.approx((tv_iou(wrong, right) + tv_iou(right, right)) / 2)
+    assert m["precision@0.5"] == pytest.approx(1 / 4)  # 4 boxes written, 1 correct first box
+    assert m["detect_rows"] == 0 and m["reg_rows"] == 0
+
+
 def test_hand_worked_rows():
-    label = "the red car(0,0),(100,100)"
-    two = "a(0,0),(100,100) b(200,200),(300,300)"
+    label = (0, 0, 100, 100)
+    shifted = (50, 0, 150, 100)
     rows = [
-        (label, label),  # perfect: IoU 1
-        ("the red car(50,0),(150,100)", label),  # shifted by half: 5000 / 15000 = 1/3
-        ("a(0,0),(100,100)", two),  # missing box: [1, 0]
-        ("a(0,0),(100,100) extra(500,500),(600,600)", label),  # extra box: IoU 1, but 1 of 2 predictions matched
-        ("I cannot find it.", label),  # unparseable: 0
+        (qwen2_text([label]), qwen2_text([label])),  # perfect
+        (qwen2_text([shifted]), qwen2_text([label])),  # shifted by half a width
+        (qwen2_text([label, (500, 500, 600, 600)]), qwen2_text([label])),  # an extra box after the right one
+        ("I cannot find it.", qwen2_text([label])),  # unparseable: 0
     ]
     m = grounding_scores(rows)
-    ious = [1.0, 1 / 3, 1.0, 0.0, 1.0, 0.0]
-    assert m["rows"] == 5
-    assert m["n"] == 6
-    assert m["acc@0.5"] == pytest.approx(3 / 6)
-    assert m["acc@0.75"] == pytest.approx(3 / 6)
-    assert m["miou"] == pytest.approx(sum(ious) / 6)
-    # predicted boxes: 1 + 1 + 1 + 2 + 0 = 5; matched with IoU >= 0.5: 3
-    assert m["precision@0.5"] == pytest.approx(3 / 5)
+    ious = [tv_iou(label, label), tv_iou(shifted, label), tv_iou(label, label), 0.0]
+    assert ious[1] == pytest.approx(1 / 3)  # the hand value: 5000 / 15000
+    assert m["rows"] == 4 and m["n"] == 4
+    assert m["acc@0.5"] == pytest.approx(sum(v >= 0.5 for v in ious) / 4)
+    assert m["acc@0.75"] == pytest.approx(sum(v >= 0.75 for v in ious) / 4)
+    assert m["miou"] == pytest.approx(sum(ious) / 4)
+    assert m["precision@0.5"] == pytest.approx(2 / 4)  # boxes written: 1 + 1 + 2 + 0; correct first boxes: 2
     assert m["parse_failures"] == 1
     assert m["label_parse_failures"] == 0
+    assert m["coord_space_suspect"] == 0
     assert not any(k.startswith("head_") for k in m)
+
+
+def test_detect_rows_match_one_to_one_and_report_recall_precision():
+    a, b = (0, 0, 100, 100), (200, 200, 300, 300)
+    half = (0, 0, 100, 50)  # IoU with a: exactly 0.5, which counts
+    rows = [
+        (qwen2_text([b, a]), qwen2_text([a, b])),  # order does not matter: both found
+        (qwen2_text([half]), qwen2_text([a, b])),  # one of two found, at IoU 0.5
+        (qwen2_text([a, a, (600, 600, 700, 700)]), qwen2_text([a, b])),  # a once (one-to-one), b missed
+    ]
+    m = grounding_scores(rows)
+    assert m["n"] == 0 and m["detect_rows"] == 3 and m["detect_n"] == 6
+    matched = [tv_iou(a, a), tv_iou(b, b), tv_iou(half, a), 0.0, tv_iou(a, a), tv_iou(a, b)]
+    assert tv_iou(half, a) == 0.5 and tv_iou(a, b) == 0.0
+    assert m["detect_recall@0.5"] == pytest.approx(4 / 6)
+    assert m["detect_precision@0.5"] == pytest.approx(4 / 6)  # predicted boxes: 2 + 1 + 3
+    assert m["detect_miou"] == pytest.approx(sum(matched) / 6)
+
+
+def test_reg_rows_are_scored_by_text_not_boxes():
+    box_row = (qwen2_text([(0, 0, 100, 100)]), qwen2_text([(0, 0, 100, 100)]))
+    rows = [
+        box_row,
+        ("red car", "red car"),  # exact
+        ("The red car.", "red car"),  # normalised match only
+        ("a blue bus", "red car"),  # wrong
+    ]
+    m = grounding_scores(rows)
+    assert m["rows"] == 4 and m["n"] == 1 and m["reg_rows"] == 3
+    assert m["reg_exact"] == pytest.approx(1 / 3)
+    assert m["reg_match"] == pytest.approx(2 / 3)
+    assert m["parse_failures"] == 0 and m["label_parse_failures"] == 0  # a phrase answer is not a failure
+    assert m["acc@0.5"] == 1.0  # reg rows never enter the box metrics
+
+
+def test_known_tasks_separate_reg_rows_from_broken_labels():
+    acc = GroundingMetricAccumulator()
+    acc.update(["red car", "(0,0),(10,10)", "x"], ["red car", "no box here", "y"], tasks=["reg", "rec", "reg"])
+    m = acc.compute()
+    assert m["reg_rows"] == 2 and m["reg_exact"] == 0.5
+    assert m["label_parse_failures"] == 1 and m["n"] == 0 and m["parse_failures"] == 0
+    with pytest.raises(ValueError, match="task='caption'"):
+        acc.update(["a"], ["b"], tasks=["caption"])
+
+
+def test_dataset_label_boxes_replace_the_rounded_text():
+    # The label text rounds (0.1004, ...) to 100 of 1000; the dataset's float box is what the answer is scored on.
+    float_label = (100.4, 100.4, 200.4, 200.4)
+    row = score_row("(100,100),(200,200)", "(100,100),(200,200)", label_boxes=[float_label])
+    assert row.text.ious == [pytest.approx(tv_iou((100, 100, 200, 200), float_label))]
+    assert row.text.ious[0] < 1.0
 
 
 def test_shifted_thresholds():
@@ -142,18 +212,15 @@ def test_shifted_thresholds():
     assert m["miou"] == pytest.approx((0.6 + 1.0) / 2)
 
 
-def test_json_answers_and_label_failures():
-    pred = '```json\n[{"bbox_2d": [10, 10, 50, 50], "label": "cup"}]\n```'
-    m = grounding_scores([(pred, json_text([(10, 10, 50, 50)])), (pred, "no box here")])
-    assert m["rows"] == 2
-    assert m["n"] == 1  # the unreadable label adds no box to score
-    assert m["label_parse_failures"] == 1
-    assert m["acc@0.5"] == 1.0
+def test_json_answers():
+    pred = '```json\n[\n\t{"bbox_2d": [10, 10, 50, 50], "label": "cup"}\n]\n```'
+    m = grounding_scores([(pred, json_text([(10, 10, 50, 50)]))])
+    assert m["n"] == 1 and m["acc@0.5"] == 1.0
 
 
 def test_empty_input():
     m = grounding_scores([])
-    assert m["rows"] == 0 and m["n"] == 0
+    assert m["rows"] == 0 and m["n"] == 0 and m["detect_n"] == 0 and m["reg_rows"] == 0
     assert m["acc@0.5"] == 0.0 and m["miou"] == 0.0 and m["precision@0.5"] == 0.0
 
 
@@ -218,14 +285,21 @@ def test_accumulator_rejects_mismatched_batches():
 
 
 def test_head_boxes_scored_against_labels():
-    label = "a(0,0),(100,100) b(200,200),(300,300)"
-    rows = [("a(0,0),(100,100)", label), ("nothing", "c(0,0),(50,50)"), ("a(0,0),(100,100)", "(0,0),(100,100)")]
-    heads = [[(0, 0, 100, 100), (200, 200, 300, 250)], [], None]  # second row: head found nothing
+    detect_label = qwen2_text([(0, 0, 100, 100), (200, 200, 300, 300)])
+    rows = [
+        ("a(0,0),(100,100)", detect_label),
+        ("nothing", qwen2_text([(0, 0, 50, 50)])),
+        ("a(0,0),(100,100)", qwen2_text([(0, 0, 100, 100)])),
+        ("red car", "red car"),  # reg: the head has nothing to score
+    ]
+    heads = [[(0, 0, 100, 100), (200, 200, 300, 250)], [], [(0, 0, 50, 100), (0, 0, 100, 100)], [(0, 0, 9, 9)]]
     m = grounding_scores(rows, head_boxes=heads)
-    assert m["head_n"] == 3  # rows with head boxes only
-    assert m["head_acc@0.5"] == pytest.approx(2 / 3)  # IoUs 1, 0.5 (exactly: counts), 0
-    assert m["head_acc@0.75"] == pytest.approx(1 / 3)
-    assert m["head_miou"] == pytest.approx(1.5 / 3)
+    assert m["head_detect_n"] == 2 and m["head_detect_recall@0.5"] == 1.0  # IoUs 1 and 0.5 (exactly: counts)
+    assert m["head_detect_miou"] == pytest.approx((1 + tv_iou((200, 200, 300, 250), (200, 200, 300, 300))) / 2)
+    assert m["head_n"] == 2  # rec rows with head boxes; the first head box is scored, as for the text
+    assert m["head_acc@0.5"] == pytest.approx(1 / 2)  # row 2: no head box; row 3: first box IoU 0.5
+    assert m["head_acc@0.75"] == 0.0
+    assert m["head_miou"] == pytest.approx(0.25)
     # the text metrics are unaffected by the head
     assert m == {**grounding_scores(rows), **{k: v for k, v in m.items() if k.startswith("head_")}}
 
@@ -239,3 +313,50 @@ def test_head_boxes_for_family_picks_the_answer_space():
         head_boxes_for_family(objects, "llava")
     with pytest.raises(ValueError, match=r"predict_boxes_head\[0\].*'xyxy_model'"):
         head_boxes_for_family([{"xyxy_1000": [1, 2, 3, 4]}], "qwen2_5_vl")
+
+
+# ---------------------------------------------------------------------------------------------- coordinate space
+
+
+def _rows(pairs):
+    return [score_row(p, t) for p, t in pairs]
+
+
+def test_qwen2_5_vl_answers_in_0_1000_are_flagged():
+    # Labels: model-view pixels of a 644 x 476 view. Answers: the same boxes written in 0-1000 (as Qwen2-VL would).
+    gen = torch.Generator().manual_seed(5)
+    pairs = []
+    for box in int_boxes(gen, 12):
+        pixels = [box[0] * 644 / 1000, box[1] * 476 / 1000, box[2] * 644 / 1000, box[3] * 476 / 1000]
+        pairs.append((json_text([box]), json_text([[round(v) for v in pixels]])))
+    check = check_coordinate_space(_rows(pairs), "qwen2_5_vl")
+    assert check.metrics["coord_space_suspect"] == 1
+    assert "0-1000" in check.warning and "12 of 12 rows" in check.warning
+    acc = GroundingMetricAccumulator("qwen2_5_vl")
+    acc.update([p for p, _ in pairs], [t for _, t in pairs])
+    assert acc.compute()["coord_space_suspect"] == 1 and "scaled up" in acc.warning
+    # the same labels answered in their own space: nothing to say
+    same = [(t, t) for _, t in pairs]
+    assert check_coordinate_space(_rows(same), "qwen2_5_vl") == check_coordinate_space(_rows(same), "qwen2_5_vl")
+    assert check_coordinate_space(_rows(same), "qwen2_5_vl").warning is None
+
+
+def test_relative_family_answers_out_of_range_are_flagged():
+    pixels = [(json_text([(1100, 900, 1900, 1400)]), json_text([(550, 600, 950, 930)]))] * 6
+    check = check_coordinate_space(_rows(pixels), "qwen3_vl")
+    assert check.metrics == {"pred_out_of_range": 1.0, "coord_space_suspect": 1}
+    assert "outside the coordinate range 0-1000" in check.warning
+    unit = [(json_text([(0.1, 0.2, 0.3, 0.4)]), json_text([(100, 200, 300, 400)]))] * 6
+    assert "normalised" in check_coordinate_space(_rows(unit), "qwen3_vl").warning
+
+
+def test_a_poor_but_honest_model_is_not_flagged():
+    # Random answers in the right space: low IoU, but no sign of another coordinate space.
+    gen = torch.Generator().manual_seed(6)
+    pairs = [(qwen2_text([p]), qwen2_text([t])) for p, t in zip(int_boxes(gen, 200), int_boxes(gen, 200))]
+    m = grounding_scores(pairs, family="qwen2_vl")
+    assert m["coord_space_suspect"] == 0 and m["pred_out_of_range"] < 0.05  # int_boxes may reach 1001
+    assert m["acc@0.5"] < 0.2
+    # too few boxes to speak
+    few = [(json_text([(1100, 900, 1900, 1400)]), json_text([(550, 600, 950, 930)]))] * (4)
+    assert check_coordinate_space(_rows(few), "qwen3_vl").metrics["coord_space_suspect"] == 0

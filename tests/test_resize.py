@@ -13,13 +13,13 @@ from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Plain imports, never importorskip: the stack is pinned, so a missing oracle is a broken install and must fail.
 import pytest
+import qwen_vl_utils
+import transformers.models.qwen2_vl.image_processing_qwen2_vl as hf_qwen2_vl
+from llamafactory.data import mm_plugin
 from llamafactory_vision.boxes import host_preprocess_size, model_view_size, smart_resize
 from PIL import Image
-
-qwen_vl_utils = pytest.importorskip("qwen_vl_utils")
-hf_qwen2_vl = pytest.importorskip("transformers.models.qwen2_vl.image_processing_qwen2_vl")
-mm_plugin = pytest.importorskip("llamafactory.data.mm_plugin")
 
 EXTREME_SIZES = [  # (width, height)
     (1, 1),

@@ -2,10 +2,11 @@
 
 Every row of the ``varied`` synthetic set (tiny, very wide, very tall and larger-than-``image_max_pixels`` images;
 xyxy/xywh/cxcywh boxes; rec/reg/detect tasks) is tokenized by the host's own ``get_dataset`` with our grounding
-templates. The box text decoded from the tokenized labels must equal integers computed here, independently, from the
-dataset file: ``round(v / W * 1000)`` for Qwen2-VL and Qwen3-VL, and ``round(v / W * W_model)`` for Qwen2.5-VL,
-where ``W_model`` comes from the real HF image processor run on the image as LLaMA-Factory regularises it.
-Golden strings pin the exact rendered text of a hand-made row per family.
+templates. The box text decoded from the tokenized labels must equal what Qwen's own converters compute from the
+dataset file (tests/qwen_reference.py): ``round(v / W * 1000)`` for Qwen2-VL and Qwen3-VL, and
+``round(v * W_model / W)`` clamped to ``[0, W_model - 1]`` for Qwen2.5-VL, where ``W_model`` comes from the real HF
+image processor run on the image as LLaMA-Factory regularises it.
+Golden strings pin the exact rendered text of a hand-made row per family and answer style.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from llamafactory.model import load_tokenizer
 from llamafactory_vision.grounding.formats import parse_answer
 from llamafactory_vision.grounding.templates import get_grounding_spec
 from PIL import Image
+from qwen_reference import convert_to_qwen2vl_format, convert_to_qwen25vl_format_exact
 
 # LLaMA-Factory 0.9.5's defaults when the YAML sets neither key (mm_plugin.py, `getattr(processor, ..., default)`).
 HOST_MAX_PIXELS, HOST_MIN_PIXELS = 768 * 768, 32 * 32
@@ -62,16 +64,6 @@ def pixel_xyxy(box: list[float], fmt: str) -> tuple[float, float, float, float]:
     raise ValueError(f"bbox_format={fmt!r}")
 
 
-def expected_ints(
-    box: tuple[float, float, float, float], image_size: tuple[int, int], scale: tuple[int, int]
-) -> tuple[int, int, int, int]:
-    """Pixel ``xyxy`` of an image of ``image_size = (W, H)`` written on a ``scale = (sx, sy)`` grid:
-    ``round(x / W * sx)``, ``round(y / H * sy)``."""
-    (width, height), (sx, sy) = image_size, scale
-    x1, y1, x2, y2 = box
-    return round(x1 / width * sx), round(y1 / height * sy), round(x2 / width * sx), round(y2 / height * sy)
-
-
 @dataclass(frozen=True)
 class ModelView:
     """What the real processor makes of one image: ``size`` (width, height) in pixels and ``image_tokens``."""
@@ -92,13 +84,16 @@ def real_model_view(mm_plugin, processor, image_path: str, max_pixels: int, min_
 
 
 def written_boxes(family: str, row: dict, image_size: tuple[int, int], view: ModelView) -> list[tuple[float, ...]]:
-    """A dataset row's boxes as ``family`` writes them for an image of ``image_size = (W, H)`` that the model sees
-    as ``view``: ints, as the floats ``parse_answer`` returns."""
-    scale = (1000, 1000) if family in RELATIVE_FAMILIES else view.size
+    """A dataset row's boxes as Qwen's own converter writes them for ``family``, for an image of
+    ``image_size = (W, H)`` that the model sees as ``view``: ints, as the floats ``parse_answer`` returns."""
+    (width, height), (view_w, view_h) = image_size, view.size
     fmt = row.get("bbox_format", "xyxy")
-    return [
-        tuple(float(v) for v in expected_ints(pixel_xyxy(o["bbox"], fmt), image_size, scale)) for o in row["objects"]
-    ]
+    boxes = [pixel_xyxy(o["bbox"], fmt) for o in row["objects"]]
+    if family in RELATIVE_FAMILIES:
+        written = [convert_to_qwen2vl_format(box, height, width) for box in boxes]
+    else:
+        written = [convert_to_qwen25vl_format_exact(box, height, width, view_h, view_w) for box in boxes]
+    return [tuple(float(v) for v in box) for box in written]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,19 +283,32 @@ GOLDEN = {
     },
     "qwen2_5_vl": {
         "tokens": 28,
-        "rec": '[{"bbox_2d": [20, 11, 118, 101], "label": "the red box"}]',
-        "detect": '[{"bbox_2d": [10, 22, 39, 67], "label": "circle"}, '
-        '{"bbox_2d": [147, 6, 186, 62], "label": "circle"}]',
+        "rec": '```json\n[\n\t{"bbox_2d": [20, 11, 118, 101], "label": "the red box"}\n]\n```',
+        "detect": '```json\n[\n\t{"bbox_2d": [10, 22, 39, 67], "label": "circle"},\n'
+        '\t{"bbox_2d": [147, 6, 186, 62], "label": "circle"}\n]\n```',
         "region": "[69, 39, 127, 73]",
     },
     "qwen3_vl": {
         "tokens": 18,
-        "rec": '[{"bbox_2d": [100, 100, 600, 900], "label": "the red box"}]',
-        "detect": '[{"bbox_2d": [50, 200, 200, 600], "label": "circle"}, '
-        '{"bbox_2d": [750, 50, 950, 550], "label": "circle"}]',
+        "rec": '```json\n[\n\t{"bbox_2d": [100, 100, 600, 900], "label": "the red box"}\n]\n```',
+        "detect": '```json\n[\n\t{"bbox_2d": [50, 200, 200, 600], "label": "circle"},\n'
+        '\t{"bbox_2d": [750, 50, 950, 550], "label": "circle"}\n]\n```',
         "region": "[350, 350, 650, 650]",
     },
 }
+# ground_answer_style: compact writes the JSON families on one line (Qwen2-VL is the same in both styles).
+COMPACT = {
+    "qwen2_5_vl": {
+        "rec": '[{"bbox_2d": [20, 11, 118, 101], "label": "the red box"}]',
+        "detect": '[{"bbox_2d": [10, 22, 39, 67], "label": "circle"}, {"bbox_2d": [147, 6, 186, 62], "label": "circle"}]',
+    },
+    "qwen3_vl": {
+        "rec": '[{"bbox_2d": [100, 100, 600, 900], "label": "the red box"}]',
+        "detect": '[{"bbox_2d": [50, 200, 200, 600], "label": "circle"}, '
+        '{"bbox_2d": [750, 50, 950, 550], "label": "circle"}]',
+    },
+}
+COMPACT["qwen2_vl"] = {key: GOLDEN["qwen2_vl"][key] for key in ("rec", "detect")}
 SYSTEM = {"qwen2_vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", "qwen3_vl": ""}
 SYSTEM["qwen2_5_vl"] = SYSTEM["qwen2_vl"]
 
@@ -316,14 +324,16 @@ def golden_data(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.parametrize("style", ["default", "compact"])
 @pytest.mark.parametrize("family", QWEN_FAMILIES)
-def test_golden_rendered_text(tmp_path, tiny_models, golden_data, family):
+def test_golden_rendered_text(tmp_path, tiny_models, golden_data, family, style):
+    extra = {} if style == "default" else {"ground_answer_style": style}  # default: native
     tokenizer_module, _, samples = run_host_pipeline(
-        tiny_models[family], golden_data, GROUND_TEMPLATE[family], tmp_path, "synth_ground_train"
+        tiny_models[family], golden_data, GROUND_TEMPLATE[family], tmp_path, "synth_ground_train", **extra
     )
     token_id = tokenizer_module["tokenizer"].convert_tokens_to_ids
     rec, detect, reg = samples
-    golden = GOLDEN[family]
+    golden = GOLDEN[family] if style == "default" else {**GOLDEN[family], **COMPACT[family]}
     image = "<|vision_start|>" + "<|image_pad|>" * golden["tokens"] + "<|vision_end|>"
 
     # rec: the whole conversation, byte for byte.
@@ -376,9 +386,8 @@ def test_grounding_template_is_its_base_with_another_mm_plugin(family):
 def test_generation_does_not_stop_at_box_tokens(tiny_models):
     """The host's run_sft would stop generating at <|object_ref_start|>/<|box_start|> (extra special tokens)."""
     from llamafactory.data.template import TEMPLATES
-    from transformers import AutoTokenizer
-
     from llamafactory_vision.grounding.workflow import generation_stop_ids
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen2_vl"])
     stop = generation_stop_ids(tokenizer, TEMPLATES["qwen2_vl_ground"])
@@ -386,3 +395,22 @@ def test_generation_does_not_stop_at_box_tokens(tiny_models):
     for token in ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>"):
         assert token in tokenizer._extra_special_tokens  # what the host would turn into EOS ids
         assert tokenizer.convert_tokens_to_ids(token) not in stop
+
+
+@pytest.mark.e2e
+def test_qwen3_vl_moe_trains_with_the_grounding_template(tmp_path, demo_data):
+    """Qwen3-VL MoE checkpoints (model type qwen3_vl_moe) write Qwen3-VL's boxes: qwen3_vl_ground accepts them, and a
+    tiny MoE trains through llamafactory-cli (LoRA, with the bbox head) on the same tokenized targets as the dense."""
+    from conftest import run_cli, write_yaml
+    from llamafactory_vision.tiny import build_tiny
+
+    model = build_tiny("qwen3_vl_moe", tmp_path / "moe", seed=0)
+    assert json.loads((model / "config.json").read_text())["model_type"] == "qwen3_vl_moe"
+    assert "qwen3_vl_moe" in get_grounding_spec("qwen3_vl_ground").model_types
+    config = train_config(model, demo_data, tmp_path / "out", "qwen3_vl_ground", bbox_head=True)
+    run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "train.yaml", config))], tmp_path)
+    logs = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    steps = [log for log in logs if "loss" in log]
+    assert len(steps) == 2 and all(0 < log["loss"] < 100 for log in steps)
+    assert all("bbox_l1" in log for log in steps)  # the head trained on the MoE's hidden states
+    assert (tmp_path / "out" / "bbox_head.safetensors").is_file()

@@ -31,11 +31,12 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 PROCESSOR_CLASSES = {
     "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLImageProcessor", "Qwen2VLVideoProcessor"),
     "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLImageProcessor", "Qwen2VLVideoProcessor"),
     "qwen3_vl": ("Qwen3VLProcessor", "Qwen2VLImageProcessor", "Qwen3VLVideoProcessor"),
+    "qwen3_vl_moe": ("Qwen3VLProcessor", "Qwen2VLImageProcessor", "Qwen3VLVideoProcessor"),
     "llava": ("LlavaProcessor", "CLIPImageProcessor", None),
 }
 # (patch size, min pixels, max pixels) chosen in tiny.py; smart_resize's factor is patch * merge (2).
@@ -43,6 +44,7 @@ QWEN_IMAGE_SETTINGS = {
     "qwen2_vl": (14, 28 * 28 * 4, 448 * 448),
     "qwen2_5_vl": (14, 28 * 28 * 4, 448 * 448),
     "qwen3_vl": (16, 32 * 32 * 4, 512 * 512),
+    "qwen3_vl_moe": (16, 32 * 32 * 4, 512 * 512),
 }
 GROUNDING_TEXT = "the small red circle(120,340),(560,780)"
 GROUNDING_JSON = '[{"bbox_2d": [12, 34, 56, 78], "label": "x"}]'

@@ -13,6 +13,7 @@ waits until it has finished (see ``patches.apply``).
 import importlib.abc
 import os
 import sys
+import traceback
 
 DISABLE_ENV = "LLAMAFACTORY_VISION_DISABLE"
 _HOST_PREFIX = "llamafactory."
@@ -24,6 +25,31 @@ executing: set[str] = set()  # our modules whose code is running right now
 
 def is_disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _patches():
+    """``llamafactory_vision.patches``, or None (said once on stderr) when it cannot be imported.
+
+    Catching every exception is deliberate here: this runs inside the host's own imports, and an error escaping
+    would break stock LLaMA-Factory for everyone in the environment; without ``patches`` the host runs unextended.
+    """
+    global _patches_error
+    if _patches_error is not None:
+        return None
+    try:
+        from llamafactory_vision import patches
+    except Exception as err:  # noqa: BLE001 (see the docstring)
+        _patches_error = err
+        sys.stderr.write(
+            f"WARNING llamafactory-vision: its hooks module failed to import ({type(err).__name__}: {err}); nothing of "
+            f"it is installed into LLaMA-Factory, which runs unextended (set {DISABLE_ENV}=1 to silence this). "
+            "Traceback:\n" + "".join(traceback.format_exception(err))
+        )
+        return None
+    return patches
+
+
+_patches_error: Exception | None = None
 
 
 class _PatchingLoader(importlib.abc.Loader):
@@ -39,18 +65,18 @@ class _PatchingLoader(importlib.abc.Loader):
         name = module.__name__
         if name.startswith(_HOST_PREFIX):
             self._loader.exec_module(module)
-            from llamafactory_vision import patches
-
-            patches.apply(module)
+            patches = _patches()
+            if patches is not None:
+                patches.apply(module)  # reports (never raises) a hook that fails
             return
         executing.add(name)
         try:
             self._loader.exec_module(module)
         finally:
             executing.discard(name)
-        from llamafactory_vision import patches
-
-        patches.run_deferred(name)
+        patches = _patches()
+        if patches is not None:
+            patches.run_deferred(name)
 
     def __getattr__(self, name):  # get_source, get_code, is_package, ... for tools that introspect loaders
         return getattr(self._loader, name)
@@ -64,9 +90,8 @@ class HostModuleFinder(importlib.abc.MetaPathFinder):
             if fullname in _NOT_WRAPPED:
                 return None
         elif fullname.startswith(_HOST_PREFIX):
-            from llamafactory_vision import patches
-
-            if fullname not in patches.HOOKS:
+            patches = _patches()
+            if patches is None or fullname not in patches.HOOKS:
                 return None
         else:
             return None
@@ -87,6 +112,6 @@ def install() -> None:
         return
     sys.meta_path.insert(0, HostModuleFinder())
     if any(name.startswith(_HOST_PREFIX) for name in sys.modules):
-        from llamafactory_vision import patches
-
-        patches.apply_to_imported()
+        patches = _patches()
+        if patches is not None:
+            patches.apply_to_imported()

@@ -49,6 +49,12 @@ class BoxError(ValueError):
         super().__init__(f"{field}: {message} [{reason}]")
         self.field = field
         self.reason = reason
+        self.message = message
+
+    def __reduce__(self):
+        # Pickle rebuilds an exception as `cls(*self.args)`, which holds only the formatted text; errors must survive
+        # the trip from a dataset worker process to the parent (`preprocessing_num_workers > 1`).
+        return type(self), (self.field, self.reason, self.message)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,6 +341,7 @@ def bbox_regression_loss(
     target_cxcywh: Tensor,
     l1_weight: float = 5.0,
     giou_weight: float = 2.0,
+    reduction: Literal["mean", "sum"] = "mean",
 ) -> dict[str, Tensor]:
     """DETR box loss ``l1_weight * L1 + giou_weight * (1 - GIoU)``.
 
@@ -345,10 +352,12 @@ def bbox_regression_loss(
         target_cxcywh (Tensor[N, 4]): target boxes, same format.
         l1_weight (float): weight of the L1 term. Default ``5.0``.
         giou_weight (float): weight of the GIoU term. Default ``2.0``.
+        reduction (str): ``"mean"`` over boxes, or ``"sum"`` over boxes (for a caller that divides by a box count
+            taken over several batches or processes). Default ``"mean"``.
 
     Returns:
-        dict[str, Tensor]: float32 scalars ``l1`` (L1 summed over the 4 coordinates, mean over boxes), ``giou``
-        (mean ``1 - GIoU`` over boxes) and ``total`` (the weighted sum). ``N = 0`` gives zeros connected to
+        dict[str, Tensor]: float32 scalars ``l1`` (L1 summed over the 4 coordinates, reduced over boxes), ``giou``
+        (``1 - GIoU`` reduced over boxes) and ``total`` (the weighted sum). ``N = 0`` gives zeros connected to
         ``pred_cxcywh``'s graph.
     """
     _check_same_shape(pred_cxcywh, target_cxcywh)
@@ -358,9 +367,11 @@ def bbox_regression_loss(
         zero = pred.sum() * 0.0
         return {"l1": zero, "giou": zero, "total": zero}
 
-    l1 = (pred - target).abs().sum(dim=-1).mean()
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    l1 = _reduce((pred - target).abs().sum(dim=-1), reduction)
     giou = generalized_box_iou_loss(
-        box_convert(pred, "cxcywh", "xyxy"), box_convert(target, "cxcywh", "xyxy"), reduction="mean"
+        box_convert(pred, "cxcywh", "xyxy"), box_convert(target, "cxcywh", "xyxy"), reduction=reduction
     )
     return {"l1": l1, "giou": giou, "total": l1_weight * l1 + giou_weight * giou}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,14 +38,66 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+# A tqdm bar as the host prints it: "Running tokenizer on dataset (num_proc=2):  40%|####  | 1440/3600 [00:02<00:03]"
+# (the training bar has no description); and the host's loss log lines: "{'loss': 1.2345, ...}".
+_PROGRESS = re.compile(r"(?:(?P<desc>[^\r\n:|]+): *)?\d+%\|[^|]*\| *(?P<n>\d+)/(?P<total>\d+) \[(?P<time>[^\],]*)")
+_LOSS = re.compile(r"'loss': '?(?P<loss>[0-9.]+)")
+
+
+class _Progress:
+    """One short status line per progress step on the terminal, while the whole output goes to the log: without it,
+    ~10 minutes of training on 2 cores show nothing. On a terminal the line is rewritten in place; otherwise (a pipe,
+    a CI log) a line is printed at every tenth of each bar."""
+
+    def __init__(self, stream=sys.stdout):
+        self.stream = stream
+        self.in_place = stream.isatty()
+        self.loss: str | None = None
+        self._printed: dict[str, int] = {}
+        self._width = 0
+
+    def feed(self, line: str) -> None:
+        if match := _LOSS.search(line):
+            self.loss = match.group("loss")
+        match = _PROGRESS.search(line)
+        if match is None:
+            return
+        desc = (match.group("desc") or "training steps").strip()
+        n, total = int(match.group("n")), int(match.group("total"))
+        tenth = 10 * n // max(total, 1)
+        if not self.in_place and self._printed.get(desc) == tenth:
+            return
+        self._printed[desc] = tenth
+        status = f"    {desc}: {n}/{total} [{match.group('time')}]" + (f" loss {self.loss}" if self.loss else "")
+        if self.in_place:
+            self.stream.write("\r" + status.ljust(self._width))
+            self._width = len(status)
+        else:
+            self.stream.write(status + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.in_place and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
 def _run(cmd: list[str], log: Path) -> None:
+    """Run ``cmd`` with its whole output in ``log`` and its progress bars summarised on the terminal."""
     print(f"$ {' '.join(cmd)}   (log: {log})", flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+    progress = _Progress()
     with open(log, "w") as f:
-        result = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    if result.returncode != 0:
+        # Text mode reads tqdm's "\r" refreshes as lines of their own, so each refresh reaches `progress` at once.
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO, text=True,
+                              bufsize=1) as process:  # fmt: skip
+            for line in process.stdout:
+                f.write(line)
+                progress.feed(line)
+        progress.close()
+    if process.returncode != 0:
         tail = log.read_text().splitlines()[-30:]
-        raise RuntimeError(f"command failed with exit code {result.returncode}; last lines of {log}:\n" + "\n".join(tail))
+        raise RuntimeError(f"command failed with exit code {process.returncode}; last lines of {log}:\n" + "\n".join(tail))
 
 
 def _overrides(out: Path, **extra: str) -> list[str]:

@@ -35,10 +35,24 @@ class VisionDataArguments(DataArguments):
         },
     )
 
+    ground_answer_style: Literal["native", "compact"] = field(
+        default="native",
+        metadata={
+            "help": "How grounding answers are written. `native`: the model's own zero-shot style, so fine-tuning "
+            "does not first unlearn its output format (Qwen2.5-VL and Qwen3-VL: a ```json fenced list, one "
+            "{\"bbox_2d\": [...], \"label\": ...} object per line); `compact`: one line "
+            "([{\"bbox_2d\": [...], \"label\": ...}, ...]). Qwen2-VL writes its box tokens either way."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.grounding_invalid not in ("error", "skip"):
             raise ValueError(f"`grounding_invalid` must be `error` or `skip`, got {self.grounding_invalid!r}.")
+        if self.ground_answer_style not in ("native", "compact"):
+            raise ValueError(
+                f"`ground_answer_style` must be `native` or `compact`, got {self.ground_answer_style!r}."
+            )
 
 
 @dataclass
@@ -59,22 +73,27 @@ class VisionFinetuningArguments(FinetuningArguments):
     bbox_giou_weight: float = field(
         default=2.0, metadata={"help": "Weight of the GIoU term inside the bbox head loss (DETR: 2)."}
     )
-    bbox_head_layers: int = field(
-        default=3, metadata={"help": "Number of linear layers of the bbox head MLP (the last one starts at zero)."}
-    )
-    bbox_head_source: Literal["box_start", "box_end"] = field(
-        default="box_start",
+    bbox_head_layers: int | None = field(
+        default=None,
         metadata={
-            "help": "Hidden state the head reads: `box_start` (the token opening a box: <|box_start|> for Qwen2-VL, "
-            "the `[` after \"bbox_2d\": for Qwen2.5/3-VL) or `box_end` (the token closing it)."
+            "help": "Number of linear layers of a new bbox head MLP (the last one starts at zero); default 3. A head "
+            "saved beside the model/adapter keeps its own; setting another value then is an error."
+        },
+    )
+    bbox_head_source: Literal["box_start", "box_end"] | None = field(
+        default=None,
+        metadata={
+            "help": "Hidden state a new head reads: `box_start` (default; the token opening a box: <|box_start|> for "
+            'Qwen2-VL, the `[` after "bbox_2d": for Qwen2.5/3-VL) or `box_end` (the token closing it). A head '
+            "saved beside the model/adapter keeps its own; setting another value then is an error."
         },
     )
 
     def __post_init__(self):
         super().__post_init__()
-        if self.bbox_head_source not in ("box_start", "box_end"):
+        if self.bbox_head_source not in (None, "box_start", "box_end"):
             raise ValueError(f"`bbox_head_source` must be box_start or box_end, got {self.bbox_head_source!r}.")
-        if self.bbox_head_layers < 1:
+        if self.bbox_head_layers is not None and self.bbox_head_layers < 1:
             raise ValueError(f"`bbox_head_layers` must be >= 1, got {self.bbox_head_layers}.")
         for name in ("bbox_loss_weight", "bbox_l1_weight", "bbox_giou_weight"):
             if getattr(self, name) < 0:
@@ -95,12 +114,14 @@ def _model_type(model_args: ModelArguments) -> str:
 
 def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
     """Reject settings that contradict each other across argument groups, before any model or data is loaded."""
+    from llamafactory_vision.grounding.host_paths import validate_host_path
     from llamafactory_vision.grounding.templates import get_grounding_spec
 
     model_args = next(a for a in parsed if isinstance(a, ModelArguments))
     data_args = next(a for a in parsed if isinstance(a, DataArguments))
     finetuning_args = next(a for a in parsed if isinstance(a, FinetuningArguments))
     spec = get_grounding_spec(data_args.template)
+    validate_host_path(parsed, data_args, finetuning_args, spec is not None)
     if finetuning_args.bbox_head:
         if spec is None:
             raise ValueError(
@@ -113,6 +134,11 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
             raise ValueError("`bbox_head: true` does not support `train_on_prompt` (boxes in prompts are not targets).")
         if data_args.packing or data_args.neat_packing:
             raise ValueError("`bbox_head: true` does not support `packing`/`neat_packing` (box positions per row).")
+        if finetuning_args.use_asft_loss:
+            raise ValueError(
+                "`bbox_head: true` does not support `use_asft_loss: true` (the host's ASFT loss returns no hidden "
+                "states for the head). Use `use_dft_loss` or `use_eaft_loss`, or the plain LM loss."
+            )
     if spec is not None and model_args.model_name_or_path is not None:
         model_type = _model_type(model_args)
         if model_type not in spec.model_types:

@@ -17,6 +17,7 @@ import functools
 import importlib
 import importlib.metadata
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
 from types import ModuleType
@@ -24,6 +25,7 @@ from types import ModuleType
 SUPPORTED_HOST_VERSION = "0.9.5"
 _APPLIED_ATTR = "__llamafactory_vision_hooks__"
 _deferred: dict[str, list[tuple[Callable[[ModuleType], None], ModuleType]]] = {}
+failed_hooks: dict[str, str] = {}  # "hook on host module" -> "ExceptionType: message", for hooks that raised
 
 
 class _Deferred(Exception):
@@ -105,19 +107,47 @@ def select_dataset_processor(loader: ModuleType) -> None:
     loader._get_dataset_processor = _get_dataset_processor
 
 
+def report_failed_hooks(parser: ModuleType) -> None:
+    """``hparams.parser._parse_args`` (called by every ``_parse_*_args``): when a hook failed to install, the settings
+    that needed it fail with that hook's error instead of the host's puzzling one. Registered before
+    :func:`extend_arguments`, so that it is in place even when that hook is the one that failed. With every hook
+    installed it only passes through."""
+    host_parse = parser._parse_args
+
+    @functools.wraps(host_parse)
+    def _parse_args(*args, **kwargs):
+        if not failed_hooks:
+            return host_parse(*args, **kwargs)
+        try:
+            parsed = host_parse(*args, **kwargs)
+        except ValueError as err:  # e.g. our YAML keys are unknown to the host when `extend_arguments` failed
+            err.add_note(failure_report())
+            raise
+        template_module = sys.modules.get("llamafactory.data.template")
+        for group in parsed:
+            template = getattr(group, "template", None) if isinstance(group, parser.DataArguments) else None
+            if template_module is not None and template is not None and template not in template_module.TEMPLATES:
+                raise ValueError(f"Template {template} does not exist. {failure_report()}")
+        return parsed
+
+    parser._parse_args = _parse_args
+
+
 def extend_arguments(parser: ModuleType) -> None:
-    """``hparams.parser._TRAIN_ARGS/_INFER_ARGS/_EVAL_ARGS``: swap in our argument subclasses so our YAML keys parse
-    (unknown keys still raise), and wrap ``_parse_train_args/_parse_infer_args/_parse_eval_args`` to validate settings
-    that span several argument groups (template vs. model family) at start-up."""
+    """``hparams.parser._TRAIN_ARGS/_INFER_ARGS/_EVAL_ARGS/_TRAIN_MCA_ARGS``: swap in our argument subclasses so our
+    YAML keys parse (unknown keys still raise), and wrap ``_parse_train_args/_parse_infer_args/_parse_eval_args/
+    _parse_train_mca_args`` to validate settings that span several argument groups (template vs. model family, stage
+    vs. dataset format) at start-up."""
     hparams = _ours("llamafactory_vision.hparams")
     replacements = {
         parser.DataArguments: hparams.VisionDataArguments,
         parser.FinetuningArguments: hparams.VisionFinetuningArguments,
     }
-    for arg_list in (parser._TRAIN_ARGS, parser._INFER_ARGS, parser._EVAL_ARGS):
+    # `_TRAIN_MCA_ARGS` is the list `USE_MCA=1` parses with (empty without mcore_adapter).
+    for arg_list in (parser._TRAIN_ARGS, parser._INFER_ARGS, parser._EVAL_ARGS, parser._TRAIN_MCA_ARGS):
         arg_list[:] = [replacements.get(cls, cls) for cls in arg_list]
 
-    for name in ("_parse_train_args", "_parse_infer_args", "_parse_eval_args"):
+    for name in ("_parse_train_args", "_parse_infer_args", "_parse_eval_args", "_parse_train_mca_args"):
         setattr(parser, name, _validated(getattr(parser, name), hparams.validate_parsed_args))
 
 
@@ -150,13 +180,16 @@ def dispatch_sft(tuner: ModuleType) -> None:
 
 def export_bbox_head(tuner: ModuleType) -> None:
     """``train.tuner.export_model``: the host exports (and merges) the model; a bbox head lives in its own files
-    beside the adapter or model, so it is copied into ``export_dir`` too."""
+    beside the adapter or model, so it is copied into ``export_dir`` too whenever the checkpoint has one."""
     host_export = tuner.export_model
 
     @functools.wraps(host_export)
     def export_model(args=None):
         host_export(args)
-        _ours("llamafactory_vision.grounding.bbox_head").export_head(tuner.get_infer_args(args))
+        parsed = tuner.get_infer_args(args)
+        source = _ours("llamafactory_vision.grounding.bbox_head").export_head(parsed)
+        if source is not None:
+            tuner.logger.info_rank0(f"bbox head exported too: {source} -> {parsed[0].export_dir}")
 
     tuner.export_model = export_model
 
@@ -168,7 +201,7 @@ HOOKS: dict[str, tuple[Callable[[ModuleType], None], ...]] = {
     "llamafactory.data.parser": (extend_dataset_attr,),
     "llamafactory.data.converter": (register_dataset_converter,),
     "llamafactory.data.loader": (wrap_align_dataset, select_dataset_processor),
-    "llamafactory.hparams.parser": (extend_arguments,),
+    "llamafactory.hparams.parser": (report_failed_hooks, extend_arguments),
     "llamafactory.train.tuner": (dispatch_sft, export_bbox_head),
 }
 
@@ -185,11 +218,38 @@ def check_host_version() -> None:
         )
 
 
+def failure_report() -> str:
+    """What was not installed and why, for error messages (empty when every hook installed)."""
+    if not failed_hooks:
+        return ""
+    failures = "; ".join(f"{hook} raised {error}" for hook, error in failed_hooks.items())
+    return (
+        f"llamafactory-vision could not install part of itself into LLaMA-Factory ({failures}), so its templates, "
+        "dataset formats and YAML keys that depend on it are unavailable. Stock LLaMA-Factory runs are unaffected."
+    )
+
+
+def _record_failure(hook: Callable[[ModuleType], None], module: ModuleType, err: Exception) -> None:
+    where = f"{hook.__name__} on {module.__name__}"
+    failed_hooks[where] = f"{type(err).__name__}: {err}"
+    # Printed straight to stderr (not `warnings`, which filters can hide): a user must see what is missing.
+    sys.stderr.write(
+        f"WARNING llamafactory-vision: hook {where} failed and was not installed ({type(err).__name__}: {err}). "
+        "LLaMA-Factory itself keeps working; llamafactory-vision features that need this hook will refuse to run. "
+        "Traceback:\n" + "".join(traceback.format_exception(err))
+    )
+
+
 def _run(hook: Callable[[ModuleType], None], module: ModuleType) -> None:
     try:
         hook(module)
     except _Deferred as wait:
         _deferred.setdefault(wait.module_name, []).append((hook, module))
+    except Exception as err:  # noqa: BLE001
+        # The one justified catch-all: hooks run inside the host's own `import llamafactory.*`, so anything escaping
+        # here would make that import fail and break stock LLaMA-Factory for everyone in this environment. The error
+        # is reported on stderr and recorded; settings of ours then refuse to run with it (see report_failed_hooks).
+        _record_failure(hook, module, err)
 
 
 def apply(module: ModuleType) -> None:

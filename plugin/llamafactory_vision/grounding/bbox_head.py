@@ -11,28 +11,34 @@ Saved as ``bbox_head.safetensors`` + ``bbox_head_config.json`` beside the adapte
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from llamafactory.extras.logging import get_logger
+from llamafactory.extras.misc import count_parameters
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+logger = get_logger(__name__)
 
 HEAD_ATTR = "bbox_head"  # the head's submodule name on the model
 HEAD_WEIGHTS = "bbox_head.safetensors"
 HEAD_CONFIG = "bbox_head_config.json"
 SOURCES = ("box_start", "box_end")
+DEFAULT_LAYERS, DEFAULT_SOURCE = 3, "box_start"  # a new head's settings when the YAML leaves them out
 
 
 @dataclass(frozen=True)
 class BBoxHeadConfig:
     hidden_size: int
-    num_layers: int = 3
-    source: str = "box_start"
+    num_layers: int = DEFAULT_LAYERS
+    source: str = DEFAULT_SOURCE
 
     def __post_init__(self):
         if self.num_layers < 1:
@@ -69,11 +75,34 @@ class BBoxHead(nn.Module):
         return torch.sigmoid(x)
 
 
-def save_head(head: BBoxHead, directory: str | Path) -> None:
+def gathered_parameters(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    """DeepSpeed's read-only gather of ZeRO-3 partitioned ``params`` (only a ZeRO-3 run has them, and deepspeed)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def head_state_dict(head: BBoxHead) -> dict[str, Tensor]:
+    """Full CPU copies of the head's weights.
+
+    Under DeepSpeed ZeRO-3 each rank holds an empty placeholder per parameter (marked by ``ds_id``); they are gathered
+    first, as the host's ZeRO-3 save gathers the model's: a collective that every rank must enter.
+    """
+    partitioned = [p for p in head.parameters() if hasattr(p, "ds_id")]
+    with gathered_parameters(partitioned) if partitioned else contextlib.nullcontext():
+        return {k: v.detach().cpu().clone().contiguous() for k, v in head.state_dict().items()}
+
+
+def save_head(head: BBoxHead, directory: str | Path, state: Mapping[str, Tensor] | None = None) -> None:
+    """Write ``bbox_head.safetensors`` and ``bbox_head_config.json``; ``state``: weights gathered beforehand by
+    :func:`head_state_dict` (required under ZeRO-3, where only some ranks write), else read from ``head``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    save_file(state, str(directory / HEAD_WEIGHTS))
+    state = head_state_dict(head) if state is None else state
+    empty = [key for key, value in state.items() if value.numel() == 0]
+    if empty:  # ZeRO-3 placeholders: saving them would write a head that loads nothing
+        raise ValueError(f"bbox head weights {empty} are empty: gather them (head_state_dict) before saving.")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(directory / HEAD_WEIGHTS))
     (directory / HEAD_CONFIG).write_text(json.dumps(asdict(head.config), indent=2))
 
 
@@ -81,9 +110,13 @@ def load_head(directory: str | Path) -> BBoxHead:
     """Restore a head saved by :func:`save_head` (safetensors only: nothing is unpickled)."""
     directory = Path(directory)
     if not (directory / HEAD_WEIGHTS).is_file():
+        # Say only what is known: a folder may lack the head because its run had none, or because it was copied or
+        # exported without the head files.
         raise FileNotFoundError(
-            f"`bbox_head: true` but {directory} has no {HEAD_WEIGHTS}: this checkpoint was trained without the bbox "
-            "head. Set `bbox_head: false`, or point to a checkpoint trained with it."
+            f"`bbox_head: true` but {directory} has no {HEAD_WEIGHTS}: no bbox head was saved in this folder (its "
+            f"run trained without `bbox_head: true`, or it was copied or exported without {HEAD_WEIGHTS} and "
+            f"{HEAD_CONFIG}). Point `adapter_name_or_path` (or `model_name_or_path` for a full fine-tune) at a folder "
+            "holding both, such as the training output_dir, or set `bbox_head: false`."
         )
     head = BBoxHead(BBoxHeadConfig(**json.loads((directory / HEAD_CONFIG).read_text())))
     head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
@@ -97,31 +130,74 @@ def head_dir(model_args) -> Path:
     return Path(model_args.model_name_or_path)
 
 
+def _settings_conflicts(loaded: BBoxHeadConfig, finetuning_args) -> list[str]:
+    asked = {
+        "bbox_head_layers": finetuning_args.bbox_head_layers,
+        "bbox_head_source": finetuning_args.bbox_head_source,
+    }
+    found = {"bbox_head_layers": loaded.num_layers, "bbox_head_source": loaded.source}
+    return [f"{key}: {asked[key]!r} in the YAML, {found[key]!r} in the saved head"
+            for key in asked if asked[key] is not None and asked[key] != found[key]]  # fmt: skip
+
+
 def attach_head(model: nn.Module, model_args, finetuning_args, is_trainable: bool) -> BBoxHead:
     """Give ``model`` its head as submodule ``bbox_head`` (so DDP, the optimizer and checkpoints see it): the trained
-    one from :func:`head_dir` if there is one, a fresh one when training starts from a model without a head."""
+    one from :func:`head_dir` if there is one, a fresh one when training starts from a model without a head.
+
+    A saved head keeps its own ``bbox_head_layers``/``bbox_head_source``; a YAML asking for others is refused (the
+    saved weights cannot take another shape or anchor). Logs one line saying which head is attached, and the host's
+    parameter count with the head included.
+    """
     source = head_dir(model_args)
     hidden_size = model.get_input_embeddings().embedding_dim
     if (source / HEAD_WEIGHTS).is_file() or not is_trainable:
         head = load_head(source)
         if head.config.hidden_size != hidden_size:
             raise ValueError(f"{source / HEAD_CONFIG}: the head was trained for another model (hidden size).")
+        conflicts = _settings_conflicts(head.config, finetuning_args)
+        if conflicts:
+            raise ValueError(
+                f"{source / HEAD_WEIGHTS} holds a trained bbox head whose settings differ from the YAML ("
+                + "; ".join(conflicts)
+                + "). Remove those keys to use the saved head as it is, or start from a model/"
+                "adapter without a head to train a new one."
+            )
+        origin = f"loaded from {source / HEAD_WEIGHTS}"
     else:
-        head = BBoxHead(BBoxHeadConfig(hidden_size, finetuning_args.bbox_head_layers, finetuning_args.bbox_head_source))
+        layers = finetuning_args.bbox_head_layers or DEFAULT_LAYERS
+        head = BBoxHead(BBoxHeadConfig(hidden_size, layers, finetuning_args.bbox_head_source or DEFAULT_SOURCE))
+        origin = "new (last layer zero-initialised)"
     head.requires_grad_(is_trainable)
     model.add_module(HEAD_ATTR, head.to(model.device))
+    trainable, total = count_parameters(model)  # the host's count, as in its own log line, now with the head
+    logger.info_rank0(
+        f"bbox head attached ({origin}): bbox_head_layers={head.config.num_layers}, "
+        f"bbox_head_source={head.config.source}, hidden_size={head.config.hidden_size}, "
+        f"{sum(p.numel() for p in head.parameters()):,} params, {'trainable' if is_trainable else 'frozen'}. "
+        f"With the head: trainable params: {trainable:,} || all params: {total:,} || "
+        f"trainable%: {100 * trainable / total:.4f}"
+    )
     return head
 
 
-def export_head(parsed_infer_args) -> None:
-    """Copy the head files into ``export_dir`` after ``llamafactory-cli export`` (``bbox_head: true`` only)."""
+def export_head(parsed_infer_args) -> Path | None:
+    """Copy the head files into ``export_dir`` after ``llamafactory-cli export`` whenever the exported checkpoint has
+    a head (with or without ``bbox_head: true``: an export must not drop what was trained). ``bbox_head: true`` on a
+    checkpoint without a head fails, naming the folder searched.
+
+    Returns:
+        Path | None: the folder the head was copied from, or None when the checkpoint has no head.
+    """
     model_args, _, finetuning_args, _ = parsed_infer_args
-    if not finetuning_args.bbox_head:
-        return
     source = head_dir(model_args)
-    load_head(source)  # fails clearly when there is no head to export
-    for name in (HEAD_WEIGHTS, HEAD_CONFIG):
-        shutil.copy(source / name, Path(model_args.export_dir) / name)
+    if not (source / HEAD_WEIGHTS).is_file() and not finetuning_args.bbox_head:
+        return None
+    load_head(source)  # a valid head (config and weights agree), or the error saying what is missing
+    target = Path(model_args.export_dir)
+    if source.resolve() != target.resolve():
+        for name in (HEAD_WEIGHTS, HEAD_CONFIG):
+            shutil.copy(source / name, target / name)
+    return source
 
 
 def find_box_spans(token_texts: Sequence[str], box_pattern: str) -> list[tuple[int, int]]:

@@ -5,16 +5,20 @@
 - :func:`convert_refcoco`: RefCOCO/RefCOCO+/RefCOCOg refs joined with their COCO instances by ``ann_id`` ->
   one ``rec`` row per sentence.
 
-Boxes stay in COCO's ``xywh`` pixels (``bbox_format: "xywh"``). Where the image record gives ``width``/``height``
-a box reaching past the image is clipped to it (COCO has a few), so every written box passes the ``grounding``
-format's validation; a box with no area is skipped and counted. Image paths are ``os.path.join(images_dir,
-file_name)`` as given: pass an absolute ``images_dir`` or one relative to the ``dataset_dir`` you will train with.
+Boxes stay in COCO's ``xywh`` pixels (``bbox_format: "xywh"``). Each image that gets a row is opened (header only)
+and its real size is the truth: a JSON ``width``/``height`` that differs is an error naming the image and both sizes
+(boxes annotated on a larger original would land in empty background), unless ``rescale_to_file`` scales that image's
+boxes to the file (counted in the stats). A box reaching past the image is clipped to it (COCO has a few), so every
+written box passes the ``grounding`` format's validation; a box with no area is skipped and counted.
+
+Image paths are written relative to the output file's folder, which is how LLaMA-Factory finds them when that folder
+is the ``dataset_dir`` you train with (keep the jsonl beside its dataset_info.json).
 
 Command line (mounted as ``llamafactory-vision convert``)::
 
     llamafactory-vision convert coco --instances instances_val2017.json --images val2017 --out coco_val.jsonl
     llamafactory-vision convert refcoco --refs refs.json --instances instances.json --images train2014 \\
-        --out refcoco_val.jsonl --split val [--allow-pickle]
+        --out refcoco_val.jsonl --split val [--allow-pickle] [--rescale-to-file]
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from PIL import Image, UnidentifiedImageError
 
 from ..boxes import to_xyxy
 
@@ -47,6 +53,8 @@ class ConvertStats:
         skipped_degenerate (int): boxes with no area (after clipping to the image) left out.
         clipped (int): boxes clipped to the image bounds.
         skipped_empty_sentences (int): RefCOCO sentences that are empty after stripping.
+        rescaled_images (int): images whose JSON size differed from the file, boxes scaled to the file
+            (``rescale_to_file`` only).
     """
 
     rows: int
@@ -56,6 +64,7 @@ class ConvertStats:
     skipped_degenerate: int = 0
     clipped: int = 0
     skipped_empty_sentences: int = 0
+    rescaled_images: int = 0
 
 
 class _Record:
@@ -104,18 +113,56 @@ def _records(path: Path, data: Any, key: str) -> list[_Record]:
 
 @dataclass(frozen=True)
 class _Image:
-    path: str
-    size: tuple[float, float] | None  # (width, height) when the record gives both
+    path: str  # as written in the rows: relative to the output file's folder
+    size: tuple[float, float]  # (width, height) of the file
+    scale: tuple[float, float] = (1.0, 1.0)  # file size / JSON size (rescale_to_file only)
 
 
-def _index_images(path: Path, data: Any, images_dir: str) -> dict[int, _Image]:
-    images: dict[int, _Image] = {}
-    for rec in _records(path, data, "images"):
-        image_id = rec.get("id", int)
+class _ImageIndex:
+    """The ``images`` records of an instances file; each image's file is opened (header only) the first time a row
+    needs it, and its size checked against the record's ``width``/``height``."""
+
+    def __init__(self, path: Path, data: Any, images_dir: str, out_jsonl: str | Path, rescale_to_file: bool) -> None:
+        self.images_dir = Path(images_dir)
+        if not self.images_dir.is_dir():
+            raise ValueError(f"images folder {images_dir!r} does not exist (resolved to {self.images_dir.resolve()})")
+        self.records = {rec.get("id", int): rec for rec in _records(path, data, "images")}
+        self.out_dir = Path(out_jsonl).resolve().parent
+        self.rescale_to_file = rescale_to_file
+        self.rescaled = 0
+        self._opened: dict[int, _Image] = {}
+
+    def __contains__(self, image_id: int) -> bool:
+        return image_id in self.records
+
+    def __getitem__(self, image_id: int) -> _Image:
+        if image_id not in self._opened:
+            self._opened[image_id] = self._open(self.records[image_id])
+        return self._opened[image_id]
+
+    def _open(self, rec: _Record) -> _Image:
+        file = self.images_dir / rec.get("file_name", str)
+        try:
+            with Image.open(file) as image:
+                file_size = image.size
+        except FileNotFoundError as err:
+            raise rec.error("file_name", f"image file {str(file)!r} not found") from err
+        except (UnidentifiedImageError, OSError) as err:
+            raise rec.error("file_name", f"cannot read image {str(file)!r}: {err}") from err
         width, height = rec.get("width", (int, float), None), rec.get("height", (int, float), None)
-        size = (float(width), float(height)) if width is not None and height is not None else None
-        images[image_id] = _Image(os.path.join(images_dir, rec.get("file_name", str)), size)
-    return images
+        scale = (1.0, 1.0)
+        if width is not None and height is not None and (width, height) != file_size:
+            if not self.rescale_to_file:
+                raise rec.error(
+                    "width/height",
+                    f"the JSON gives {width}x{height} but image file {str(file)!r} is {file_size[0]}x{file_size[1]}; "
+                    "its boxes would not fit the file. Point --images at the images the annotations were made on, "
+                    "or pass --rescale-to-file (rescale_to_file=True) to scale this image's boxes to the file",
+                )
+            scale = (file_size[0] / width, file_size[1] / height)
+            self.rescaled += 1
+        written = os.path.relpath(file.resolve(), self.out_dir)
+        return _Image(written, (float(file_size[0]), float(file_size[1])), scale)
 
 
 def _largest_below(total: float, start: float) -> float:
@@ -127,25 +174,25 @@ def _largest_below(total: float, start: float) -> float:
 
 
 def _xywh_box(rec: _Record, image: _Image) -> tuple[list[float] | None, bool]:
-    """Validated ``xywh`` box of an annotation, clipped to the image when its size is known.
+    """Validated ``xywh`` box of an annotation, scaled by ``image.scale`` and clipped to the image file.
 
     Returns:
         (box or None when it has no area, whether it was clipped).
     """
     # BoxError is a ValueError naming the field passed here.
     x1, y1, x2, y2 = to_xyxy(rec.get("bbox", list), "xywh", field=f"{rec.path}: {rec.where}.bbox")
-    box = list(rec.record["bbox"])  # unclipped boxes keep their numbers exactly as written
-    clipped = False
-    if image.size is not None:
-        width, height = image.size
-        cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, width), min(y2, height)
-        if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
-            clipped = True
-            box = [cx1, cy1, _largest_below(cx2, cx1), _largest_below(cy2, cy1)]
-        x1, y1, x2, y2 = cx1, cy1, cx2, cy2
-    if not (x1 < x2 and y1 < y2):
+    scaled = image.scale != (1.0, 1.0)
+    if scaled:
+        sx, sy = image.scale
+        x1, y1, x2, y2 = x1 * sx, y1 * sy, x2 * sx, y2 * sy
+    width, height = image.size
+    cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, width), min(y2, height)
+    clipped = (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2)
+    if not (cx1 < cx2 and cy1 < cy2):
         return None, clipped
-    return box, clipped
+    if scaled or clipped:  # w, h chosen so that x1 + w <= x2 holds in floating point, as the grounding format checks
+        return [cx1, cy1, _largest_below(cx2, cx1), _largest_below(cy2, cy1)], clipped
+    return list(rec.record["bbox"]), clipped  # kept exactly as written
 
 
 def _write_rows(out_jsonl: str | Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -156,7 +203,9 @@ def _write_rows(out_jsonl: str | Path, rows: Sequence[dict[str, Any]]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def convert_coco(instances_json: str | Path, images_dir: str, out_jsonl: str | Path) -> ConvertStats:
+def convert_coco(
+    instances_json: str | Path, images_dir: str, out_jsonl: str | Path, rescale_to_file: bool = False
+) -> ConvertStats:
     """COCO instances -> ``detect`` rows, one per (image, category) with every non-crowd box of that category.
 
     Rows follow the order of ``images`` in the file, categories in order of first annotation; images without a
@@ -164,18 +213,22 @@ def convert_coco(instances_json: str | Path, images_dir: str, out_jsonl: str | P
 
     Args:
         instances_json (str | Path): COCO ``instances_*.json`` (``images``, ``annotations``, ``categories``).
-        images_dir (str): folder the ``file_name`` of each image is joined to.
-        out_jsonl (str | Path): output file (parents created, overwritten).
+        images_dir (str): existing folder the ``file_name`` of each image is joined to.
+        out_jsonl (str | Path): output file (parents created, overwritten); image paths are written relative to
+            its folder.
+        rescale_to_file (bool): scale the boxes of an image whose JSON size differs from its file, instead of
+            failing. Default False.
 
     Returns:
-        ConvertStats: counts of rows, images, boxes and of what was skipped or clipped.
+        ConvertStats: counts of rows, images, boxes and of what was skipped, clipped or rescaled.
 
     Raises:
-        ValueError: naming the file, the record (``annotations[12]``) and the field that is missing or invalid.
+        ValueError: naming the file, the record (``annotations[12]``) and the field that is missing or invalid;
+            a missing ``images_dir`` or image file; a JSON size that differs from the image file.
     """
     path = Path(instances_json)
     data = _load_json(path)
-    images = _index_images(path, data, images_dir)
+    images = _ImageIndex(path, data, images_dir, out_jsonl, rescale_to_file)
     categories = {rec.get("id", int): rec.get("name", str) for rec in _records(path, data, "categories")}
 
     grouped: dict[int, dict[int, list[list[float]]]] = {}  # image id -> category id -> boxes (insertion-ordered)
@@ -203,7 +256,7 @@ def convert_coco(instances_json: str | Path, images_dir: str, out_jsonl: str | P
             "bbox_format": "xywh",
             "task": "detect",
         }
-        for image_id in images
+        for image_id in images.records
         for category_id, boxes in grouped.get(image_id, {}).items()
     ]
     _write_rows(out_jsonl, rows)
@@ -214,6 +267,7 @@ def convert_coco(instances_json: str | Path, images_dir: str, out_jsonl: str | P
         skipped_crowd=crowd,
         skipped_degenerate=degenerate,
         clipped=clipped,
+        rescaled_images=images.rescaled,
     )
 
 
@@ -252,6 +306,7 @@ def convert_refcoco(
     out_jsonl: str | Path,
     split: str | None = None,
     allow_pickle: bool = False,
+    rescale_to_file: bool = False,
 ) -> ConvertStats:
     """RefCOCO refs + COCO instances -> ``rec`` rows, one per sentence, with the referred annotation's box.
 
@@ -260,22 +315,26 @@ def convert_refcoco(
             "sentences": [{"sent": ...}, ...]}``; the original pickle only with ``allow_pickle``.
         instances_json (str | Path): the COCO instances holding every ``ann_id`` (RefCOCO ships its own
             ``instances.json``).
-        images_dir (str): folder the image ``file_name`` is joined to (COCO train2014 for RefCOCO).
-        out_jsonl (str | Path): output file (parents created, overwritten).
+        images_dir (str): existing folder the image ``file_name`` is joined to (COCO train2014 for RefCOCO).
+        out_jsonl (str | Path): output file (parents created, overwritten); image paths are written relative to
+            its folder.
         split (str | None): keep only refs of this split (``train``, ``val``, ``testA``, ...). Default: all.
         allow_pickle (bool): allow loading a pickled refs file. Default False.
+        rescale_to_file (bool): scale the boxes of an image whose JSON size differs from its file, instead of
+            failing. Default False.
 
     Returns:
-        ConvertStats: counts of rows, images and boxes, and of skipped or clipped boxes and empty sentences.
+        ConvertStats: counts of rows, images and boxes, and of skipped, clipped or rescaled boxes and empty sentences.
 
     Raises:
         ValueError: naming the file, the record (``refs[3]``) and the field that is missing or invalid; for an
-            unknown ``split`` (listing the splits present); for a pickle without ``allow_pickle``.
+            unknown ``split`` (listing the splits present); for a pickle without ``allow_pickle``; a missing
+            ``images_dir`` or image file; a JSON size that differs from the image file.
     """
     refs_file, instances_file = Path(refs_path), Path(instances_json)
     refs = [_Record(refs_file, f"refs[{i}]", ref) for i, ref in enumerate(load_refs(refs_file, allow_pickle))]
     data = _load_json(instances_file)
-    images = _index_images(instances_file, data, images_dir)
+    images = _ImageIndex(instances_file, data, images_dir, out_jsonl, rescale_to_file)
     annotations = {rec.get("id", int): rec for rec in _records(instances_file, data, "annotations")}
 
     if split is not None:
@@ -324,12 +383,19 @@ def convert_refcoco(
         skipped_degenerate=degenerate,
         clipped=clipped,
         skipped_empty_sentences=empty,
+        rescaled_images=images.rescaled,
     )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
+
+
+RESCALE_HELP = (
+    "where an image file's size differs from the JSON width/height, scale its boxes to the file (counted as "
+    "rescaled_images) instead of stopping with an error"
+)
 
 
 def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -343,7 +409,8 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     coco = sources.add_parser("coco", help="COCO instances -> detect rows (one per image x category)")
     coco.add_argument("--instances", required=True, help="COCO instances_*.json")
     coco.add_argument("--images", required=True, help="folder holding the images (joined to each file_name)")
-    coco.add_argument("--out", required=True, help="output .jsonl")
+    coco.add_argument("--out", required=True, help="output .jsonl (image paths are written relative to its folder)")
+    coco.add_argument("--rescale-to-file", action="store_true", help=RESCALE_HELP)
     coco.set_defaults(func=run_convert)
 
     refcoco = sources.add_parser("refcoco", help="RefCOCO refs + COCO instances -> rec rows (one per sentence)")
@@ -352,7 +419,8 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     )
     refcoco.add_argument("--instances", required=True, help="COCO instances json holding the referred annotations")
     refcoco.add_argument("--images", required=True, help="folder holding the images (joined to each file_name)")
-    refcoco.add_argument("--out", required=True, help="output .jsonl")
+    refcoco.add_argument("--out", required=True, help="output .jsonl (image paths are written relative to its folder)")
+    refcoco.add_argument("--rescale-to-file", action="store_true", help=RESCALE_HELP)
     refcoco.add_argument("--split", default=None, help="keep one split only, e.g. val, testA, testB")
     refcoco.add_argument(
         "--allow-pickle", action="store_true", help="allow a pickled refs file (only for files you trust)"
@@ -364,8 +432,10 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 def run_convert(args: argparse.Namespace) -> int:
     """Handler of ``convert``: runs the conversion and prints its :class:`ConvertStats` as JSON."""
     if args.source == "coco":
-        stats = convert_coco(args.instances, args.images, args.out)
+        stats = convert_coco(args.instances, args.images, args.out, args.rescale_to_file)
     else:
-        stats = convert_refcoco(args.refs, args.instances, args.images, args.out, args.split, args.allow_pickle)
+        stats = convert_refcoco(
+            args.refs, args.instances, args.images, args.out, args.split, args.allow_pickle, args.rescale_to_file
+        )
     print(json.dumps({"out": str(args.out), **asdict(stats)}, indent=2))
     return 0

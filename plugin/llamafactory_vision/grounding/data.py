@@ -14,7 +14,9 @@ Boxes are pixels of the original image. They are validated here, where data ente
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +42,12 @@ class GroundingDataError(ValueError):
     def __init__(self, dataset: str, row: int | None, field: str, message: str, reason: str):
         where = f"grounding dataset {dataset!r}, row {row if row is not None else '?'}, field `{field}`"
         super().__init__(f"{where}: {message}")
-        self.reason = reason
+        self.dataset, self.row, self.field, self.message, self.reason = dataset, row, field, message, reason
+
+    def __reduce__(self):
+        # Pickle rebuilds an exception as `cls(*self.args)`, and `args` holds only the formatted text: without this,
+        # a worker of `preprocessing_num_workers > 1` sends an error the parent cannot rebuild and the pool hangs.
+        return type(self), (self.dataset, self.row, self.field, self.message, self.reason)
 
 
 @dataclass
@@ -74,7 +81,7 @@ class GroundingDatasetConverter(DatasetConverter):
             raise self._fail(row, field, f"a grounding row takes exactly one image, got {len(images)}", "image_count")
         (path,) = self._find_medias(images)
         if not isinstance(path, str) or not os.path.isfile(path):
-            raise self._fail(row, field, f"image file not found: {path!r}", "missing_image")
+            raise self._fail(row, field, f"image file not found: {self._searched(images[0])}", "missing_image")
         try:
             with Image.open(path) as image:
                 size = image.size
@@ -82,6 +89,17 @@ class GroundingDatasetConverter(DatasetConverter):
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise self._fail(row, field, f"cannot read image {path!r}: {err}", "corrupt_image") from err
         return path, size
+
+    def _searched(self, image: Any) -> str:
+        """Where the host's ``_find_medias`` looked for ``image``, for the missing-image message."""
+        if not isinstance(image, str):
+            return repr(image)
+        places = [f"{os.path.abspath(image)!r} (from the working directory)"]
+        if self.dataset_attr.load_from in ("script", "file"):  # the only sources the host joins to media_dir
+            media_dir = self.data_args.media_dir
+            origin = "`media_dir`" if media_dir != self.data_args.dataset_dir else "`dataset_dir` (no `media_dir` set)"
+            places.insert(0, f"{os.path.abspath(os.path.join(media_dir, image))!r} (in {origin} {media_dir!r})")
+        return f"{image!r}; searched {' and '.join(places)}"
 
     def _objects(self, example: dict[str, Any], row: int | None, size: tuple[int, int]) -> list[GroundedObject]:
         field = self.dataset_attr.objects
@@ -117,7 +135,7 @@ class GroundingDatasetConverter(DatasetConverter):
                 )
             region, answer = region_marker(0, objects[0].box), objects[0].ref
         else:
-            region, answer = "", objects_marker(0, objects)
+            region, answer = "", objects_marker(0, objects, self.data_args.ground_answer_style)
         ref_text = " and ".join(refs)
         prompt = self._column(example, self.dataset_attr.grounding_prompt)
         if not prompt:
@@ -153,14 +171,48 @@ class GroundingDatasetConverter(DatasetConverter):
             return {**empty, "_videos": None, "_audios": None, SKIP_COLUMN: err.reason}
 
 
+_ROWS_SHOWN = 50  # skipped row numbers in the log line; the file beside the outputs lists them all
+
+
+def _write_skipped_rows(dataset_name: str, rows: list[int], reasons: list[str], training_args) -> str | None:
+    """Write ``<output_dir>/grounding_skipped_rows/<dataset>.json`` (the skipped row numbers, counting from 0, and
+    their reasons) from the first process of each node; returns its path, or None where no output_dir is set."""
+    output_dir = getattr(training_args, "output_dir", None)
+    if not output_dir:
+        return None
+    safe_name = re.sub(r"[^\w.-]+", "_", dataset_name)
+    path = os.path.join(output_dir, "grounding_skipped_rows", f"{safe_name}.json")
+    if training_args.local_process_index == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        report = {
+            "dataset": dataset_name,
+            "rows_count_from": 0,
+            "total_rows": len(reasons),
+            "skipped": [{"row": i, "reason": reasons[i]} for i in rows],
+        }
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    return path
+
+
 def align_grounding_dataset(dataset, dataset_attr, data_args, training_args):
     """``align_dataset`` for ``formatting: grounding``: converts with row indices, then drops the rows marked
-    invalid (``grounding_invalid: skip``) and reports how many were skipped for each reason."""
+    invalid (``grounding_invalid: skip``), reports how many were skipped for each reason and which rows (counting
+    from 0), and lists them in ``<output_dir>/grounding_skipped_rows/<dataset>.json``."""
     from llamafactory.data.converter import get_dataset_converter
 
     if data_args.grounding_invalid == "skip" and data_args.streaming:
         raise ValueError("`grounding_invalid: skip` needs `streaming: false`, so that skipped rows can be counted.")
-    column_names = list(next(iter(dataset)).keys())
+    first = next(iter(dataset), None)
+    if first is None:
+        hint = ""
+        if data_args.streaming:  # the host's to_iterable_dataset(num_shards=dataloader_num_workers): 0 shards, 0 rows
+            hint = (
+                " (with `streaming: true` LLaMA-Factory splits a local file into `dataloader_num_workers` shards: "
+                "set it to 1 or more)"
+            )
+        raise ValueError(f"grounding dataset {dataset_attr.dataset_name!r} has no rows{hint}.")
+    column_names = list(first.keys())
     kwargs = {}
     if not data_args.streaming:
         kwargs = dict(
@@ -171,12 +223,17 @@ def align_grounding_dataset(dataset, dataset_attr, data_args, training_args):
     converter = get_dataset_converter("grounding", dataset_attr, data_args)
     dataset = dataset.map(converter, with_indices=True, batched=False, remove_columns=column_names, **kwargs)
     if data_args.grounding_invalid == "skip":
-        skipped = Counter(reason for reason in dataset[SKIP_COLUMN] if reason)
+        reasons = dataset[SKIP_COLUMN]
+        skipped = Counter(reason for reason in reasons if reason)
         if skipped:
+            rows = [i for i, reason in enumerate(reasons) if reason]  # map keeps the file's order: i is the row
             counts = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+            path = _write_skipped_rows(dataset_attr.dataset_name, rows, reasons, training_args)
+            shown = ", ".join(map(str, rows[:_ROWS_SHOWN])) + (", ..." if len(rows) > _ROWS_SHOWN else "")
             logger.warning_rank0(
                 f"grounding dataset {dataset_attr.dataset_name!r}: skipped {sum(skipped.values())} of "
-                f"{len(dataset)} rows ({counts})."
+                f"{len(dataset)} rows ({counts}): rows {shown} (rows count from 0: the first row of the file is "
+                f"row 0){f'; every skipped row and its reason: {path}' if path else ''}."
             )
             dataset = dataset.filter(lambda reason: not reason, input_columns=SKIP_COLUMN)
     return dataset.remove_columns(SKIP_COLUMN)

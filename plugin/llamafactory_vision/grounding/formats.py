@@ -5,15 +5,32 @@ The package carries boxes as :class:`GroundedObject`: a referring expression and
 pre-trained to read and write it, and reads it back:
 
 ============  ====================================================================  ===============================
-family        assistant text for one object                                         coordinates
+family        assistant text for one object (``compact`` style)                     coordinates
 ============  ====================================================================  ===============================
 qwen2_vl      ``<|object_ref_start|>car<|object_ref_end|><|box_start|>(x1,y1),``    ints 0-1000 of the image
               ``(x2,y2)<|box_end|>``
-qwen2_5_vl    ``[{"bbox_2d": [x1, y1, x2, y2], "label": "car"}]``                   int pixels of the model view
+qwen2_5_vl    ``[{"bbox_2d": [x1, y1, x2, y2], "label": "car"}]``                   int pixels of the model view,
+                                                                                    within ``[0, W'-1] x [0, H'-1]``
 qwen3_vl      same JSON as qwen2_5_vl                                               ints 0-1000 of the image
 llava         ``car [x1, y1, x2, y2]``                                              floats 0-1 (3 decimals) of the
                                                                                     image centre-padded to a square
 ============  ====================================================================  ===============================
+
+Answer styles (:data:`ANSWER_STYLES`, YAML key ``ground_answer_style``): ``native`` is how the model itself answers a
+grounding prompt zero-shot, so fine-tuning need not first unlearn its output format; ``compact`` is one line. They
+differ for the JSON families only: Qwen2.5-VL and Qwen3-VL answer with a ```json fenced list, one object per line,
+indented by a tab (their cookbooks, e.g. QwenLM/Qwen3-VL cookbooks/spatial_understanding.ipynb)::
+
+    ```json
+    [
+    \t{"bbox_2d": [x1, y1, x2, y2], "label": "car"},
+    \t{"bbox_2d": [x1, y1, x2, y2], "label": "dog"}
+    ]
+    ```
+
+Qwen2-VL's native answer is its box-token form and LLaVA's the bare list: both styles write them the same.
+Qwen2.5-VL pixels are rounded after scaling and clamped to ``[0, W'-1] x [0, H'-1]``, as Qwen's own converter
+``convert_to_qwen25vl_format`` (QwenLM/Qwen3-VL, qwen-vl-finetune/tools/process_bbox.ipynb) does.
 
 ``model_size`` is ``(width, height)`` in pixels of the image as the model sees it (after both resizes, see
 :func:`llamafactory_vision.boxes.model_view_size`); only Qwen2.5-VL's absolute coordinates depend on it. LLaVA's
@@ -38,6 +55,7 @@ Box = tuple[float, float, float, float]
 OBJECT_REF_START, OBJECT_REF_END = "<|object_ref_start|>", "<|object_ref_end|>"
 BOX_START, BOX_END = "<|box_start|>", "<|box_end|>"
 RELATIVE_SCALE = 1000  # Qwen2-VL and Qwen3-VL write coordinates as ints in [0, 1000] of the image
+ANSWER_STYLES = ("native", "compact")
 
 
 @dataclass(frozen=True)
@@ -63,9 +81,11 @@ def _unscale(coords: Sequence[float], scale_x: float, scale_y: float) -> Box:
     return x1 / scale_x, y1 / scale_y, x2 / scale_x, y2 / scale_y
 
 
-def _require_objects(objects: Sequence[GroundedObject]) -> None:
+def _require_objects(objects: Sequence[GroundedObject], style: str) -> None:
     if len(objects) == 0:
         raise ValueError("format_answer needs at least one GroundedObject, got none")
+    if style not in ANSWER_STYLES:
+        raise ValueError(f"answer style {style!r} is not one of {ANSWER_STYLES}")
 
 
 class BoxCodec(ABC):
@@ -90,8 +110,11 @@ class BoxCodec(ABC):
         """The 4 coordinates as written (e.g. from :func:`parse_answer`) -> normalised ``xyxy``."""
 
     @abstractmethod
-    def format_answer(self, objects: Sequence[GroundedObject], model_size: tuple[int, int]) -> str:
-        """Assistant text grounding ``objects`` (at least one), in order."""
+    def format_answer(
+        self, objects: Sequence[GroundedObject], model_size: tuple[int, int], style: str = "native"
+    ) -> str:
+        """Assistant text grounding ``objects`` (at least one), in order, in ``style`` (one of
+        :data:`ANSWER_STYLES`)."""
 
     @abstractmethod
     def format_region(self, box_norm: Sequence[float], model_size: tuple[int, int]) -> str:
@@ -114,8 +137,10 @@ class Qwen2VLCodec(BoxCodec):
         x1, y1, x2, y2 = self.encode_box(box_norm, model_size)
         return f"{BOX_START}({x1},{y1}),({x2},{y2}){BOX_END}"
 
-    def format_answer(self, objects: Sequence[GroundedObject], model_size: tuple[int, int]) -> str:
-        _require_objects(objects)
+    def format_answer(
+        self, objects: Sequence[GroundedObject], model_size: tuple[int, int], style: str = "native"
+    ) -> str:
+        _require_objects(objects, style)  # the box-token form is Qwen2-VL's native answer: one style
         return "".join(
             f"{OBJECT_REF_START}{obj.ref}{OBJECT_REF_END}{self.format_region(obj.box, model_size)}" for obj in objects
         )
@@ -139,20 +164,34 @@ class _QwenJsonCodec(BoxCodec):
     def format_region(self, box_norm: Sequence[float], model_size: tuple[int, int]) -> str:
         return json.dumps(self.encode_box(box_norm, model_size))
 
-    def format_answer(self, objects: Sequence[GroundedObject], model_size: tuple[int, int]) -> str:
-        _require_objects(objects)
+    def format_answer(
+        self, objects: Sequence[GroundedObject], model_size: tuple[int, int], style: str = "native"
+    ) -> str:
+        _require_objects(objects, style)
         items = [{"bbox_2d": self.encode_box(obj.box, model_size), "label": obj.ref} for obj in objects]
-        return json.dumps(items, ensure_ascii=False, separators=(", ", ": "))
+        if style == "compact":
+            return json.dumps(items, ensure_ascii=False, separators=(", ", ": "))
+        lines = ",\n".join("\t" + json.dumps(item, ensure_ascii=False, separators=(", ", ": ")) for item in items)
+        return f"```json\n[\n{lines}\n]\n```"
 
 
 class Qwen25VLCodec(_QwenJsonCodec):
-    """Qwen2.5-VL: absolute int pixels of the model-view image (after both resizes)."""
+    """Qwen2.5-VL: absolute int pixels of the model-view image ``(W', H')`` (after both resizes), clamped to
+    ``[0, W'-1] x [0, H'-1]`` as Qwen's ``convert_to_qwen25vl_format`` does."""
 
     family = "qwen2_5_vl"
 
     def _scale(self, model_size: tuple[int, int]) -> tuple[float, float]:
         width, height = model_size
         return width, height
+
+    def encode_box(self, box_norm: Sequence[float], model_size: tuple[int, int]) -> list[int]:
+        width, height = model_size
+        # Qwen computes round(x * (W' / W)) from pixels; from a normalised x, x_norm * W' can land a float ulp off an
+        # exact .5 tie (167.5 / 308 * 308 = 167.49999999999997). Snapping to 1e-6 px first rounds the exact value.
+        x1, y1, x2, y2 = (round(round(v * s, 6)) for v, s in zip(box_norm, (width, height) * 2))
+        return [min(max(x1, 0), width - 1), min(max(y1, 0), height - 1),
+                min(max(x2, 0), width - 1), min(max(y2, 0), height - 1)]  # fmt: skip
 
 
 class Qwen3VLCodec(_QwenJsonCodec):
@@ -204,8 +243,10 @@ class LlavaCodec(BoxCodec):
     def format_region(self, box_norm: Sequence[float], model_size: tuple[int, int]) -> str:
         return "[" + ", ".join(f"{v:.{self.decimals}f}" for v in self.encode_box(box_norm, model_size)) + "]"
 
-    def format_answer(self, objects: Sequence[GroundedObject], model_size: tuple[int, int]) -> str:
-        _require_objects(objects)
+    def format_answer(
+        self, objects: Sequence[GroundedObject], model_size: tuple[int, int], style: str = "native"
+    ) -> str:
+        _require_objects(objects, style)  # LLaVA-1.5 answers with bare lists: one style
         return "; ".join(f"{obj.ref} {self.format_region(obj.box, model_size)}" for obj in objects)
 
 

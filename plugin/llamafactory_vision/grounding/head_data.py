@@ -22,6 +22,7 @@ from llamafactory.extras.constants import IGNORE_INDEX
 from llamafactory_vision.boxes import from_xyxy
 from llamafactory_vision.grounding.bbox_head import find_box_spans
 from llamafactory_vision.grounding.formats import get_codec
+from llamafactory_vision.grounding.head_rows import ROW_COLUMN
 from llamafactory_vision.grounding.markers import marker_objects
 
 BBOX_COLUMNS = ("bbox_spans", "bbox_targets", "bbox_cut")
@@ -62,9 +63,14 @@ class GroundingBBoxDatasetProcessor(SupervisedDatasetProcessor):
 @dataclass
 class GroundingBBoxCollator(SFTDataCollatorWith4DAttentionMask):
     """The host's SFT collator plus padded ``bbox_spans`` (``LongTensor[B, K, 2]``, -1 = none) and ``bbox_targets``
-    (``FloatTensor[B, K, 4]``). Rows for generation (prompt only, no targets) are collated as the host does."""
+    (``FloatTensor[B, K, 4]``). Rows for generation (prompt only, no targets) are collated as the host does, plus
+    their dataset row index (``lfv_row``, ``LongTensor[B]``) when the dataset has that column."""
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if ROW_COLUMN in features[0]:
+            rows = torch.tensor([f[ROW_COLUMN] for f in features], dtype=torch.long)
+            batch = self([{k: v for k, v in f.items() if k != ROW_COLUMN} for f in features])
+            return {**batch, ROW_COLUMN: rows}
         if "bbox_spans" not in features[0]:
             return super().__call__(features)
         spans = [f["bbox_spans"] for f in features]

@@ -5,8 +5,11 @@ writes each box as a marker holding the box normalised to the original image. Th
 into the family's exact text inside ``process_messages``, once the final image size is known. Markers never reach a
 tokenizer.
 
-Syntax: ``⟦lfv:objects <image index> <json list of {"ref", "box"}>⟧`` (an answer) and
-``⟦lfv:region <image index> <json box>⟧`` (a box inside a prompt); the JSON is ASCII-only, so it never contains ``⟧``.
+Syntax: ``⟦lfv:objects <image index> <style> <json list of {"ref", "box"}>⟧`` (an answer, written in ``style``, one
+of :data:`~llamafactory_vision.grounding.formats.ANSWER_STYLES`, chosen by ``ground_answer_style``; without a style
+the answer is ``compact``) and ``⟦lfv:region <image index> <json box>⟧`` (a box inside a prompt); the JSON is
+ASCII-only, so it never contains ``⟧``. The style travels in the marker because the converter knows the run's
+settings and the plugin, shared by every run of its template, must not hold them.
 """
 
 from __future__ import annotations
@@ -15,17 +18,20 @@ import json
 import re
 from collections.abc import Callable, Sequence
 
-from llamafactory_vision.grounding.formats import BoxCodec, GroundedObject
+from llamafactory_vision.grounding.formats import ANSWER_STYLES, BoxCodec, GroundedObject
 
-_MARKER = re.compile(r"⟦lfv:(objects|region) (\d+) (.*?)⟧", re.DOTALL)
+_MARKER = re.compile(r"⟦lfv:(objects|region) (\d+) (?:(native|compact) )?(.*?)⟧", re.DOTALL)
 
 Size = tuple[int, int]
 
 
-def objects_marker(image_index: int, objects: Sequence[GroundedObject]) -> str:
-    """Marker for an answer listing ``objects`` (boxes normalised xyxy in [0, 1] of image ``image_index``)."""
+def objects_marker(image_index: int, objects: Sequence[GroundedObject], style: str = "native") -> str:
+    """Marker for an answer listing ``objects`` (boxes normalised xyxy in [0, 1] of image ``image_index``), to be
+    written in answer ``style``."""
+    if style not in ANSWER_STYLES:
+        raise ValueError(f"answer style {style!r} is not one of {ANSWER_STYLES}")
     payload = [{"ref": o.ref, "box": list(o.box)} for o in objects]
-    return f"⟦lfv:objects {image_index} {json.dumps(payload, ensure_ascii=True)}⟧"
+    return f"⟦lfv:objects {image_index} {style} {json.dumps(payload, ensure_ascii=True)}⟧"
 
 
 def region_marker(image_index: int, box: Sequence[float]) -> str:
@@ -43,7 +49,7 @@ def _objects(payload: str) -> list[GroundedObject]:
 
 def marker_objects(text: str) -> list[GroundedObject]:
     """Objects of every answer marker in ``text``, in order (region markers are not objects)."""
-    return [obj for kind, _, payload in _MARKER.findall(text) if kind == "objects" for obj in _objects(payload)]
+    return [obj for kind, _, _, payload in _MARKER.findall(text) if kind == "objects" for obj in _objects(payload)]
 
 
 def render_markers(text: str, codec: BoxCodec, model_size: Callable[[int], Size]) -> str:
@@ -51,10 +57,10 @@ def render_markers(text: str, codec: BoxCodec, model_size: Callable[[int], Size]
     (width, height) as the model sees it."""
 
     def render(match: re.Match) -> str:
-        kind, index, payload = match.group(1), int(match.group(2)), match.group(3)
+        kind, index, style, payload = match.group(1), int(match.group(2)), match.group(3), match.group(4)
         size = model_size(index)
         if kind == "region":
             return codec.format_region(tuple(json.loads(payload)), size)
-        return codec.format_answer(_objects(payload), size)
+        return codec.format_answer(_objects(payload), size, style or "compact")
 
     return _MARKER.sub(render, text)

@@ -1,24 +1,50 @@
-"""Grounding metrics: how well predicted boxes cover label boxes.
+"""Grounding metrics, defined as published results define them.
 
 All boxes are ``(x1, y1, x2, y2)`` in one coordinate space shared by the prediction and its label (0-1000 integers,
-model-view pixels or 0-1 floats: IoU is scale-invariant, so no image size is needed). Predicted boxes are matched
-one-to-one to label boxes (Hungarian matching maximising the summed IoU); every label box gets the IoU of its match,
-or 0 when it has none. Accuracies and mean IoU are averaged over label boxes.
+model-view pixels, or 0-1 floats: IoU is invariant to scaling each axis, so no image size is needed). Each row is one
+of three kinds, decided by its label:
 
-Reported keys (:meth:`GroundingMetricAccumulator.compute`):
+- **rec** (a referring expression: the label has exactly one box). As in published RefCOCO Acc@0.5, only the FIRST
+  predicted box is scored: its IoU with the label box (0 when the answer has no box). Extra boxes never raise
+  accuracy; they lower ``precision@0.5``.
+- **detect** (the label has several boxes: a ``detect`` row, or a ``rec`` row naming several objects). Predicted boxes
+  are matched one-to-one to label boxes (Hungarian matching maximising the summed IoU); each label box gets the IoU
+  of its match, or 0. Reported as recall and precision at IoU 0.5.
+- **reg** (region captioning, box -> phrase: the label has no box, or the dataset says ``task: reg``). Scored by its
+  text; never counted in box metrics or parse failures.
 
-- ``rows``: rows scored; ``n``: label boxes scored (rows whose label cannot be parsed add none).
-- ``acc@0.5``, ``acc@0.75``: fraction of label boxes whose matched IoU reaches the threshold.
-- ``miou``: mean matched IoU over label boxes.
-- ``precision@0.5``: matched predicted boxes with IoU >= 0.5 over all predicted boxes.
-- ``parse_failures``: predictions with no readable box (their label boxes score 0);
-  ``label_parse_failures``: labels with no readable box.
-- ``head_n``, ``head_acc@0.5``, ``head_acc@0.75``, ``head_miou``: the same for the boxes a bbox regression head
-  wrote, present only when some row carries head boxes.
+Reported keys (:func:`summarize`; the trainer prefixes them, e.g. ``predict_acc@0.5``):
+
+- ``rows``: every row scored, of all kinds.
+- ``n``: rec rows; ``acc@0.5``, ``acc@0.75``: fraction of rec rows whose first predicted box reaches that IoU;
+  ``miou``: mean IoU of the first predicted box over rec rows; ``precision@0.5``: rec rows whose first box reaches
+  IoU 0.5, over all boxes predicted in rec rows.
+- ``detect_rows``: detect rows; ``detect_n``: their label boxes; ``detect_recall@0.5``: matched label boxes with IoU
+  >= 0.5 over ``detect_n``; ``detect_precision@0.5``: the same matches over all boxes predicted in detect rows;
+  ``detect_miou``: mean matched IoU over ``detect_n``.
+- ``reg_rows``: reg rows; ``reg_exact``: fraction whose answer equals the label phrase (surrounding whitespace
+  ignored); ``reg_match``: the same after normalising both (case, punctuation, whitespace, a leading article).
+- ``parse_failures``: rec and detect rows whose answer holds no readable box (they score 0).
+- ``label_parse_failures``: rows that should have label boxes (the dataset says rec/detect) but whose label holds
+  none; they are left out of every other key. Without the dataset a box-less label is a reg row, so this is 0.
+- ``head_n``, ``head_acc@0.5``, ``head_acc@0.75``, ``head_miou``, ``head_precision@0.5`` and ``head_detect_*``: the
+  same definitions for the boxes a bbox regression head wrote, over the rows that carry head boxes; present only when
+  some rec/detect row does.
+- ``coord_space_suspect``: 1 when the predicted boxes look like another coordinate space than the labels' (see
+  :func:`check_coordinate_space`; a warning says why), else 0. ``pred_out_of_range``: fraction of predicted boxes
+  outside the family's coordinate range, present when that range is known.
+
+Beside these, ``predict_results.json`` holds the host's ROUGE/BLEU and the generation settings of the run
+(``decoding_do_sample``, ``decoding_temperature``, ... see ``workflow.decoding_settings``); ``eval/ground_eval.py``
+adds ``family``, ``bad_rows``, ``decoding``, ``coord_space_warning`` and, with ``--visualize``, ``visualized`` and
+``visualize_failures`` (its docstring).
 """
 
 from __future__ import annotations
 
+import math
+import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,10 +52,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ..boxes import box_iou, to_xyxy
-from .formats import Box, parse_answer
+from .formats import RELATIVE_SCALE, Box, parse_answer
 
 ACC_THRESHOLDS = (0.5, 0.75)
 PRECISION_THRESHOLD = 0.5
+KINDS = ("rec", "detect", "reg")
 
 # Which field of a ``predict_boxes_head`` object is written in the same space as a family's answer text.
 HEAD_BOX_FIELDS: dict[str, str] = {
@@ -38,6 +65,18 @@ HEAD_BOX_FIELDS: dict[str, str] = {
     "qwen2_5_vl": "xyxy_model",  # pixels of the image as the model sees it
 }
 
+# Largest coordinate each family writes, as (x, y); None where it depends on the image (Qwen2.5-VL: model-view pixels).
+FAMILY_BOUNDS: dict[str, tuple[float, float] | None] = {
+    "qwen2_vl": (RELATIVE_SCALE, RELATIVE_SCALE),
+    "qwen3_vl": (RELATIVE_SCALE, RELATIVE_SCALE),
+    "qwen2_5_vl": None,
+    "llava": (1.0, 1.0),
+}
+# The coordinate-space check speaks only about a run with at least this many boxes / compared rows.
+MIN_CHECKED = 5
+# A predicted box is "the label box in another space" when it is the label box scaled by at least this factor.
+SCALE_FACTOR = 1.2
+
 
 def _valid_boxes(boxes: torch.Tensor) -> torch.Tensor:
     """``Tensor[N]`` bool: finite boxes with ``x1 < x2`` and ``y1 < y2``, for ``boxes`` of shape ``Tensor[N, 4]``."""
@@ -45,8 +84,21 @@ def _valid_boxes(boxes: torch.Tensor) -> torch.Tensor:
     return finite & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
 
+def iou_matrix(pred: Sequence[Sequence[float]], label: Sequence[Sequence[float]]) -> torch.Tensor:
+    """``Tensor[N, M]`` float64 IoU of ``N`` predicted and ``M`` label boxes; 0 for a degenerate or non-finite box.
+
+    No eps: an IoU of exactly 0.5 must reach the 0.5 threshold. The union of two valid boxes is positive; pairs with a
+    degenerate box (0 / 0, or box_iou taking an inverted box's negative area at face value) are masked to 0.
+    """
+    pred_t = torch.as_tensor(pred, dtype=torch.float64).reshape(-1, 4)
+    label_t = torch.as_tensor(label, dtype=torch.float64).reshape(-1, 4)
+    iou = box_iou(pred_t, label_t, eps=0.0)
+    valid = _valid_boxes(pred_t)[:, None] & _valid_boxes(label_t)[None, :]
+    return torch.where(valid, iou, torch.zeros_like(iou))  # where() also drops the NaN of 0 / 0
+
+
 def match_boxes(pred: Sequence[Sequence[float]], label: Sequence[Sequence[float]]) -> list[float]:
-    """IoU of each label box with the predicted box matched to it one-to-one.
+    """IoU of each label box with the predicted box matched to it one-to-one (detect rows).
 
     Args:
         pred: ``N`` predicted boxes ``(x1, y1, x2, y2)``.
@@ -61,17 +113,28 @@ def match_boxes(pred: Sequence[Sequence[float]], label: Sequence[Sequence[float]
         return []
     if not pred:
         return [0.0] * len(label)
-    pred_t = torch.as_tensor(pred, dtype=torch.float64).reshape(-1, 4)
-    label_t = torch.as_tensor(label, dtype=torch.float64).reshape(-1, 4)
-    # No eps: an IoU of exactly 0.5 must reach the 0.5 threshold. The union of two valid boxes is positive; pairs
-    # with a degenerate box (0 / 0, or box_iou taking an inverted box's negative area at face value) are masked.
-    iou = box_iou(pred_t, label_t, eps=0.0)
-    valid = _valid_boxes(pred_t)[:, None] & _valid_boxes(label_t)[None, :]
-    iou = torch.where(valid, iou, torch.zeros_like(iou)).numpy()  # where() also drops the NaN of 0 / 0
+    iou = iou_matrix(pred, label).numpy()
     scores = [0.0] * len(label)
     for r, c in zip(*linear_sum_assignment(iou, maximize=True)):
         scores[c] = float(iou[r, c])
     return scores
+
+
+def first_box_iou(pred: Sequence[Sequence[float]], label: Sequence[float]) -> float:
+    """IoU of the first predicted box with the one label box (rec rows, the published protocol); 0 with no box."""
+    if not pred:
+        return 0.0
+    return float(iou_matrix(pred[:1], [label])[0, 0])
+
+
+def normalize_phrase(text: str) -> str:
+    """A phrase for a tolerant text match: NFKC, case-folded, punctuation dropped, whitespace collapsed, without a
+    leading article (``"A Red car."`` -> ``"red car"``)."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    words = re.sub(r"[^\w\s]", " ", text).split()
+    if len(words) > 1 and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    return " ".join(words)
 
 
 def head_boxes_for_family(objects: Sequence[Mapping[str, Sequence[float]]], family: str) -> list[Box]:
@@ -101,75 +164,246 @@ def head_boxes_for_family(objects: Sequence[Mapping[str, Sequence[float]]], fami
 
 
 @dataclass(frozen=True)
+class BoxScore:
+    """How one set of predicted boxes scores against a row's label boxes.
+
+    Attributes:
+        ious: rec: ``[IoU of the first predicted box]``; detect: one matched IoU per label box.
+        num_pred: predicted boxes.
+    """
+
+    ious: list[float]
+    num_pred: int
+
+
+def score_boxes(pred: Sequence[Sequence[float]], label: Sequence[Sequence[float]]) -> BoxScore:
+    """rec (one label box): the first predicted box; detect (several): Hungarian matching. ``label`` non-empty."""
+    ious = [first_box_iou(pred, label[0])] if len(label) == 1 else match_boxes(pred, label)
+    return BoxScore(ious=ious, num_pred=len(pred))
+
+
+@dataclass(frozen=True)
 class RowScore:
     """Scores of one (prediction, label) row.
 
     Attributes:
-        label_ious: one matched IoU per label box (empty when the label has no readable box).
-        num_pred: predicted boxes read from the prediction.
-        pred_failed: the prediction has no readable box.
-        label_failed: the label has no readable box.
-        head_ious: one matched IoU per label box for the head's boxes, or ``None`` when the row has none.
+        kind: ``"rec"``, ``"detect"``, ``"reg"``, or ``"label_failed"`` (boxes expected, none in the label).
+        text: box rows: the predicted boxes' score (``None`` for reg and label_failed rows).
+        pred_failed: a box row whose answer holds no readable box.
+        reg_exact, reg_match: reg rows: the answer equals the label phrase as is / once normalised.
+        head: box rows with head boxes: their score; ``None`` otherwise.
+        pred_boxes, label_boxes: the boxes scored, kept for :func:`check_coordinate_space`.
     """
 
-    label_ious: list[float]
-    num_pred: int
-    pred_failed: bool
-    label_failed: bool
-    head_ious: list[float] | None = None
+    kind: str
+    text: BoxScore | None = None
+    pred_failed: bool = False
+    reg_exact: bool = False
+    reg_match: bool = False
+    head: BoxScore | None = None
+    pred_boxes: tuple[Box, ...] = ()
+    label_boxes: tuple[Box, ...] = ()
 
 
-def score_row(predict: str, label: str, head_boxes: Sequence[Sequence[float]] | None = None) -> RowScore:
+def score_row(
+    predict: str,
+    label: str,
+    head_boxes: Sequence[Sequence[float]] | None = None,
+    task: str | None = None,
+    pred_boxes: Sequence[Sequence[float]] | None = None,
+    label_boxes: Sequence[Sequence[float]] | None = None,
+) -> RowScore:
     """Score one row from its decoded prediction and label texts (same family, same coordinate space).
 
-    ``head_boxes`` (``(x1, y1, x2, y2)`` in the label text's space, see :func:`head_boxes_for_family`) is scored
-    against the same label boxes when given.
+    Args:
+        predict: the decoded answer.
+        label: the decoded label (for reg rows: the phrase).
+        head_boxes: the head's boxes in the label's space (see :func:`head_boxes_for_family`), if any.
+        task: the dataset's task of the row (``rec``, ``reg`` or ``detect``) when known; ``None`` infers reg from a
+            box-less label.
+        pred_boxes: the answer's boxes already read (e.g. decoded to ``[0, 1]``); default: parsed from ``predict``.
+        label_boxes: the label boxes from the dataset (floats, not the rounded label text), in the same space as
+            ``pred_boxes``; default: parsed from ``label``.
     """
-    parsed_pred, parsed_label = parse_answer(predict), parse_answer(label)
-    label_boxes = [] if parsed_label.failed else parsed_label.boxes
-    pred_boxes = [] if parsed_pred.failed else parsed_pred.boxes
+    if task is not None and task not in KINDS:
+        raise ValueError(f"task={task!r}: expected one of {KINDS} or None")
+    if label_boxes is None:
+        parsed_label = parse_answer(label)
+        label_boxes = [] if parsed_label.failed else parsed_label.boxes
+    if task == "reg" or (task is None and not label_boxes):
+        return RowScore(
+            kind="reg",
+            reg_exact=predict.strip() == label.strip(),
+            reg_match=normalize_phrase(predict) == normalize_phrase(label),
+        )
+    if not label_boxes:
+        return RowScore(kind="label_failed")
+    if pred_boxes is None:
+        parsed_pred = parse_answer(predict)
+        pred_boxes = parsed_pred.boxes
     return RowScore(
-        label_ious=match_boxes(pred_boxes, label_boxes),
-        num_pred=len(pred_boxes),
-        pred_failed=parsed_pred.failed,
-        label_failed=parsed_label.failed,
-        head_ious=None if head_boxes is None else match_boxes(head_boxes, label_boxes),
+        kind="rec" if len(label_boxes) == 1 else "detect",
+        text=score_boxes(pred_boxes, label_boxes),
+        pred_failed=not pred_boxes,
+        head=None if head_boxes is None else score_boxes(head_boxes, label_boxes),
+        pred_boxes=tuple(tuple(b) for b in pred_boxes),
+        label_boxes=tuple(tuple(b) for b in label_boxes),
     )
 
 
-def _iou_summary(ious: Sequence[float], prefix: str = "") -> dict[str, float]:
-    """``acc@t`` for each threshold and ``miou`` over ``ious``; 0 for an empty list (``n`` then says 0)."""
+def _rec_summary(scores: Sequence[BoxScore], prefix: str) -> dict[str, float | int]:
+    """``n``, ``acc@t``, ``miou``, ``precision@0.5`` over rec rows (0 when there are none: ``n`` then says 0)."""
+    ious = [s.ious[0] for s in scores]
     count = max(len(ious), 1)
-    out = {f"{prefix}acc@{t}": sum(v >= t for v in ious) / count for t in ACC_THRESHOLDS}
+    out: dict[str, float | int] = {f"{prefix}n": len(ious)}
+    out.update({f"{prefix}acc@{t}": sum(v >= t for v in ious) / count for t in ACC_THRESHOLDS})
     out[f"{prefix}miou"] = sum(ious) / count
+    hits = sum(v >= PRECISION_THRESHOLD for v in ious)
+    out[f"{prefix}precision@{PRECISION_THRESHOLD}"] = hits / max(sum(s.num_pred for s in scores), 1)
     return out
 
 
-def summarize(rows: Sequence[RowScore]) -> dict[str, float | int]:
-    """Aggregate row scores into the metric dict described in the module docstring."""
-    ious = [v for row in rows for v in row.label_ious]
-    num_pred = sum(row.num_pred for row in rows)
-    out: dict[str, float | int] = {"rows": len(rows), "n": len(ious), **_iou_summary(ious)}
+def _detect_summary(scores: Sequence[BoxScore], prefix: str) -> dict[str, float | int]:
+    """``detect_rows``, ``detect_n``, recall / precision at 0.5 and mean matched IoU over detect rows."""
+    ious = [v for s in scores for v in s.ious]
     # Matching is one-to-one, so label boxes reaching the threshold are exactly the predicted boxes that do.
-    out[f"precision@{PRECISION_THRESHOLD}"] = sum(v >= PRECISION_THRESHOLD for v in ious) / max(num_pred, 1)
-    out["parse_failures"] = sum(row.pred_failed for row in rows)
-    out["label_parse_failures"] = sum(row.label_failed for row in rows)
-    head_rows = [row for row in rows if row.head_ious is not None]
-    if head_rows:
-        head_ious = [v for row in head_rows for v in row.head_ious]
-        out["head_n"] = len(head_ious)
-        out.update(_iou_summary(head_ious, prefix="head_"))
+    hits = sum(v >= PRECISION_THRESHOLD for v in ious)
+    return {
+        f"{prefix}detect_rows": len(scores),
+        f"{prefix}detect_n": len(ious),
+        f"{prefix}detect_recall@{PRECISION_THRESHOLD}": hits / max(len(ious), 1),
+        f"{prefix}detect_precision@{PRECISION_THRESHOLD}": hits / max(sum(s.num_pred for s in scores), 1),
+        f"{prefix}detect_miou": sum(ious) / max(len(ious), 1),
+    }
+
+
+def _box_ratios(pred: Sequence[Box], label: Sequence[Box]) -> tuple[float, float, float, float] | None:
+    """Per-axis ratios ``(cx, w, cy, h)`` of the predicted box extent to the label box extent, or None when a centre
+    or a size is not positive (a ratio would mean nothing)."""
+
+    def extent(boxes: Sequence[Box]) -> tuple[float, float, float, float]:
+        x1, y1 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        x2, y2 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+        return (x1 + x2) / 2, x2 - x1, (y1 + y2) / 2, y2 - y1
+
+    p, t = extent(pred), extent(label)
+    if not all(math.isfinite(v) and v > 0 for v in (*p, *t)):
+        return None
+    return tuple(a / b for a, b in zip(p, t))
+
+
+@dataclass(frozen=True)
+class CoordinateCheck:
+    """Outcome of :func:`check_coordinate_space`: metric keys and a warning (``None`` when nothing looks wrong)."""
+
+    metrics: dict[str, float | int]
+    warning: str | None
+
+
+def check_coordinate_space(
+    rows: Sequence[RowScore], family: str | None = None, bounds: tuple[float, float] | None = None
+) -> CoordinateCheck:
+    """Do the predicted boxes of a run live in the labels' coordinate space?
+
+    Two signs that they do not, each needing at least :data:`MIN_CHECKED` boxes / rows to speak:
+
+    - most predicted boxes fall outside ``bounds`` (largest ``(x, y)`` of the space; default: the family's, see
+      :data:`FAMILY_BOUNDS`, unknown for Qwen2.5-VL's model-view pixels), or, in a space larger than 0-1, most
+      predicted boxes lie within ``[0, 1]`` (normalised floats written for pixels or 0-1000);
+    - in most rows that have both, the predicted box extent is the label box extent scaled by at least
+      :data:`SCALE_FACTOR` (up or down) in both axes, centre and size alike: the same box in another space. For
+      Qwen2.5-VL, predictions scaled up and never past 1000 look like Qwen2-VL / Qwen3-VL's 0-1000 coordinates.
+
+    Args:
+        rows: scored rows; only rec and detect rows with predicted boxes count.
+        family: the answers' family (for ``bounds`` and the wording), or ``None``.
+        bounds: overrides the family's bounds (e.g. ``(1, 1)`` for boxes decoded to ``[0, 1]``).
+    """
+    if bounds is None and family is not None:
+        bounds = FAMILY_BOUNDS.get(family)
+    box_rows = [r for r in rows if r.kind in ("rec", "detect") and r.pred_boxes]
+    preds = [b for r in box_rows for b in r.pred_boxes]
+    metrics: dict[str, float | int] = {}
+    warnings = []
+    if bounds is not None:
+        bx, by = bounds
+        outside = sum(min(b) < 0 or b[0] > bx or b[2] > bx or b[1] > by or b[3] > by for b in preds)
+        metrics["pred_out_of_range"] = outside / max(len(preds), 1)
+        if len(preds) >= MIN_CHECKED and outside > len(preds) / 2:
+            warnings.append(
+                f"{outside} of {len(preds)} predicted boxes fall outside the coordinate range 0-{bx:g} x 0-{by:g}"
+                f"{f' of {family}' if family else ''}: the model seems to write another coordinate space."
+            )
+        unit = sum(0 <= min(b) and max(b) <= 1 for b in preds)
+        if min(bx, by) > 1 and len(preds) >= MIN_CHECKED and unit > len(preds) / 2:
+            warnings.append(
+                f"{unit} of {len(preds)} predicted boxes lie within [0, 1]: they look like normalised coordinates, "
+                f"but the labels use 0-{bx:g}."
+            )
+    ratios = [r for r in (_box_ratios(row.pred_boxes, row.label_boxes) for row in box_rows) if r is not None]
+    log_factor, tolerance = math.log(SCALE_FACTOR), math.log(1.25)
+
+    def scaled(ratio: tuple[float, float, float, float], sign: int) -> bool:
+        logs = [math.log(v) for v in ratio]
+        same_box = abs(logs[0] - logs[1]) < tolerance and abs(logs[2] - logs[3]) < tolerance
+        return same_box and all(sign * v >= log_factor for v in logs)
+
+    for sign, direction in ((1, "up"), (-1, "down")):
+        hits = [r for r in ratios if scaled(r, sign)]
+        if len(ratios) >= MIN_CHECKED and len(hits) > len(ratios) / 2:
+            sx = sorted(r[0] for r in hits)[len(hits) // 2]
+            sy = sorted(r[2] for r in hits)[len(hits) // 2]
+            message = (
+                f"in {len(hits)} of {len(ratios)} rows the predicted box is the label box scaled {direction} "
+                f"(median x{sx:.2f} in x, x{sy:.2f} in y): the predictions use another coordinate space than the labels"
+            )
+            if family == "qwen2_5_vl" and sign > 0 and all(max(b) <= RELATIVE_SCALE for b in preds):
+                message += (
+                    "; they look like 0-1000 coordinates (Qwen2-VL / Qwen3-VL), but Qwen2.5-VL writes pixels of the "
+                    "image as the model sees it"
+                )
+            warnings.append(message + ".")
+    metrics["coord_space_suspect"] = int(bool(warnings))
+    return CoordinateCheck(metrics=metrics, warning=" ".join(warnings) or None)
+
+
+def summarize(rows: Sequence[RowScore], check: CoordinateCheck | None = None) -> dict[str, float | int]:
+    """Aggregate row scores into the metric dict described in the module docstring, with ``check``'s keys
+    (default: :func:`check_coordinate_space` of ``rows`` without a family)."""
+    by_kind = {kind: [r for r in rows if r.kind == kind] for kind in (*KINDS, "label_failed")}
+    out: dict[str, float | int] = {"rows": len(rows)}
+    out.update(_rec_summary([r.text for r in by_kind["rec"]], ""))
+    out.update(_detect_summary([r.text for r in by_kind["detect"]], ""))
+    reg = by_kind["reg"]
+    out["reg_rows"] = len(reg)
+    out["reg_exact"] = sum(r.reg_exact for r in reg) / max(len(reg), 1)
+    out["reg_match"] = sum(r.reg_match for r in reg) / max(len(reg), 1)
+    out["parse_failures"] = sum(r.pred_failed for r in rows)
+    out["label_parse_failures"] = len(by_kind["label_failed"])
+    head_rec = [r.head for r in by_kind["rec"] if r.head is not None]
+    head_detect = [r.head for r in by_kind["detect"] if r.head is not None]
+    if head_rec or head_detect:
+        out.update(_rec_summary(head_rec, "head_"))
+        out.update(_detect_summary(head_detect, "head_"))
+    out.update((check or check_coordinate_space(rows)).metrics)
     return out
 
 
 class GroundingMetricAccumulator:
     """Collects row scores batch by batch and reports them once (HF Trainer ``batch_eval_metrics`` semantics).
 
-    Call :meth:`update` with each batch's decoded texts and :meth:`compute` at the end of the split; ``compute``
-    returns the metric dict and starts a fresh split. The trainer prefixes the keys (``predict_acc@0.5``).
+    Call :meth:`update` with each batch's decoded texts (or :meth:`add` with rows scored by :func:`score_row`) and
+    :meth:`compute` at the end of the split; ``compute`` returns the metric dict and starts a fresh split, and
+    :attr:`warning` then holds the coordinate-space warning of that split, if any.
+
+    Args:
+        family: the answers' family (see :func:`check_coordinate_space`), or ``None``.
+        bounds: overrides the family's coordinate bounds.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, family: str | None = None, bounds: tuple[float, float] | None = None) -> None:
+        self.family, self.bounds = family, bounds
+        self.warning: str | None = None
         self._rows: list[RowScore] = []
 
     def update(
@@ -177,6 +411,7 @@ class GroundingMetricAccumulator:
         preds: Sequence[str],
         labels: Sequence[str],
         head_boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
+        tasks: Sequence[str | None] | None = None,
     ) -> None:
         """Score a batch.
 
@@ -185,30 +420,39 @@ class GroundingMetricAccumulator:
             labels: decoded labels, one per row, same family as ``preds``.
             head_boxes: optional, per row the head's boxes in the label text's space, or ``None`` for a row
                 without them.
+            tasks: optional, per row the dataset's task (``rec``/``reg``/``detect``) or ``None``.
         """
         if len(preds) != len(labels):
             raise ValueError(f"preds has {len(preds)} rows but labels has {len(labels)}")
-        if head_boxes is None:
-            head_boxes = [None] * len(preds)
-        elif len(head_boxes) != len(preds):
-            raise ValueError(f"head_boxes has {len(head_boxes)} rows but preds has {len(preds)}")
-        self._rows.extend(score_row(p, t, h) for p, t, h in zip(preds, labels, head_boxes))
+        for name, values in (("head_boxes", head_boxes), ("tasks", tasks)):
+            if values is not None and len(values) != len(preds):
+                raise ValueError(f"{name} has {len(values)} rows but preds has {len(preds)}")
+        head_boxes = head_boxes if head_boxes is not None else [None] * len(preds)
+        tasks = tasks if tasks is not None else [None] * len(preds)
+        self._rows.extend(score_row(p, t, h, k) for p, t, h, k in zip(preds, labels, head_boxes, tasks))
+
+    def add(self, row: RowScore) -> None:
+        """Add one row scored by :func:`score_row`."""
+        self._rows.append(row)
 
     def compute(self) -> dict[str, float | int]:
         """Metrics over every row since the last ``compute``; then resets."""
         rows, self._rows = self._rows, []
-        return summarize(rows)
+        check = check_coordinate_space(rows, self.family, self.bounds)
+        self.warning = check.warning
+        return summarize(rows, check)
 
 
 def grounding_scores(
     pairs: Iterable[tuple[str, str]],
     head_boxes: Iterable[Sequence[Sequence[float]] | None] | None = None,
+    family: str | None = None,
 ) -> dict[str, float | int]:
     """Metrics over ``(predict_text, label_text)`` pairs; see the module docstring for the keys.
 
     ``head_boxes``, when given, yields one entry per pair: the head's boxes in the label text's space, or ``None``.
     """
     rows = list(pairs)
-    accumulator = GroundingMetricAccumulator()
+    accumulator = GroundingMetricAccumulator(family)
     accumulator.update([p for p, _ in rows], [t for _, t in rows], None if head_boxes is None else list(head_boxes))
     return accumulator.compute()

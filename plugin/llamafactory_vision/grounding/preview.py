@@ -1,7 +1,8 @@
-"""``llamafactory-vision preview``: run the real data pipeline of a training YAML and draw the target boxes.
+"""``llamafactory-vision preview``: run the real data pipeline of a training or predict YAML and draw the target boxes.
 
 For each sample the boxes are decoded back from the *tokenized target text* (not from the dataset file), so the
-picture shows exactly what the model is trained to say, on the image as the model sees it.
+picture shows exactly what the model is trained to say (or, for the eval set, what its predictions are scored
+against), on the image as the model sees it.
 """
 
 from __future__ import annotations
@@ -20,15 +21,30 @@ from llamafactory_vision.grounding.plugin import original_size
 from llamafactory_vision.grounding.templates import get_grounding_spec
 from llamafactory_vision.grounding.visualize import draw_boxes
 
+SPLITS = ("train", "eval")
 
-def _load_pipeline(config_path: str, workdir: str, n: int):
+
+def _load_pipeline(config_path: str, workdir: str, n: int, split: str | None):
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_tokenizer
 
     config = yaml.safe_load(Path(config_path).read_text())
+    if split is None:  # a predict YAML names only an `eval_dataset`
+        split = "train" if config.get("dataset") else "eval"
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
     # Only the data pipeline runs: no checkpoint is written, and the YAML's output_dir is left untouched.
-    config.update(output_dir=workdir, overwrite_output_dir=True, do_train=True, report_to="none")
+    config.update(output_dir=workdir, overwrite_output_dir=True, report_to="none")
+    if split == "train":
+        config["do_train"] = True
+    else:
+        if not config.get("eval_dataset"):
+            raise ValueError(f"{config_path}: previewing the eval set needs `eval_dataset` in the YAML.")
+        # Tokenized as for evaluation with targets (the supervised layout: prompt masked in `labels`), one merged set.
+        config.update(do_train=False, do_eval=True, do_predict=False, predict_with_generate=False)
+        config.update(eval_on_each_dataset=False)
+        config.pop("dataset", None)
     config["max_samples"] = min(n, config.get("max_samples") or n)  # tokenize only the rows to draw
     config.pop("resume_from_checkpoint", None)
     model_args, data_args, training_args, _, _ = get_train_args(config)
@@ -38,7 +54,7 @@ def _load_pipeline(config_path: str, workdir: str, n: int):
     tokenizer_module = load_tokenizer(model_args)
     template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
     dataset = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
-    return spec, template, tokenizer_module, dataset["train_dataset"]
+    return spec, template, tokenizer_module, dataset[f"{split}_dataset"]
 
 
 def _collapse_runs(text: str, token: str) -> str:
@@ -46,8 +62,9 @@ def _collapse_runs(text: str, token: str) -> str:
     return re.sub(f"(?:{re.escape(token)})+", lambda m: f"{token}*{len(m.group(0)) // len(token)}", text)
 
 
-def preview(config_path: str, out_dir: str, n: int = 16) -> Path:
-    """Write ``out_dir/{i:05d}.png`` and ``out_dir/preview.jsonl`` for the first ``n`` training samples.
+def preview(config_path: str, out_dir: str, n: int = 16, split: str | None = None) -> Path:
+    """Write ``out_dir/{i:05d}.png`` and ``out_dir/preview.jsonl`` for the first ``n`` samples of ``split``
+    (``train`` or ``eval``; default: ``train`` when the YAML names a ``dataset``, else its ``eval_dataset``).
 
     jsonl rows: ``messages`` (decoded prompt and target), ``model_image_size`` [w, h], ``boxes_model`` (xyxy pixels of
     the model-view image) and ``boxes_original`` (xyxy pixels of the original image).
@@ -55,7 +72,7 @@ def preview(config_path: str, out_dir: str, n: int = 16) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
-        spec, template, tokenizer_module, dataset = _load_pipeline(config_path, workdir, n)
+        spec, template, tokenizer_module, dataset = _load_pipeline(config_path, workdir, n, split)
     tokenizer, processor = tokenizer_module["tokenizer"], tokenizer_module["processor"]
     codec = get_codec(spec.box_family)
     rows = []

@@ -1,15 +1,16 @@
 """The grounding SFT trainer: the host's ``CustomSeq2SeqTrainer`` plus the bbox head's loss, logs, save and predict.
 
 Total loss = LM loss + ``bbox_loss_weight`` * (``bbox_l1_weight`` * L1 + ``bbox_giou_weight`` * (1 - GIoU)) over the
-boxes of the batch (DETR weighting). ``lm_loss``, ``bbox_l1`` and ``bbox_giou`` are logged beside ``loss``.
-With the head off this class is never used: the workflow builds the host's trainer.
+boxes of the batch (DETR weighting), normalised like the LM loss in every path the host takes (see
+:meth:`GroundingTrainer._head_term`). ``lm_loss`` (the LM term as the host's ``loss`` averages it), ``bbox_l1`` and
+``bbox_giou`` (means over the boxes seen since the last log) are logged beside ``loss``, from sums reduced across
+processes. With the head off this class is never used: the workflow builds the host's trainer.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +19,24 @@ from safetensors.torch import load_file
 from typing_extensions import override
 
 from llamafactory_vision.boxes import bbox_regression_loss, box_convert
-from llamafactory_vision.grounding.bbox_head import HEAD_ATTR, HEAD_WEIGHTS, find_box_spans, save_head, select_anchor
+from llamafactory_vision.grounding.bbox_head import (
+    HEAD_ATTR,
+    HEAD_WEIGHTS,
+    BBoxHead,
+    find_box_spans,
+    head_state_dict,
+    save_head,
+    select_anchor,
+)
 from llamafactory_vision.grounding.formats import RELATIVE_SCALE
 from llamafactory_vision.grounding.head_data import BBOX_COLUMNS
+from llamafactory_vision.grounding.head_rows import ROW_COLUMN, pack_head_rows, unpack_head_rows
+
+# Sums kept per split between two logs, reduced across processes in one collective: the LM term (see compute_loss)
+# and its count, then the head's L1 and 1 - GIoU summed over boxes, and the number of boxes.
+_LM_SUM, _LM_COUNT, _L1_SUM, _GIOU_SUM, _BOXES = range(5)
+# Token ids a Qwen-VL model reads as vision input; generated ones are masked before the head's forward pass.
+_VISION_TOKEN_ATTRS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 @dataclass(frozen=True)
@@ -34,7 +50,8 @@ class BBoxLossConfig:
 def bbox_head_loss(
     head: torch.nn.Module, hidden: torch.Tensor, spans: torch.Tensor, targets: torch.Tensor, config: BBoxLossConfig
 ) -> dict[str, torch.Tensor]:
-    """The head's loss terms for one batch (``l1``, ``giou``, ``total``, unweighted by ``loss_weight``).
+    """The head's loss terms for one batch, summed over its boxes: ``l1``, ``giou``, ``total`` (unweighted by
+    ``loss_weight``) and ``boxes`` (their number).
 
     hidden: ``Tensor[B, L, H]`` last hidden states; spans: ``LongTensor[B, K, 2]`` (-1 = no box); targets:
     ``Tensor[B, K, 4]`` cxcywh in [0, 1]. With no box in the batch the terms are zeros still connected to the head's
@@ -43,7 +60,8 @@ def bbox_head_loss(
     anchors = select_anchor(spans, config.source)
     rows, slots = (anchors >= 0).nonzero(as_tuple=True)
     pred = head(hidden[rows, anchors[rows, slots]])
-    return bbox_regression_loss(pred, targets[rows, slots], config.l1_weight, config.giou_weight)
+    terms = bbox_regression_loss(pred, targets[rows, slots], config.l1_weight, config.giou_weight, reduction="sum")
+    return {**terms, "boxes": torch.tensor(len(rows), device=pred.device)}
 
 
 class GroundingTrainer(CustomSeq2SeqTrainer):
@@ -52,11 +70,50 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         super().__init__(*args, **kwargs)
         self.bbox_loss = bbox_loss
         self.box_pattern = box_pattern
-        self._stored_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        self.predicted_head_boxes: list[list[dict[str, list[float]]]] = []
+        self._metric_sums: dict[str, torch.Tensor] = {}
+        self._eval_prefix = "eval"
+        self._boxes_in_step: torch.Tensor | None = None  # the box count matching the host's `num_items_in_batch`
+        self._gathered_head: dict[str, torch.Tensor] | None = None
 
-    def _head(self, model: torch.nn.Module) -> torch.nn.Module:
+    def _head(self, model: torch.nn.Module) -> BBoxHead:
         return getattr(self.accelerator.unwrap_model(model), HEAD_ATTR)
+
+    @override
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Count the step's boxes wherever the host counts its label tokens (``num_items_in_batch``): over the
+        micro-batches of the optimizer step and, with ``average_tokens_across_devices``, over every process."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._boxes_in_step = None
+        if num_items_in_batch is not None and batch_samples and "bbox_spans" in batch_samples[0]:
+            boxes = sum(int((batch["bbox_spans"][..., 0] >= 0).sum()) for batch in batch_samples)
+            boxes = torch.tensor(boxes, device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                boxes = self.accelerator.gather(boxes).sum()
+            self._boxes_in_step = boxes
+        return batch_samples, num_items_in_batch
+
+    def _host_divides_by_accumulation(self, num_items_in_batch) -> bool:
+        # transformers' training_step divides the loss by the accumulation steps exactly in this case
+        return (not self.model_accepts_loss_kwargs or num_items_in_batch is None) and self.compute_loss_func is None
+
+    def _head_term(self, terms: dict[str, torch.Tensor], num_items_in_batch) -> torch.Tensor:
+        """The head loss, normalised the way the host normalises the LM loss of this micro-batch.
+
+        - Mean path (the host's default for VLMs, and evaluation): the LM loss is this micro-batch's token mean, then
+          divided by the accumulation steps, and DDP averages gradients over processes; the head's is this
+          micro-batch's box mean and goes through the same division and average.
+        - Global path (``num_items_in_batch`` given: ``use_dft_loss``, ``use_eaft_loss``, models that take loss
+          kwargs): the LM loss is a token sum over the global token count of the optimizer step, times the number
+          of processes (undoing DDP's average); the head's is a box sum over the step's global box count, times the
+          same factor. Gradients then equal those of one process on the whole global batch.
+        """
+        if self._host_divides_by_accumulation(num_items_in_batch):
+            return terms["total"] / terms["boxes"].clamp_min(1)
+        boxes = self._boxes_in_step if self._boxes_in_step is not None else terms["boxes"]
+        factor = 1
+        if self.args.average_tokens_across_devices:  # as transformers' compute_loss scales the LM loss
+            factor = self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu
+        return terms["total"] / boxes.to(terms["total"].device).clamp_min(1) * factor
 
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -68,34 +125,60 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
             model, {**inputs, "output_hidden_states": True}, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         terms = bbox_head_loss(self._head(model), outputs.hidden_states[-1], spans, targets, self.bbox_loss)
-        # The trainer divides the loss by the accumulation steps unless the model took `num_items_in_batch`; a
-        # per-batch mean must be scaled the same way to keep its weight under gradient accumulation.
-        scale = 1.0
-        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            scale = 1.0 / self.current_gradient_accumulation_steps
-        total = loss + self.bbox_loss.loss_weight * scale * terms["total"].to(loss.dtype)
+        head_term = self._head_term(terms, num_items_in_batch)
+        total = loss + self.bbox_loss.loss_weight * head_term.to(loss.dtype)
 
+        # The host's `loss` log averages, over processes and micro-batches, the loss of each micro-batch, after its
+        # division by the accumulation steps in the mean path only: the global path's LM term is scaled back here.
+        lm_value = loss.detach().float()
+        if not self._host_divides_by_accumulation(num_items_in_batch):
+            lm_value = lm_value * self.current_gradient_accumulation_steps
         split = "train" if model.training else "eval"
-        self._stored_metrics[split]["lm_loss"].append(loss.detach().item())
-        if (spans[..., 0] >= 0).any():
-            self._stored_metrics[split]["bbox_l1"].append(terms["l1"].detach().item())
-            self._stored_metrics[split]["bbox_giou"].append(terms["giou"].detach().item())
+        sums = torch.stack([lm_value, torch.ones_like(lm_value), terms["l1"].detach().float(),
+                            terms["giou"].detach().float(), terms["boxes"].float()])  # fmt: skip
+        self._metric_sums[split] = self._metric_sums.get(split, 0) + sums
         if return_outputs:
             outputs["hidden_states"] = None  # keep evaluation from gathering every layer's states as "logits"
             return total, outputs
         return total
 
     @override
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
+        self._eval_prefix = metric_key_prefix  # eval_on_each_dataset calls back with `eval_<name>`
+        return super().evaluate(
+            eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix, **gen_kwargs
+        )
+
+    @override
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        split = "train" if "loss" in logs else "eval"
-        prefix = "" if split == "train" else "eval_"
-        for key, values in self._stored_metrics.pop(split, {}).items():
-            if values:
-                mean = torch.tensor(values).mean()
-                logs[prefix + key] = round(
-                    self.accelerator.gather_for_metrics(mean.to(self.args.device)).mean().item(), 4
-                )
+        """Add the means of the stored sums. Every process calls ``log`` at the same points with the same keys, and
+        reduces one fixed-size tensor there (zeros where it saw nothing), so no process can wait for another."""
+        if "loss" in logs:
+            split, prefix = "train", ""
+        elif f"{self._eval_prefix}_loss" in logs:
+            split, prefix = "eval", f"{self._eval_prefix}_"
+        else:  # the end-of-training summary and other logs: nothing of ours to add
+            return super().log(logs, *args, **kwargs)
+        sums = self._metric_sums.pop(split, None)
+        if sums is None:
+            sums = torch.zeros(5)
+        sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").tolist()
+        if sums[_LM_COUNT]:
+            logs[f"{prefix}lm_loss"] = round(sums[_LM_SUM] / sums[_LM_COUNT], 4)
+        if sums[_BOXES]:
+            logs[f"{prefix}bbox_l1"] = round(sums[_L1_SUM] / sums[_BOXES], 4)
+            logs[f"{prefix}bbox_giou"] = round(sums[_GIOU_SUM] / sums[_BOXES], 4)
         super().log(logs, *args, **kwargs)
+
+    @override
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Every process runs save_model (only the main one runs _save): gather the head here, where a ZeRO-3
+        # collective can run, and hand the full weights to _save.
+        self._gathered_head = head_state_dict(self._head(self.model))
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._gathered_head = None
 
     @override
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -105,7 +188,7 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         # The head is saved in its own file; keeping it out of model.safetensors keeps that file loadable as is.
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{HEAD_ATTR}.")}
         super()._save(output_dir, state_dict=state_dict)
-        save_head(self._head(self.model), output_dir)
+        save_head(self._head(self.model), output_dir, state=self._gathered_head)
 
     @override
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -114,20 +197,46 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         head.load_state_dict(load_file(os.path.join(resume_from_checkpoint, HEAD_WEIGHTS)))
 
     @override
+    def _load_best_model(self):
+        """``load_best_model_at_end``: the host restores the best checkpoint's model or adapter; its head comes too.
+        (Under DeepSpeed the host restores the whole engine, head included.)"""
+        super()._load_best_model()
+        if not self.is_deepspeed_enabled:
+            path = os.path.join(self.state.best_model_checkpoint, HEAD_WEIGHTS)
+            self._head(self.model).load_state_dict(load_file(path))
+
+    @override
     def evaluation_loop(self, *args, **kwargs):
-        self.predicted_head_boxes.clear()  # one list per evaluate/predict call; the metric reads it by reference
+        self._metric_sums.pop("eval", None)  # a loss-only predict stores eval sums that no log reads
         return super().evaluation_loop(*args, **kwargs)
 
     @override
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        """With generation, the predictions are ``(generated tokens, packed head rows)`` (see head_rows.py): the
+        host's loop gathers both alike, so each row's head boxes and index stay with its text."""
+        row_ids = inputs.get(ROW_COLUMN)
+        inputs = {k: v for k, v in inputs.items() if k != ROW_COLUMN}
         if self.args.predict_with_generate:  # generation takes prompts only; the eval loss keeps the box targets
             inputs = {k: v for k, v in inputs.items() if k not in BBOX_COLUMNS}
         loss, generated, labels = super().prediction_step(
             model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
         )
         if generated is not None and self.args.predict_with_generate:
-            self.predicted_head_boxes.extend(self._head_boxes(model, inputs, generated))
+            if row_ids is None:  # a dataset built without the workflow's row column: rows in loader order
+                row_ids = torch.full((generated.size(0),), -1)
+            packed = pack_head_rows(row_ids.tolist(), self._head_boxes(model, inputs, generated))
+            generated = (generated, packed.to(generated.device))
         return loss, generated, labels
+
+    def _generated_for_head(self, new_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generated tokens as the head's forward pass reads them, and their attention mask: padding and any vision
+        token the model generated (``<|image_pad|>``, ``<|vision_start|>``, ...) become masked padding, since the
+        model would otherwise look for image features that do not exist."""
+        pad = self.processing_class.pad_token_id
+        config = self.accelerator.unwrap_model(self.model).config
+        vision_ids = [getattr(config, attr) for attr in _VISION_TOKEN_ATTRS if getattr(config, attr, None) is not None]
+        keep = (new_tokens != pad) & ~torch.isin(new_tokens, torch.tensor(vision_ids, device=new_tokens.device))
+        return torch.where(keep, new_tokens, pad), keep.long()
 
     @torch.no_grad()
     def _head_boxes(self, model, inputs, generated) -> list[list[dict[str, list[float]]]]:
@@ -137,11 +246,11 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         pixels of the model-view image).
         """
         prompt_len = inputs["input_ids"].size(1)
-        pad = self.processing_class.pad_token_id
         new_tokens = generated[:, prompt_len:]
+        read_tokens, read_mask = self._generated_for_head(new_tokens)
         full = {k: v for k, v in inputs.items() if k != "labels"}
-        full["input_ids"] = torch.cat([inputs["input_ids"], new_tokens], dim=1)
-        full["attention_mask"] = torch.cat([inputs["attention_mask"], (new_tokens != pad).long()], dim=1)
+        full["input_ids"] = torch.cat([inputs["input_ids"], read_tokens], dim=1)
+        full["attention_mask"] = torch.cat([inputs["attention_mask"], read_mask], dim=1)
         if "mm_token_type_ids" in self.mm_processor.model_input_names:  # M-RoPE needs it for a plain forward
             type_ids = self.mm_processor.create_mm_token_type_ids(full["input_ids"].tolist())
             full["mm_token_type_ids"] = torch.tensor(type_ids, device=full["input_ids"].device)
@@ -171,14 +280,19 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
 
     @override
     def save_predictions(self, dataset, predict_results, skip_special_tokens=True) -> None:
-        super().save_predictions(dataset, predict_results, skip_special_tokens)
+        """The host's ``generated_predictions.jsonl``, each row then given its dataset ``row`` index (from 0), its
+        ``image`` and ``predict_boxes_head``, all gathered with its generated text."""
+        tokens, packed = predict_results.predictions
+        super().save_predictions(dataset, predict_results._replace(predictions=tokens), skip_special_tokens)
         if not self.is_world_process_zero():
             return
+        row_ids, head_boxes = unpack_head_rows(packed)
+        images = dataset["images"] if "images" in dataset.column_names else [None] * len(dataset)
         path = os.path.join(self.args.output_dir, "generated_predictions.jsonl")
         with open(path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
         with open(path, "w", encoding="utf-8") as f:
-            f.writelines(
-                json.dumps({**row, "predict_boxes_head": boxes}, ensure_ascii=False) + "\n"
-                for row, boxes in zip(rows, self.predicted_head_boxes, strict=True)
-            )
+            for row, row_id, boxes in zip(rows, row_ids, head_boxes, strict=True):
+                image = images[row_id][0] if row_id >= 0 and images[row_id] else None
+                traced = {"row": row_id, "image": image, **row, "predict_boxes_head": boxes}
+                f.write(json.dumps(traced, ensure_ascii=False) + "\n")

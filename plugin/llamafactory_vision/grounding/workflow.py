@@ -19,10 +19,12 @@ from llamafactory.model import load_model, load_tokenizer
 from llamafactory.train.sft.metric import ComputeAccuracy, ComputeSimilarity, eval_logit_processor
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
+from transformers import EvalPrediction
 
 from llamafactory_vision.grounding.bbox_head import attach_head
 from llamafactory_vision.grounding.formats import get_codec
-from llamafactory_vision.grounding.head_data import BBOX_STAGE, GroundingBBoxCollator
+from llamafactory_vision.grounding.head_data import BBOX_COLUMNS, BBOX_STAGE, GroundingBBoxCollator
+from llamafactory_vision.grounding.head_rows import ROW_COLUMN, unpack_head_rows
 from llamafactory_vision.grounding.metrics import GroundingMetricAccumulator, head_boxes_for_family
 from llamafactory_vision.grounding.templates import get_grounding_spec
 from llamafactory_vision.grounding.trainer import BBoxLossConfig, GroundingTrainer
@@ -30,30 +32,51 @@ from llamafactory_vision.grounding.trainer import BBoxLossConfig, GroundingTrain
 logger = get_logger(__name__)
 
 
+# Generation settings recorded beside the scores: greedy and sampled IoU are not comparable.
+DECODING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "num_beams", "max_new_tokens", "repetition_penalty")
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k")  # ignored by generate() when do_sample is off
+
+
+def decoding_settings(gen_kwargs: dict) -> dict[str, float | int]:
+    """``decoding_<key>`` for each of :data:`DECODING_KEYS` set in ``gen_kwargs`` (``do_sample`` as 0/1; the sampling
+    keys only when sampling)."""
+    sampling = bool(gen_kwargs.get("do_sample"))
+    out: dict[str, float | int] = {}
+    for key in DECODING_KEYS:
+        value = gen_kwargs.get(key)
+        if value is None or (key in _SAMPLING_KEYS and not sampling):
+            continue
+        out[f"decoding_{key}"] = int(value) if isinstance(value, (bool, int)) else float(value)
+    return out
+
+
 @dataclass
 class ComputeGroundingMetrics:
-    """ROUGE/BLEU from the host's ``ComputeSimilarity`` plus acc@0.5, acc@0.75, mIoU on the decoded boxes, and
-    head_acc@0.5, head_acc@0.75, head_miou when the trainer predicted head boxes (``head_boxes``, rows in order)."""
+    """ROUGE/BLEU from the host's ``ComputeSimilarity`` plus the box metrics of
+    :mod:`llamafactory_vision.grounding.metrics` on the decoded texts (and on the head's boxes when the predictions
+    carry the head's rows: ``(tokens, packed rows)`` from ``GroundingTrainer.prediction_step``, gathered with the
+    tokens), and the decoding settings used (``decoding``, see :func:`decoding_settings`). A coordinate-space warning
+    is logged when the answers look like another space."""
 
     tokenizer: object
     family: str
-    head_boxes: list | None = None
+    decoding: dict[str, float | int] = field(default_factory=dict)
     similarity: ComputeSimilarity = field(init=False)
-    boxes: GroundingMetricAccumulator = field(init=False, default_factory=GroundingMetricAccumulator)
-    _seen: int = field(init=False, default=0)
+    boxes: GroundingMetricAccumulator = field(init=False)
 
     def __post_init__(self):
         self.similarity = ComputeSimilarity(tokenizer=self.tokenizer)
+        self.boxes = GroundingMetricAccumulator(self.family)
 
     def __call__(self, eval_preds, compute_result: bool = True) -> dict[str, float] | None:
+        predictions, head = eval_preds.predictions, None
+        if isinstance(predictions, tuple):
+            predictions, packed = predictions
+            head = [head_boxes_for_family(row, self.family) for row in unpack_head_rows(packed)[1]]
+            eval_preds = EvalPrediction(predictions=predictions, label_ids=eval_preds.label_ids)
         pad = self.tokenizer.pad_token_id
-        preds = np.where(eval_preds.predictions != IGNORE_INDEX, eval_preds.predictions, pad)
+        preds = np.where(predictions != IGNORE_INDEX, predictions, pad)
         labels = np.where(eval_preds.label_ids != IGNORE_INDEX, eval_preds.label_ids, pad)
-        head = None
-        if self.head_boxes is not None:
-            rows = self.head_boxes[self._seen : self._seen + len(preds)]
-            head = [head_boxes_for_family(row, self.family) for row in rows]
-            self._seen += len(preds)
         self.boxes.update(
             self.tokenizer.batch_decode(preds, skip_special_tokens=True),
             self.tokenizer.batch_decode(labels, skip_special_tokens=True),
@@ -61,8 +84,10 @@ class ComputeGroundingMetrics:
         )
         text_scores = self.similarity(eval_preds, compute_result=compute_result)
         if compute_result:
-            self._seen = 0
-            return {**text_scores, **self.boxes.compute()}
+            box_scores = self.boxes.compute()
+            if self.boxes.warning:
+                logger.warning_rank0(f"grounding metrics: {self.boxes.warning}")
+            return {**text_scores, **box_scores, **self.decoding}
         return None
 
 
@@ -96,7 +121,11 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
     trainer_class, trainer_extra, collator_class = CustomSeq2SeqTrainer, {}, SFTDataCollatorWith4DAttentionMask
     if head_on:  # grounding: the bbox head
         head = attach_head(model, model_args, finetuning_args, training_args.do_train)
+        if training_args.do_train:
+            _check_box_columns(dataset_module["train_dataset"], data_args)
         _report_cut_boxes(dataset_module)
+        if training_args.predict_with_generate:  # each generated row carries its index through the gather
+            dataset_module["eval_dataset"] = _with_row_index(dataset_module.get("eval_dataset"))
         trainer_class, collator_class = GroundingTrainer, GroundingBBoxCollator
         trainer_extra = dict(
             bbox_loss=BBoxLossConfig(
@@ -136,7 +165,11 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
     gen_kwargs = generating_args.to_dict(obey_generation_config=True)
     gen_kwargs["eos_token_id"] = generation_stop_ids(tokenizer, template)  # grounding: see its docstring
     gen_kwargs["pad_token_id"] = tokenizer.pad_token_id
+    if training_args.predict_with_generate:
+        metric_module["compute_metrics"].decoding = decoding_settings(gen_kwargs)  # grounding: recorded with scores
 
+    if data_args.streaming:  # grounding: see the function's docstring
+        _split_streamed_batches_per_process(training_args)
     trainer = trainer_class(
         model=model,
         args=training_args,
@@ -150,8 +183,6 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
         **metric_module,
         **trainer_extra,
     )
-    if head_on and training_args.predict_with_generate:
-        metric_module["compute_metrics"].head_boxes = trainer.predicted_head_boxes
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -190,6 +221,53 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
     create_modelcard_and_push(trainer, model_args, data_args, training_args, finetuning_args)
 
 
+def _split_streamed_batches_per_process(training_args) -> None:
+    """With a streamed (iterable) dataset accelerate by default reads each batch on the main process and cuts every
+    tensor along its first axis for the processes (``dispatch_batches``), even with one process: a Qwen-VL batch's
+    ``pixel_values`` (image patches, not rows) then no longer match ``image_grid_thw`` and the vision tower fails.
+    Each process reads its own rows instead (accelerate's ``IterableDatasetShard``)."""
+    config = training_args.accelerator_config
+    if config.dispatch_batches:
+        raise ValueError(
+            "`streaming: true` with a grounding template needs `accelerator_config: {dispatch_batches: false}`: "
+            "dispatching cuts the batch's image patches as if they were rows."
+        )
+    if config.dispatch_batches is None:
+        config.dispatch_batches = False
+        logger.info_rank0("streaming: each process reads its own rows (accelerator_config.dispatch_batches = false).")
+
+
+def _columns(dataset) -> list[str]:
+    # an iterable (streaming) dataset may not know its columns after `map`: read them off its first row
+    return list(dataset.column_names or next(iter(dataset)).keys())
+
+
+def _check_box_columns(dataset, data_args) -> None:
+    """Refuse a training set without the head's box columns (one tokenized by the host, or without the head, and
+    reloaded from ``tokenized_path``): training on it would never train the head."""
+    missing = [column for column in BBOX_COLUMNS if column not in _columns(dataset)]
+    if missing:
+        where = "the training set"
+        if data_args.tokenized_path:
+            where = f"the tokenized dataset in `tokenized_path: {data_args.tokenized_path}`"
+        raise ValueError(
+            f"`bbox_head: true` but {where} has no {', '.join(missing)} column(s): it was tokenized without the "
+            "bbox head. Delete that folder (or point `tokenized_path` to a new one) so that the dataset is tokenized "
+            "again with `bbox_head: true`."
+        )
+
+
+def _with_row_index(dataset):
+    """The evaluation set(s) with column ``lfv_row``: each row's index in its set, from 0."""
+    if dataset is None:
+        return None
+    if isinstance(dataset, dict):  # eval_on_each_dataset
+        return {name: _with_row_index(d) for name, d in dataset.items()}
+    if hasattr(dataset, "add_column") and dataset.column_names is not None:
+        return dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
+    return dataset.map(lambda _, index: {ROW_COLUMN: index}, with_indices=True)
+
+
 def _report_cut_boxes(dataset_module) -> None:
     splits = []
     for split, dataset in dataset_module.items():
@@ -198,10 +276,18 @@ def _report_cut_boxes(dataset_module) -> None:
         elif dataset is not None:
             splits.append((split, dataset))
     for split, dataset in splits:
-        if "bbox_cut" in dataset.column_names:
-            cut = sum(dataset["bbox_cut"])
-            if cut:
-                logger.warning_rank0(
-                    f"bbox head: {cut} box(es) in the {split} split were cut off by `cutoff_len` and are not trained "
-                    "by the head (raise cutoff_len to keep them)."
-                )
+        if "bbox_cut" not in _columns(dataset):
+            continue
+        if not hasattr(dataset, "__len__"):  # streaming: rows are tokenized as training reads them
+            logger.warning_rank0(
+                f"bbox head: with `streaming: true` the boxes that `cutoff_len` cuts off in the {split} split cannot "
+                "be counted before training; they are not trained by the head. Check with a non-streaming run or "
+                "`llamafactory-vision preview` that cutoff_len keeps them."
+            )
+            continue
+        cut = sum(dataset["bbox_cut"])
+        if cut:
+            logger.warning_rank0(
+                f"bbox head: {cut} box(es) in the {split} split were cut off by `cutoff_len` and are not trained "
+                "by the head (raise cutoff_len to keep them)."
+            )

@@ -26,15 +26,23 @@ from llamafactory_vision.synth.grounding import (
 CAPABILITIES = (grounding,)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m llamafactory_vision.synth <capability> --out DIR [...]``; prints the summary as JSON."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m llamafactory_vision.synth``: one sub-command per capability."""
     parser = argparse.ArgumentParser(prog="python -m llamafactory_vision.synth", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for module in CAPABILITIES:
         module.add_parser(commands)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m llamafactory_vision.synth <capability> --out DIR [...]``; prints the summary as JSON."""
+    args = build_parser().parse_args(argv)
     print(json.dumps(args.generate(args), indent=2))
     return 0
 
 
-__all__ = ["BBOX_FORMATS", "COLOURS", "PRESETS", "SHAPES", "encode_box", "generate_grounding", "main", "make_scene"]
+__all__ = [
+    "BBOX_FORMATS", "COLOURS", "PRESETS", "SHAPES", "build_parser", "encode_box", "generate_grounding", "main",
+    "make_scene",
+]  # fmt: skip

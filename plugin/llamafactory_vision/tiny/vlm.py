@@ -13,6 +13,7 @@ family        processor                   patch  merge  image min..max pixels   
 qwen2_vl      Qwen2VLProcessor            14     2      28*28*4 .. 448*448            28*28*4 .. 224*224
 qwen2_5_vl    Qwen2_5_VLProcessor         14     2      28*28*4 .. 448*448            28*28*4 .. 224*224
 qwen3_vl      Qwen3VLProcessor            16     2      32*32*4 .. 512*512            32*32*4 .. 256*256
+qwen3_vl_moe  Qwen3VLProcessor            16     2      32*32*4 .. 512*512            32*32*4 .. 256*256
 llava         LlavaProcessor (CLIP 32px)  8      -      resize 32 + centre crop 32    -
 ============  ==========================  =====  =====  ============================  ======================
 
@@ -56,6 +57,7 @@ from transformers import (
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
     Qwen3VLConfig,
+    Qwen3VLMoeConfig,
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
     TokenizersBackend,
@@ -64,7 +66,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN_PRETOKENIZE_REGEX
 from transformers.video_processing_utils import BaseVideoProcessor
 
-FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
+FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava")
 
 # Qwen's special tokens in the order (and so the relative ids) of the real Qwen2-VL vocabulary.
 QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
@@ -432,8 +434,8 @@ def qwen2_5_vl_config(spec: TinySpec, tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLCo
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_qwen_token_ids(tokenizer))
 
 
-def qwen3_vl_config(spec: TinySpec, tokenizer: Qwen2Tokenizer) -> Qwen3VLConfig:
-    """Qwen3-VL: ViT with patch 16 and learned 2-D position table, DeepStack features, interleaved M-RoPE."""
+def _qwen3_vl_parts(spec: TinySpec, tokenizer: Qwen2Tokenizer) -> tuple[dict, dict]:
+    """Qwen3-VL's text and vision settings, shared by the dense and the MoE checkpoints."""
     text = _qwen_text_config(spec, tokenizer, 5e6, head_dim=spec.head_dim)
     text["rope_parameters"]["mrope_interleaved"] = True
     vision = {
@@ -450,7 +452,21 @@ def qwen3_vl_config(spec: TinySpec, tokenizer: Qwen2Tokenizer) -> Qwen3VLConfig:
         # Real: blocks 8, 16, 24 of 27 feed LLM layers 0, 1, 2. Tiny: the first blocks, one per LLM layer.
         "deepstack_visual_indexes": list(range(min(3, spec.vision_depth, spec.num_layers))),
     }
+    return text, vision
+
+
+def qwen3_vl_config(spec: TinySpec, tokenizer: Qwen2Tokenizer) -> Qwen3VLConfig:
+    """Qwen3-VL: ViT with patch 16 and learned 2-D position table, DeepStack features, interleaved M-RoPE."""
+    text, vision = _qwen3_vl_parts(spec, tokenizer)
     return Qwen3VLConfig(text_config=text, vision_config=vision, **_qwen_token_ids(tokenizer))
+
+
+def qwen3_vl_moe_config(spec: TinySpec, tokenizer: Qwen2Tokenizer) -> Qwen3VLMoeConfig:
+    """Qwen3-VL MoE (model type ``qwen3_vl_moe``, e.g. Qwen3-VL-30B-A3B): Qwen3-VL with a sparse MoE block in every
+    decoder layer; tiny: 4 experts, 2 per token (real: 128, 8)."""
+    text, vision = _qwen3_vl_parts(spec, tokenizer)
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=spec.hidden_size, decoder_sparse_step=1)
+    return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **_qwen_token_ids(tokenizer))
 
 
 def llava_config(spec: TinySpec, tokenizer: TokenizersBackend) -> LlavaConfig:
@@ -609,6 +625,12 @@ RECIPES: dict[str, FamilyRecipe] = {
     "qwen3_vl": FamilyRecipe(
         partial(build_qwen_tokenizer, chat_template(_QWEN_CHAT_TEMPLATE, "")),
         qwen3_vl_config,
+        qwen3_vl_processor,
+        _qwen_generation_ids,
+    ),
+    "qwen3_vl_moe": FamilyRecipe(  # same tokenizer, template and processor as Qwen3-VL; MoE text model
+        partial(build_qwen_tokenizer, chat_template(_QWEN_CHAT_TEMPLATE, "")),
+        qwen3_vl_moe_config,
         qwen3_vl_processor,
         _qwen_generation_ids,
     ),
