@@ -222,9 +222,9 @@ def train_variant(model_dir: Path, data_dir: Path, work: Path, family: str, vari
         compute_dtype=model_args.compute_dtype, attn_implementation=getattr(model.config, "_attn_implementation", None),
         **tokenizer_module,
     )  # fmt: skip
-    head_config = BBoxLossConfig(
+    head_config = BBoxLossConfig(  # as the grounding workflow builds it: the source is the head's own setting
         finetuning_args.bbox_loss_weight, finetuning_args.bbox_l1_weight, finetuning_args.bbox_giou_weight,
-        finetuning_args.bbox_head_source,
+        head.config.source if with_head else "box_start",
     )  # fmt: skip
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device == "cuda" or None
