@@ -1,58 +1,114 @@
-"""Grounding throughput: ours against the stock LLaMA-Factory baseline, measured in the same process.
+"""Grounding throughput: ours against stock LLaMA-Factory 0.9.5, in the same run, on the same rows.
 
-Two measurements, each reported as a ratio (ours / stock):
+One command per workload; each prints one JSON object (and writes it to ``--out``):
 
-1. ``tokenize``: rows/s of LLaMA-Factory's own ``get_dataset`` for the same images and the same answer text, once
-   as a stock ``sharegpt`` dataset with template ``qwen2_vl`` (box text written by hand) and once as a ``grounding``
-   dataset with template ``qwen2_vl_ground`` (validation, markers, rendering at the final size).
-2. ``train_step``: seconds per optimizer step (forward + backward + AdamW) with ``bbox_head: true`` against
-   ``bbox_head: false`` on identical batches, alternating the two to spread machine noise evenly.
+- ``a``: Qwen2-VL-2B SFT, LoRA r8 (all linear layers of the LLM) and full fine-tuning, vision tower frozen (the host's
+  defaults): stock ``qwen2_vl`` template on sharegpt rows vs ours (``grounding`` rows, ``qwen2_vl_ground``, fast
+  tokenization) vs ours + bbox head.
+- ``b``: Qwen2.5-VL-3B and Qwen3-VL-2B, LoRA r8: the same three variants.
+- ``cpu``: one core: data preparation rows/s (convert + tokenize: stock vs ours with the host's image path vs ours
+  fast), COCO conversion objects/s (synthetic ``instances.json``), ``eval/ground_eval.py`` predictions/s.
 
-    python benchmarks/bench_grounding.py --preset tiny --steps 30            # CPU
-    python benchmarks/bench_grounding.py --preset qwen2vl-2b --device cuda   # GPU, Qwen2-VL-2B shapes, random weights
+    python benchmarks/bench_grounding.py --workload a --device cuda --out a.json
+    python benchmarks/bench_grounding.py --workload cpu --out cpu.json
+    python benchmarks/bench_grounding.py --workload a --small          # CPU proof of the same code path
 
-Prints one JSON object; copy the figures into benchmarks/RESULTS.md with the machine, date and command.
+Models are the real architectures with random weights, built from the published configs (``benchmarks/arch.py``).
+The stock rows hold exactly the text our template renders (same prompt, same box text), so both sides train on the
+same tokens and the ratio measures our overhead only. A training step is what the host's trainer does with its
+defaults (``dataloader_num_workers: 0``, gradient checkpointing, bf16 autocast): collate the batch (decode +
+patchify images), forward, backward, AdamW step; the first ``--warmup`` steps are not timed.
+
+Reported per variant: samples/s, tokens/s (non-padding), peak GPU memory (allocated), MFU = model FLOPs per second /
+``--peak-tflops`` (989: H100/H200 bf16 dense). Model FLOPs, PaLM-style: 2 x linear parameters per token forward
+(LM head included, embeddings and the tiny bbox head/LoRA matrices not), plus 4 x layers x attention width x
+sequence^2 per sequence (non-causal count) in the LLM and per image in the vision tower; LLM backward counts 2x
+forward with full fine-tuning and 1x (activation gradients only) with LoRA; the frozen vision tower runs forward only.
+Gradient-checkpointing recomputation is not counted (MFU, not hardware FLOPs utilisation).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import gc
+import io
 import json
+import os
 import platform
-import statistics
+import random
+import runpy
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-PRESETS = {
-    # Sizes of the demo model; the 2B preset has Qwen2-VL-2B's transformer shapes (vocabulary stays tiny).
-    "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, vision_hidden_size=64, vision_depth=2),
-    "qwen2vl-2b": dict(
-        hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, vision_hidden_size=1280, vision_depth=32,
-        vision_heads=16,
-    ),
-}  # fmt: skip
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arch import arch_config, write_model
+
+REPO = Path(__file__).resolve().parents[1]
+GROUND_TEMPLATE = {"qwen2_vl": "qwen2_vl_ground", "qwen2_5_vl": "qwen2_5_vl_ground", "qwen3_vl": "qwen3_vl_ground"}
+STOCK_TEMPLATE = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl_nothink"}
+VARIANTS = ("stock", "ours", "ours_head")
+WORKLOADS = {
+    "a": [("qwen2vl-2b", "lora"), ("qwen2vl-2b", "full")],
+    "b": [("qwen2.5vl-3b", "lora"), ("qwen3vl-2b", "lora")],
+}
 
 
-def _write_stock_twin(data_dir: Path) -> None:
-    """A sharegpt copy of the grounding train split whose answers hold the same Qwen2-VL box text."""
-    from llamafactory_vision.grounding.formats import GroundedObject, get_codec
-    from PIL import Image
+# ---------------------------------------------------------------------------------------------- data
 
-    codec = get_codec("qwen2_vl")
+
+def write_rows(data_dir: Path, n: int, size_classes: tuple[str, ...], seed: int = 0) -> None:
+    """Synthetic ``rec`` rows (one object per answer, xyxy pixel boxes) with images of ``size_classes``."""
+    from llamafactory_vision.synth import generate_grounding
+    from llamafactory_vision.synth.grounding import PRESETS
+
+    preset = dataclasses.replace(
+        PRESETS["varied"], size_classes=size_classes, task_weights=(1.0, 0.0, 0.0), format_weights=(1.0, 0.0, 0.0)
+    )
+    generate_grounding(data_dir, n=n, seed=seed, val_frac=0.0, preset=preset)
+
+
+def write_stock_twin(data_dir: Path, family: str, model_dir: Path) -> None:
+    """Register ``stock``: sharegpt rows holding exactly the prompt and answer text our template renders.
+
+    Our converter turns each row into a prompt and marker answer; the markers are rendered with the family's codec at
+    the model-view size (as our plugin does), so the stock side tokenizes the same text with the host's template.
+    """
+    from llamafactory_vision.boxes import model_view_size
+    from llamafactory_vision.grounding.data import GroundingDatasetConverter
+    from llamafactory_vision.grounding.dataset_attr import GroundingDatasetAttr
+    from llamafactory_vision.grounding.formats import get_codec
+    from llamafactory_vision.grounding.markers import render_markers
+    from llamafactory_vision.grounding.plugin import original_size
+    from llamafactory_vision.hparams import VisionDataArguments
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    codec = get_codec(family)
+    attr = GroundingDatasetAttr("file", dataset_name="ground_train.jsonl")
+    attr.join({"file_name": "ground_train.jsonl", "formatting": "grounding", "columns": {}})
+    converter = GroundingDatasetConverter(
+        attr, VisionDataArguments(template=GROUND_TEMPLATE[family], dataset_dir=str(data_dir))
+    )
     rows = []
-    for line in (data_dir / "ground_train.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        with Image.open(data_dir / row["images"][0]) as image:
-            w, h = image.size
-        objects = [
-            GroundedObject(o["ref"], tuple(v / s for v, s in zip(o["bbox"], (w, h, w, h)))) for o in row["objects"]
+    for index, line in enumerate((data_dir / "ground_train.jsonl").read_text().splitlines()):
+        converted = converter(json.loads(line), index)
+        images = converted["_images"]
+
+        def model_size(i: int, images=images) -> tuple[int, int]:
+            return model_view_size(*original_size(images[i]), processor)
+
+        messages = [
+            {"role": m["role"], "content": render_markers(m["content"], codec, model_size)}
+            for m in converted["_prompt"] + converted["_response"]
         ]
-        answer = codec.format_answer(objects, (w, h))
-        rows.append({"messages": [{"role": "user", "content": "<image>Locate the object."},
-                                  {"role": "assistant", "content": answer}], "images": row["images"]})  # fmt: skip
+        rows.append({"messages": messages, "images": images})
     (data_dir / "stock.json").write_text(json.dumps(rows))
     info = json.loads((data_dir / "dataset_info.json").read_text())
     info["stock"] = {"file_name": "stock.json", "formatting": "sharegpt",
@@ -62,113 +118,363 @@ def _write_stock_twin(data_dir: Path) -> None:
     (data_dir / "dataset_info.json").write_text(json.dumps(info))
 
 
-def _pipeline(model_dir: Path, data_dir: Path, out: Path, template: str, dataset: str, stage: str, head: bool):
-    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+def _train_args(model_dir: Path, data_dir: Path, out: Path, family: str, variant: str, mode: str, device: str,
+                fast: bool = True, dataset: str | None = None) -> tuple:  # fmt: skip
     from llamafactory.hparams import get_train_args
-    from llamafactory.model import load_tokenizer
 
-    args = get_train_args(dict(
-        model_name_or_path=str(model_dir), stage="sft", do_train=True, finetuning_type="full", dataset=dataset,
-        dataset_dir=str(data_dir), template=template, cutoff_len=1024, output_dir=str(out), overwrite_output_dir=True,
-        overwrite_cache=True, report_to="none", bbox_head=head, freeze_vision_tower=False,
-    ))  # fmt: skip
+    dataset = dataset or ("stock" if variant == "stock" else "synth_ground_train")
+    return get_train_args({
+        "model_name_or_path": str(model_dir), "stage": "sft", "do_train": True, "finetuning_type": mode,
+        "lora_rank": 8, "lora_target": "all", "dataset": dataset, "dataset_dir": str(data_dir), "cutoff_len": 2048,
+        "output_dir": str(out), "overwrite_output_dir": True,
+        "template": STOCK_TEMPLATE[family] if variant == "stock" else GROUND_TEMPLATE[family],
+        "overwrite_cache": True, "report_to": "none", "bbox_head": variant == "ours_head",
+        "bf16": device == "cuda", "grounding_fast_tokenize": fast,
+    })  # fmt: skip
+
+
+def tokenize(model_dir: Path, data_dir: Path, out: Path, family: str, variant: str, mode: str, device: str,
+             fast: bool = True, dataset: str | None = None) -> tuple:  # fmt: skip
+    """``(parsed args, tokenizer module, template, train dataset, seconds)`` of the host's ``get_dataset``."""
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.model import load_tokenizer
+    from llamafactory_vision.grounding.head_data import BBOX_STAGE
+
+    args = _train_args(model_dir, data_dir, out, family, variant, mode, device, fast, dataset)
     model_args, data_args, training_args, _, _ = args
     tokenizer_module = load_tokenizer(model_args)
-    template_obj = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    stage = BBOX_STAGE if variant == "ours_head" else "sft"
     start = time.perf_counter()
-    dataset_module = get_dataset(template_obj, model_args, data_args, training_args, stage=stage, **tokenizer_module)
-    seconds = time.perf_counter() - start
-    return args, tokenizer_module, template_obj, dataset_module["train_dataset"], seconds
+    train = get_dataset(template, model_args, data_args, training_args, stage=stage, **tokenizer_module)
+    return args, tokenizer_module, template, train["train_dataset"], time.perf_counter() - start
 
 
-def bench_tokenize(model_dir: Path, data_dir: Path, work: Path) -> dict:
-    stock = _pipeline(model_dir, data_dir, work / "a", "qwen2_vl", "stock", "sft", head=False)
-    ours = _pipeline(model_dir, data_dir, work / "b", "qwen2_vl_ground", "synth_ground_train", "sft", head=False)
-    rows = len(ours[3])
-    return {
-        "rows": rows,
-        "stock_rows_per_s": round(len(stock[3]) / stock[4], 1),
-        "ours_rows_per_s": round(rows / ours[4], 1),
-        "ratio_ours_over_stock_time": round(ours[4] / stock[4], 3),
-    }
+# ---------------------------------------------------------------------------------------------- training
 
 
-def bench_train_step(model_dir: Path, data_dir: Path, work: Path, steps: int, batch_size: int, device: str) -> dict:
+@dataclasses.dataclass(frozen=True)
+class FlopModel:
+    """Per-token and per-sequence FLOP coefficients of a Qwen-VL model (see the module docstring)."""
+
+    llm_linear: int  # parameters of the LLM's linear layers incl. the LM head
+    llm_attention: int  # layers x attention width (heads x head_dim)
+    vision_linear: int
+    vision_attention: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, config) -> FlopModel:
+        llm = vision = 0
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or "lora_" in name or "bbox_head" in name:
+                continue
+            if ".visual." in f".{name}.":
+                vision += module.weight.numel()
+            else:
+                llm += module.weight.numel()
+        text, vis = config.text_config, config.vision_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        vision_width = getattr(vis, "embed_dim", None) or vis.hidden_size
+        return cls(llm, text.num_hidden_layers * text.num_attention_heads * head_dim, vision, vis.depth * vision_width)
+
+    def step_flops(self, lengths: torch.Tensor, patches: torch.Tensor, lora: bool) -> float:
+        """FLOPs of one training step: ``lengths`` LongTensor[B] tokens per row, ``patches`` LongTensor[N] per image."""
+        lengths, patches = lengths.double(), patches.double()
+        llm = 2 * self.llm_linear * lengths.sum() + 4 * self.llm_attention * (lengths**2).sum()
+        vision = 2 * self.vision_linear * patches.sum() + 4 * self.vision_attention * (patches**2).sum()
+        return float(llm * (2 if lora else 3) + vision)
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_variant(model_dir: Path, data_dir: Path, work: Path, family: str, variant: str, mode: str, *,
+                  device: str, batch_size: int, warmup: int, steps: int, peak_tflops: float) -> dict:  # fmt: skip
+    """Time ``steps`` training steps of one variant; returns its figures."""
+    from llamafactory.data.collator import SFTDataCollatorWith4DAttentionMask
+    from llamafactory.extras.constants import IGNORE_INDEX
     from llamafactory.model import load_model
     from llamafactory_vision.grounding.bbox_head import attach_head
-    from llamafactory_vision.grounding.head_data import BBOX_STAGE, GroundingBBoxCollator
+    from llamafactory_vision.grounding.head_data import GroundingBBoxCollator
     from llamafactory_vision.grounding.trainer import BBoxLossConfig, bbox_head_loss
 
-    args, tokenizer_module, template, dataset, _ = _pipeline(
-        model_dir, data_dir, work / "c", "qwen2_vl_ground", "synth_ground_train", BBOX_STAGE, head=True
+    _free(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    args, tokenizer_module, template, dataset, tokenize_s = tokenize(
+        model_dir, data_dir, work / f"{variant}-{mode}", family, variant, mode, device
     )
     model_args, _, _, finetuning_args, _ = args
+    with_head = variant == "ours_head"
     model = load_model(tokenizer_module["tokenizer"], model_args, finetuning_args, is_trainable=True).to(device)
-    head = attach_head(model, model_args, finetuning_args, is_trainable=True).to(device)
-    collator = GroundingBBoxCollator(template=template, model=model, label_pad_token_id=-100, **tokenizer_module)
-    batches = [collator([dataset[(i * batch_size + j) % len(dataset)] for j in range(batch_size)]) for i in range(4)]
-    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
-    config = BBoxLossConfig(loss_weight=1.0, l1_weight=5.0, giou_weight=2.0, source="box_start")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    model.train()
+    head = attach_head(model, model_args, finetuning_args, is_trainable=True) if with_head else None
+    collator_class = GroundingBBoxCollator if with_head else SFTDataCollatorWith4DAttentionMask
+    collator = collator_class(
+        template=template, model=model, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX,
+        compute_dtype=model_args.compute_dtype, attn_implementation=getattr(model.config, "_attn_implementation", None),
+        **tokenizer_module,
+    )  # fmt: skip
+    head_config = BBoxLossConfig(  # as the grounding workflow builds it: the source is the head's own setting
+        finetuning_args.bbox_loss_weight, finetuning_args.bbox_l1_weight, finetuning_args.bbox_giou_weight,
+        head.config.source if with_head else "box_start",
+    )  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device == "cuda" or None
+    )
+    flop_model = FlopModel.of(model, model.config)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
 
-    def step(batch: dict, with_head: bool) -> float:
-        inputs = {k: v for k, v in batch.items() if not k.startswith("bbox_")}
-        if device == "cuda":
-            torch.cuda.synchronize()
+    def step(index: int) -> tuple[float, int, float, float]:
+        features = [dataset[(index * batch_size + j) % len(dataset)] for j in range(batch_size)]
+        _sync(device)
         start = time.perf_counter()
-        outputs = model(**inputs, output_hidden_states=with_head)
-        loss = outputs.loss
-        if with_head:
-            terms = bbox_head_loss(head, outputs.hidden_states[-1], batch["bbox_spans"], batch["bbox_targets"], config)
-            loss = loss + terms["total"]
+        batch = collator(features)
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        inputs = {k: v for k, v in batch.items() if not k.startswith("bbox_")}
+        with autocast:
+            outputs = model(**inputs, output_hidden_states=with_head)
+            loss = outputs.loss
+            if with_head:
+                terms = bbox_head_loss(head, outputs.hidden_states[-1], batch["bbox_spans"], batch["bbox_targets"],
+                                       head_config)  # fmt: skip
+                # the box mean, as GroundingTrainer normalises it on the host's default (mean) loss path
+                head_term = terms["total"] / terms["boxes"].clamp_min(1)
+                loss = loss + head_config.loss_weight * head_term.to(loss.dtype)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        _sync(device)
+        seconds = time.perf_counter() - start
+        lengths = batch["attention_mask"].sum(-1).cpu()
+        patches = batch["image_grid_thw"].prod(-1).cpu()
+        return seconds, int(lengths.sum()), flop_model.step_flops(lengths, patches, mode == "lora"), float(loss)
 
-    for i in range(3):  # warm-up
-        step(batches[i % 4], True), step(batches[i % 4], False)
-    times = {True: [], False: []}
-    for i in range(steps):
-        order = (True, False) if i % 2 == 0 else (False, True)
-        for with_head in order:
-            times[with_head].append(step(batches[i % 4], with_head))
-    on, off = statistics.median(times[True]), statistics.median(times[False])
+    for i in range(warmup):
+        step(i)
+    timed = [step(warmup + i) for i in range(steps)]
+    seconds = sum(t[0] for t in timed)
+    result = {
+        "variant": variant,
+        "mode": mode,
+        "rows_tokenized_per_s": round(len(dataset) / tokenize_s, 1),
+        "samples_per_s": round(batch_size * steps / seconds, 3),
+        "tokens_per_s": round(sum(t[1] for t in timed) / seconds, 1),
+        "tokens_per_sample": round(sum(t[1] for t in timed) / (batch_size * steps), 1),
+        "s_per_step": round(seconds / steps, 4),
+        "losses": [round(t[3], 4) for t in timed],
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    if device == "cuda":
+        result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        result["mfu"] = round(sum(t[2] for t in timed) / seconds / (peak_tflops * 1e12), 4)
+    return result  # the model and optimizer are freed by the next variant's `_free`
+
+
+def run_training(workload: str, small: bool, device: str, work: Path, args: argparse.Namespace, save) -> dict:
+    """All runs of ``workload``; ``save({"runs": [...]})`` after each run, so a time cap keeps the finished ones."""
+    batch_size = args.batch_size or (2 if small else 8)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    data_dir = work / "data"
+    write_rows(data_dir, n=max(batch_size * (args.warmup + args.steps), 16), size_classes=("normal",))
+    runs = []
+    for arch, mode in WORKLOADS[workload]:
+        family = arch_config(arch, small)["family"]
+        model_dir = work / f"model-{arch}"
+        if not model_dir.exists():
+            write_model(arch, model_dir, small, device, dtype)
+        arch_data = work / f"data-{arch}"
+        if not arch_data.exists():  # the stock twin depends on the family's box text
+            shutil.copytree(data_dir, arch_data)
+            write_stock_twin(arch_data, family, model_dir)
+        variants = {}
+        for variant in VARIANTS:
+            variants[variant] = train_variant(
+                model_dir, arch_data, work, family, variant, mode, device=device, batch_size=batch_size,
+                warmup=args.warmup, steps=args.steps, peak_tflops=args.peak_tflops,
+            )  # fmt: skip
+            print(json.dumps({"arch": arch, **variants[variant]}), file=sys.stderr, flush=True)
+        stock = variants["stock"]
+        # Same rows, same tokens, same seed: the LM losses of stock and ours differ by kernel noise only.
+        loss_diff = max(abs(a - b) for a, b in zip(variants["ours"]["losses"], stock["losses"]))
+        runs.append({
+            "arch": arch, "mode": mode, "batch_size": batch_size, "variants": variants,
+            "ratio_ours_over_stock": round(variants["ours"]["tokens_per_s"] / stock["tokens_per_s"], 4),
+            "ratio_head_over_stock": round(variants["ours_head"]["tokens_per_s"] / stock["tokens_per_s"], 4),
+            "max_loss_diff_ours_vs_stock": round(loss_diff, 5),
+        })  # fmt: skip
+        save({"runs": runs})
+    return {"runs": runs}
+
+
+# ---------------------------------------------------------------------------------------------- CPU
+
+
+def _register_half(data_dir: Path, rows: int) -> None:
+    """Register ``synth_ground_half`` and ``stock_half``: the first ``rows`` rows of the grounding and stock sets."""
+    lines = (data_dir / "ground_train.jsonl").read_text().splitlines()[:rows]
+    (data_dir / "ground_half.jsonl").write_text("\n".join(lines) + "\n")
+    (data_dir / "stock_half.json").write_text(json.dumps(json.loads((data_dir / "stock.json").read_text())[:rows]))
+    info = json.loads((data_dir / "dataset_info.json").read_text())
+    info["synth_ground_half"] = {**info["synth_ground_train"], "file_name": "ground_half.jsonl"}
+    info["stock_half"] = {**info["stock"], "file_name": "stock_half.json"}
+    (data_dir / "dataset_info.json").write_text(json.dumps(info))
+
+
+def bench_prep(work: Path, rows: int) -> dict:
+    """Data preparation rows/s on one core: the host's ``get_dataset`` (load, convert, tokenize) on the same rows.
+
+    The rate is marginal, ``rows / (t(2 x rows) - t(rows))``, so that the fixed start-up of ``datasets`` (seconds,
+    whatever the size) does not count as per-row cost; ``*_rows_per_cpu_s`` uses the process's CPU time instead of
+    wall time (one thread), the figure to trust on a shared machine.
+    """
+    model_dir = work / "prep-model"
+    write_model("qwen2vl-2b", model_dir, small=True, device="cpu", dtype=torch.float32)
+    data_dir = work / "prep-data"
+    write_rows(data_dir, n=2 * rows, size_classes=("normal", "big"), seed=1)  # COCO-like sizes, some > 768*768
+    write_stock_twin(data_dir, "qwen2_vl", model_dir)
+    _register_half(data_dir, rows)
+    figures, ids = {"rows": rows}, {}
+    paths = (("stock", "stock", True), ("ours_host_path", "ours", False), ("ours_fast", "ours", True))
+    for name, variant, fast in paths:
+        full_name, half_name = (
+            ("stock", "stock_half") if variant == "stock" else ("synth_ground_train", "synth_ground_half")
+        )
+        seconds, cpu_seconds = {}, {}
+        for dataset in (half_name, full_name):
+            cpu_start = time.process_time()
+            *_, train, seconds[dataset] = tokenize(
+                model_dir, data_dir, work / name, "qwen2_vl", variant, "lora", "cpu", fast, dataset
+            )
+            cpu_seconds[dataset] = time.process_time() - cpu_start
+        ids[name] = [row["input_ids"] for row in train]
+        figures[f"{name}_rows_per_s"] = round(rows / (seconds[full_name] - seconds[half_name]), 1)
+        figures[f"{name}_rows_per_cpu_s"] = round(rows / (cpu_seconds[full_name] - cpu_seconds[half_name]), 1)
+    if not ids["stock"] == ids["ours_host_path"] == ids["ours_fast"]:
+        raise AssertionError("the three data paths tokenized the same rows differently")
+    for name in ("ours_host_path", "ours_fast"):
+        figures[f"ratio_{name}_over_stock"] = round(figures[f"{name}_rows_per_s"] / figures["stock_rows_per_s"], 3)
+        figures[f"ratio_{name}_over_stock_cpu"] = round(
+            figures[f"{name}_rows_per_cpu_s"] / figures["stock_rows_per_cpu_s"], 3
+        )
+    return figures
+
+
+def bench_convert(work: Path, objects: int) -> dict:
+    """COCO conversion objects/s: a synthetic ``instances.json`` (80 categories, 5 objects per image).
+
+    The converter opens every image's header to check its size against the JSON, so each image exists: hard links
+    to one 640x480 JPEG (the header read per file is timed, the disk space is not spent)."""
+    from llamafactory_vision.grounding.convert import convert_coco
+    from PIL import Image
+
+    rng = random.Random(0)
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 640, "height": 480} for i in range(objects // 5)]
+    images_dir = work / "coco_images"
+    images_dir.mkdir()
+    Image.new("RGB", (640, 480), (120, 90, 60)).save(work / "one.jpg")
+    for record in images:
+        os.link(work / "one.jpg", images_dir / record["file_name"])
+    annotations = []
+    for k in range(objects):
+        x, y = rng.uniform(0, 600), rng.uniform(0, 440)
+        annotations.append({"id": k, "image_id": k // 5, "category_id": rng.randrange(1, 81), "iscrowd": 0,
+                            "bbox": [x, y, rng.uniform(1, 640 - x), rng.uniform(1, 480 - y)]})  # fmt: skip
+    categories = [{"id": c, "name": f"category {c}"} for c in range(1, 81)]
+    path = work / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    start, cpu_start = time.perf_counter(), time.process_time()
+    stats = convert_coco(path, str(images_dir), work / "coco.jsonl")
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {
-        "batch_size": batch_size,
-        "steps": steps,
-        "head_off_s_per_step": round(off, 4),
-        "head_on_s_per_step": round(on, 4),
-        "ratio_head_on_over_off": round(on / off, 4),
+        "objects": objects,
+        "boxes_written": stats.objects,
+        "objects_per_s": round(objects / seconds, 1),
+        "objects_per_cpu_s": round(objects / cpu_seconds, 1),
+    }
+
+
+def bench_ground_eval(work: Path, rows: int) -> dict:
+    """``eval/ground_eval.py`` predictions/s on Qwen2-VL answers (file read, parse, IoU, summary)."""
+    rng = random.Random(0)
+    path = work / "generated_predictions.jsonl"
+    with path.open("w") as f:
+        for _ in range(rows):
+            box = [rng.randrange(0, 500), rng.randrange(0, 500)]
+            box += [box[0] + rng.randrange(1, 500), box[1] + rng.randrange(1, 500)]
+            noisy = [min(1000, max(0, v + rng.randrange(-40, 41))) for v in box]
+            label = f"the red circle({box[0]},{box[1]}),({box[2]},{box[3]})"
+            predict = f"the red circle({noisy[0]},{noisy[1]}),({noisy[2]},{noisy[3]})"
+            f.write(json.dumps({"prompt": "", "predict": predict, "label": label}) + "\n")
+    namespace = runpy.run_path(str(REPO / "eval" / "ground_eval.py"))
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = namespace["main"](["--predictions", str(path)])
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {
+        "rows": rows,
+        "predictions_per_s": round(rows / seconds, 1),
+        "predictions_per_cpu_s": round(rows / cpu_seconds, 1),
+        "acc@0.5": metrics.get("acc@0.5"),
+    }
+
+
+def run_cpu(small: bool, work: Path) -> dict:
+    torch.set_num_threads(1)
+    return {
+        "threads": torch.get_num_threads(),
+        "prep": bench_prep(work, rows=40 if small else 200),
+        "convert": bench_convert(work, objects=5_000 if small else 100_000),
+        "ground_eval": bench_ground_eval(work, rows=2_000 if small else 20_000),
     }
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--workload", choices=("a", "b", "cpu"), required=True)
+    parser.add_argument("--small", action="store_true", help="scaled-down models and rows: the code path on a CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rows", type=int, default=400, help="synthetic rows (demo preset) to tokenize and train on")
-    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per variant")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 8 (2 with --small)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU (H100/H200)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
+    if args.workload != "cpu" and args.device == "cpu" and not args.small:
+        parser.error("real-size training on a CPU would take hours: add --small, or run on a GPU")
 
-    from llamafactory_vision.synth import generate_grounding
-    from llamafactory_vision.tiny import build_tiny
+    from llamafactory_vision import _bootstrap
+
+    _bootstrap.install()  # the .pth does this where the package is pip-installed; idempotent
+    result = {
+        "workload": args.workload,
+        "small": args.small,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(sys.argv),
+    }
+
+    def save(partial: dict) -> None:
+        result.update(partial)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model_dir = build_tiny("qwen2_vl", work / "model", **PRESETS[args.preset])
-        generate_grounding(work / "data", n=args.rows, seed=0, val_frac=0.1, preset="demo")
-        _write_stock_twin(work / "data")
-        result = {
-            "preset": args.preset,
-            "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-            "torch_threads": torch.get_num_threads(),
-            "tokenize": bench_tokenize(model_dir, work / "data", work),
-            "train_step": bench_train_step(model_dir, work / "data", work, args.steps, args.batch_size, args.device),
-        }
+        if args.workload == "cpu":
+            save(run_cpu(args.small, work))
+        else:
+            save(run_training(args.workload, args.small, args.device, work, args, save))
     print(json.dumps(result, indent=2))
     return result
 

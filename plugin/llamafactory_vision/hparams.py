@@ -30,6 +30,15 @@ class VisionDataArguments(EditDataArguments, MGDataArguments, StrokeDataArgument
             "`skip` drops the row and reports a count per reason."
         },
     )
+    grounding_fast_tokenize: bool = field(
+        default=True,
+        metadata={
+            "help": "Grounding templates: count each image's tokens from its header and the processor's resize "
+            "arithmetic instead of decoding and patchifying it at tokenization time (the host's way). Token ids "
+            "and labels are identical; images are still decoded when batched, so an image whose header reads but "
+            "whose pixels do not fails there instead. `false` restores the host's path."
+        },
+    )
 
     ground_answer_style: Literal["native", "compact"] = field(
         default="native",

@@ -125,9 +125,12 @@ def wrap_align_dataset(loader: ModuleType) -> None:
 def select_dataset_processor(loader: ModuleType) -> None:
     """``data.loader._get_dataset_processor``: the bbox head needs box targets beside the tokens, which the host's
     supervised processor drops. Our workflow asks ``get_dataset`` for stage ``BBOX_STAGE`` and gets our processor;
-    every other stage reaches the host's choice. ``stage: edit`` gets the edit processor (target image columns)."""
+    every other stage reaches the host's choice. ``stage: edit`` gets the edit processor (target image columns). With
+    ``grounding_fast_tokenize`` a grounding template's processor gets a copy of the template whose plugin counts image
+    tokens from headers (the shared template is untouched)."""
     head_data = _ours("llamafactory_vision.grounding.head_data")
     edit_data = _ours("llamafactory_vision.editing.data")
+    with_fast_tokenize = _ours("llamafactory_vision.grounding.plugin").with_fast_tokenize
     host_get = loader._get_dataset_processor
 
     @functools.wraps(host_get)
@@ -136,6 +139,7 @@ def select_dataset_processor(loader: ModuleType) -> None:
             return edit_data.EditDatasetProcessor(
                 template=template, tokenizer=tokenizer, processor=processor, data_args=data_args
             )
+        template = with_fast_tokenize(template, getattr(data_args, "grounding_fast_tokenize", False))
         if stage != head_data.BBOX_STAGE:
             return host_get(data_args, stage, template, tokenizer, processor, do_generate)
         if do_generate:  # generation needs prompts only, as for plain SFT

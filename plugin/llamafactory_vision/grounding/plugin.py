@@ -3,14 +3,22 @@
 ``process_messages`` is the one host method that every data processor (supervised, unsupervised/predict, pairwise,
 feedback) and the chat engine call with the images at hand, before ``<image>`` is expanded. There the size each image
 will have inside the model is known, so boxes are written in the family's coordinates exactly once.
+
+Fast tokenization (``grounding_fast_tokenize``): to expand ``<image>`` the host needs only each image's token grid,
+but gets it by decoding, resizing and patchifying every image (``Qwen2VLPlugin._get_mm_token_metadata`` ->
+``_get_mm_inputs``), and the collator does all of it again for the batch. The grid follows from the header size by
+the same arithmetic (:func:`llamafactory_vision.boxes.model_view_size`, proven equal to the host pipeline in
+tests/test_resize.py), so the fast plugin reads headers only. The collator still decodes the images it batches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from io import BytesIO
 
+import torch
 from llamafactory.data.mm_plugin import Qwen2VLPlugin, Qwen3VLPlugin
 from PIL import Image
 from typing_extensions import override
@@ -33,10 +41,38 @@ def original_size(image) -> tuple[int, int]:
         return opened.size
 
 
+def image_grid_thw(images: list, processor) -> torch.Tensor:
+    """Token grid of each image as the host's Qwen-VL pipeline would produce it, from image headers only.
+
+    Args:
+        images (list): image inputs as LLaMA-Factory accepts them (path, bytes, {"path"|"bytes"} or PIL).
+        processor: the Qwen-VL multimodal processor (with ``image_processor`` and the host's pixel limits).
+
+    Returns:
+        LongTensor[N, 3]: ``(t, h, w)`` per image in patches, ``t = 1`` (a still image fills one temporal patch);
+        equals the ``image_grid_thw`` the image processor returns for the same images.
+    """
+    patch_size = processor.image_processor.patch_size
+    rows = []
+    for image in images:
+        width, height = model_view_size(*original_size(image), processor)
+        rows.append((1, height // patch_size, width // patch_size))
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), 3)
+
+
 class GroundingPluginMixin:
-    """Renders box markers with the codec of ``box_family`` before the host plugin expands image tokens."""
+    """Renders box markers with the codec of ``box_family`` before the host plugin expands image tokens; with
+    ``fast_tokenize``, counts image tokens from image headers instead of preprocessing the images."""
 
     box_family: str
+    fast_tokenize: bool
+
+    @override
+    def _get_mm_token_metadata(self, images, videos, audios, processor):
+        # Only still images have a header-only path; videos and audio keep the host's own.
+        if not self.fast_tokenize or videos or audios:
+            return super()._get_mm_token_metadata(images, videos, audios, processor)
+        return {"image_grid_thw": image_grid_thw(images, processor)}
 
     @override
     def process_messages(self, messages, images, videos, audios, processor):
@@ -56,14 +92,26 @@ class GroundingPluginMixin:
 @dataclass
 class GroundingQwen2VLPlugin(GroundingPluginMixin, Qwen2VLPlugin):
     box_family: str = "qwen2_vl"
+    fast_tokenize: bool = False
 
 
 @dataclass
 class GroundingQwen3VLPlugin(GroundingPluginMixin, Qwen3VLPlugin):
     box_family: str = "qwen3_vl"
+    fast_tokenize: bool = False
 
 
 GROUNDING_PLUGINS = {
     "qwen2_vl_ground": GroundingQwen2VLPlugin,
     "qwen3_vl_ground": GroundingQwen3VLPlugin,
 }
+
+
+def with_fast_tokenize(template, enabled: bool):
+    """``template`` itself, or (``enabled`` and a grounding plugin) a copy whose plugin copy has ``fast_tokenize``.
+
+    A copy, not a flag on the registered template: run settings stay out of the host's global ``TEMPLATES``.
+    """
+    if not enabled or not isinstance(template.mm_plugin, GroundingPluginMixin):
+        return template
+    return dataclasses.replace(template, mm_plugin=dataclasses.replace(template.mm_plugin, fast_tokenize=True))
