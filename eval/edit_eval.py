@@ -17,9 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from PIL import Image
-
 from llamafactory_vision.editing.metrics import ClipScorer, DinoScorer, edit_metrics
+from PIL import Image
 
 
 def load_rows(dataset: Path, outputs: Path, dataset_dir: Path) -> tuple[list, list, list]:
