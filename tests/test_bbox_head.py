@@ -1009,7 +1009,7 @@ def test_accumulated_gradients_equal_one_batch(path, tiny_models, mixed_data, tm
     assert expected.keys() == accumulated.keys()
     assert any(name.startswith("bbox_head.bbox_fc0") for name in expected)  # the random head gets gradients
     for name, grad in expected.items():
-        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
     for key in ("lm_loss", "bbox_l1", "bbox_giou"):
         assert logged[key] == pytest.approx(expected_log[key], abs=2e-4), key
 
