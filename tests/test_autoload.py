@@ -40,7 +40,8 @@ def test_opt_out_env_var_leaves_host_untouched():
 @pytest.mark.parametrize(
     "first",
     ["llamafactory_vision.grounding.plugin", "llamafactory_vision.grounding.data", "llamafactory_vision.hparams",
-     "llamafactory_vision.grounding.workflow", "llamafactory_vision.grounding.preview"],
+     "llamafactory_vision.grounding.workflow", "llamafactory_vision.grounding.preview",
+     "llamafactory_vision.editing.data", "llamafactory_vision.editing.workflow", "llamafactory_vision.editing.tokens"],
 )  # fmt: skip
 def test_importing_our_modules_before_the_host_defers_hooks_until_they_finish(first):
     """Our module imports the host, whose import hook needs our (half-imported) module: the hook must wait."""

@@ -28,8 +28,8 @@ from llamafactory.extras import logging
 from llamafactory.extras.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from llamafactory_vision.dataset_rows import SKIP_COLUMN, align_with_row_checks
 from llamafactory_vision.editing.tokens import PROMPT, img_token_ids, target_text
-from llamafactory_vision.grounding.data import SKIP_COLUMN, align_with_row_checks
 
 logger = logging.get_logger(__name__)
 
