@@ -57,7 +57,7 @@ setup(
     python_requires=">=3.11",
     package_dir={"": "plugin", "llamafactory_vision.templates": "templates"},
     packages=[*find_packages(where="plugin"), "llamafactory_vision.templates"],
-    package_data={"llamafactory_vision.templates": ["*.yaml"]},
+    package_data={"llamafactory_vision.templates": ["*.yaml", "strokes/*.yaml"]},
     install_requires=[
         "torch==2.11.0",
         "torchvision==0.26.0",
@@ -74,7 +74,8 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed"],
         # setuptools/wheel: the tests build this package's wheel offline (--no-build-isolation)
-        "dev": ["pytest", "hypothesis", "torchmetrics", "ruff", "setuptools>=70.1", "wheel"],
+        # playwright: the LLaMA Board browser tests (they drive the system chromium, see the Makefile)
+        "dev": ["pytest", "hypothesis", "torchmetrics", "ruff", "setuptools>=70.1", "wheel", "playwright"],
     },
     entry_points={"console_scripts": ["llamafactory-vision=llamafactory_vision.cli:main"]},
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},

@@ -49,11 +49,11 @@ from llamafactory_vision.grounding.metrics import (
     head_boxes_for_family,
     score_row,
 )
-from llamafactory_vision.grounding.visualize import draw_boxes
+from llamafactory_vision.grounding.predictions import image_path, read_dataset, read_predictions
+from llamafactory_vision.grounding.visualize import draw_prediction
 from PIL import Image
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
-LABEL_COLOR, PREDICT_COLOR, HEAD_COLOR = (0, 200, 0), (230, 0, 0), (0, 90, 255)
 
 _NUM = r"-?\d+(?:\.\d+)?"
 _PAREN_BOX = re.compile(rf"\(\s*{_NUM}\s*,\s*{_NUM}\s*\)\s*,\s*\(\s*{_NUM}\s*,\s*{_NUM}\s*\)")
@@ -77,53 +77,10 @@ def detect_family(labels: Sequence[str]) -> str:
     return kinds.most_common(1)[0][0] if kinds else "unknown"
 
 
-def read_predictions(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int]:
-    """``(row index, object)`` for every line that is a JSON object with string ``predict`` and ``label``.
-
-    Returns those rows and the number of other non-blank lines. The row index counts every line (blank ones
-    included), so it stays aligned with the dataset rows the predictions came from.
-    """
-    rows, bad = [], 0
-    with path.open(encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(obj, dict) and isinstance(obj.get("predict"), str) and isinstance(obj.get("label"), str):
-                rows.append((index, obj))
-            else:
-                bad += 1
-    return rows, bad
 
 
-def read_dataset(path: Path) -> list[Any]:
-    """Rows of a LLaMA-Factory dataset file: a JSON list, or JSON lines (an unreadable line becomes ``None``)."""
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            rows.append(None)
-    return rows
 
 
-def image_path(row: Any, dataset_dir: Path) -> Path | None:
-    """First image of a dataset row (``images`` list or ``image`` string), resolved against ``dataset_dir``."""
-    if not isinstance(row, dict):
-        return None
-    image = row.get("images", row.get("image"))
-    if isinstance(image, list):
-        image = image[0] if image else None
-    if not isinstance(image, str):
-        return None
-    return dataset_dir / image  # an absolute ``image`` replaces dataset_dir
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -341,15 +298,14 @@ def visualize(rows: list[ResolvedRow], args: argparse.Namespace) -> dict[str, in
             continue
         with Image.open(row.image_path) as opened:
             image = opened.convert("RGB")
-        label_refs = parse_answer(row.obj["label"]).refs
-        predict_refs = parse_answer(row.obj["predict"]).refs
-        pixels = [denormalize_xyxy(box, image.size) for box in row.label]
-        image = draw_boxes(image, pixels, LABEL_COLOR, label_refs if len(label_refs) == len(pixels) else None)
-        image = draw_boxes(
-            image, [denormalize_xyxy(box, image.size) for box in row.predict], PREDICT_COLOR, predict_refs, "bottom"
+        image = draw_prediction(
+            image,
+            [denormalize_xyxy(box, image.size) for box in row.label],
+            parse_answer(row.obj["label"]).refs,
+            [denormalize_xyxy(box, image.size) for box in row.predict],
+            parse_answer(row.obj["predict"]).refs,
+            [denormalize_xyxy(box, image.size) for box in row.head] if row.head else None,
         )
-        if row.head:
-            image = draw_boxes(image, [denormalize_xyxy(box, image.size) for box in row.head], HEAD_COLOR)
         image.save(args.visualize / f"{row.index:05d}.png")
         done += 1
     return {"visualized": done, "visualize_failures": failed}

@@ -102,3 +102,46 @@ def demo_data(tmp_path_factory) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- editing (stage: edit) ---------------------------------------------------------------------------------------
+
+# A small edit head keeps the tiny runs fast; the MGIE size (512, 4 + 4 layers, FF 2048) is the default.
+EDIT_HEAD = {"edit_head_width": 32, "edit_head_layers": 1, "edit_head_ffn": 64}
+
+
+@pytest.fixture(scope="session")
+def edit_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny LLaVA-1.5, an 8-channel (InstructPix2Pix-like) and a 4-channel (SD-1.5-like) diffusion folder, CLIP."""
+    from llamafactory_vision.tiny import build_tiny, build_tiny_clip, build_tiny_diffusion
+
+    root = tmp_path_factory.mktemp("edit_models")
+    return {
+        "llava": build_tiny("llava", root / "llava", seed=0),
+        "ip2p": build_tiny_diffusion(root / "ip2p", seed=0),
+        "sd15": build_tiny_diffusion(root / "sd15", seed=0, in_channels=4),
+        "clip": build_tiny_clip(root / "clip", seed=0),
+    }
+
+
+@pytest.fixture(scope="session")
+def edit_data(tmp_path_factory) -> Path:
+    from llamafactory_vision.synth import generate_edit
+
+    root = tmp_path_factory.mktemp("edit_data")
+    generate_edit(root, n=16, seed=0, val_frac=0.25)
+    return root
+
+
+def edit_config(models: dict[str, Path], data_dir: Path, out: Path, **extra) -> dict:
+    """A minimal LoRA `stage: edit` config on the tiny models (32 px, a few steps, CPU)."""
+    return {
+        **train_config(models["llava"], data_dir, out, "llava_edit"),
+        "stage": "edit",
+        "dataset": "synth_edit_train",
+        "cutoff_len": 256,
+        "diffusion_model_name_or_path": models["ip2p"],
+        "edit_resolution": 32,
+        **EDIT_HEAD,
+        **extra,
+    }

@@ -395,6 +395,22 @@ def test_save_load_round_trip(tmp_path):
         load_head(tmp_path)
 
 
+def test_head_rows_pack_round_trip_and_repeats():
+    from llamafactory_vision.grounding.head_rows import first_occurrences, pack_head_rows, unpack_head_rows
+
+    boxes = [[{"xyxy_1000": [1, 2, 300, 400], "xyxy_model": [0.5, 1.25, 84.0, 112.5]}], [],
+             [{"xyxy_1000": [0, 0, 1000, 1000], "xyxy_model": [0.0, 0.0, 56.0, 56.0]},
+              {"xyxy_1000": [10, 20, 30, 40], "xyxy_model": [1.5, 2.5, 3.5, 4.5]}]]  # fmt: skip
+    packed = pack_head_rows([7, 8, 9], boxes)
+    assert packed.shape == (3, 2 + 8 * 2)
+    padded = torch.cat([packed, torch.full((3, 8), -100.0)], dim=1)  # as pad_across_processes widens a batch
+    assert unpack_head_rows(padded) == ([7, 8, 9], boxes)
+    # the gather of an uneven split: rows 3 and 4 come back as the sampler's repeats of rows 0 and 1
+    seen: set[int] = set()
+    assert first_occurrences([0, 1, 2, 3], seen) == [0, 1, 2, 3]
+    assert first_occurrences([4, 0, 1, -1], seen) == [0, 3]
+
+
 class _StubModel(torch.nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -993,7 +1009,7 @@ def test_accumulated_gradients_equal_one_batch(path, tiny_models, mixed_data, tm
     assert expected.keys() == accumulated.keys()
     assert any(name.startswith("bbox_head.bbox_fc0") for name in expected)  # the random head gets gradients
     for name, grad in expected.items():
-        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
     for key in ("lm_loss", "bbox_l1", "bbox_giou"):
         assert logged[key] == pytest.approx(expected_log[key], abs=2e-4), key
 
@@ -1012,8 +1028,8 @@ def test_asft_loss_is_refused_with_the_head(tiny_models, demo_data, tmp_path):
 
 def parallel_config(model: Path, data_dir: Path, out: Path, **extra) -> dict[str, Any]:
     """2 SGD steps with use_dft_loss (the LM loss normalised over the step's tokens, so one process with the whole
-    global batch is the oracle), logged and evaluated (one row per batch) every step, a short gloo timeout so a hang
-    fails fast."""
+    global batch is the oracle), logged and evaluated (one row per process and batch) every step, a short gloo
+    timeout so a hang fails fast."""
     return train_config(
         model, data_dir, out, GROUND_TEMPLATE[FAMILY], bbox_head=True, use_dft_loss=True, disable_shuffling=True,
         optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", ddp_timeout=120, overwrite_cache=True,
@@ -1024,7 +1040,8 @@ def parallel_config(model: Path, data_dir: Path, out: Path, **extra) -> dict[str
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, tiny_models, mixed_data) -> Run:
     work = tmp_path_factory.mktemp("one_process")
-    return train_run(work, parallel_config(tiny_models[FAMILY], mixed_data, work / "out", per_device_train_batch_size=2))
+    config = parallel_config(tiny_models[FAMILY], mixed_data, work / "out", per_device_train_batch_size=2)
+    return train_run(work, {**config, "per_device_eval_batch_size": 2})  # the global eval batch too
 
 
 @pytest.mark.e2e
@@ -1055,8 +1072,9 @@ def test_two_processes_train_like_one(one_process_run, tiny_models, mixed_data, 
 
 @pytest.mark.e2e
 def test_two_process_predict_equals_one(learn_run, learn_data, tmp_path):
-    """42 val rows, 6 per batch: 7 batches, so the sampler pads the second process with a repeated batch that the
-    gather drops. Every row (text, head boxes, row index, image) and every metric equals the 1-process run's."""
+    """42 val rows, 6 per batch: 7 batches, so the sampler gives the second process a repeated batch, which the
+    gather keeps: the row index carried with each row drops it. Every row (text, head boxes, row index, image) and
+    every metric equals the 1-process run's."""
     outputs = {}
     for procs in ("1", "2"):
         config = predict_config(learn_run, learn_data, tmp_path / procs, finetuning_type="full", do_sample=False,
@@ -1078,5 +1096,5 @@ def test_two_process_predict_equals_one(learn_run, learn_data, tmp_path):
     assert sum(bool(row["predict_boxes_head"]) for row in rows1) >= 5  # the head really wrote boxes
     assert rows2 == rows1
     for key, value in results1.items():
-        if "runtime" not in key and "per_second" not in key:
+        if not any(timing in key for timing in ("runtime", "per_second", "preparation_time")):
             assert results2[key] == value, key

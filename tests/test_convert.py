@@ -230,7 +230,7 @@ def test_rescale_to_file_scales_the_boxes_and_counts_the_image(tmp_path: Path) -
     assert (x1, y1) == (750, 500) and x2 <= FILE[0] and y2 <= FILE[1]
     assert (x2, y2) == pytest.approx(FILE)
 
-    argv = ["convert", "coco", "--instances", str(instances), "--images", str(folder), "--out", str(tmp_path / "c.jsonl")]
+    argv = ["convert", "coco", "--instances", str(instances), "--images", str(folder), "--out", str(tmp_path / "c.j")]
     with pytest.raises(ValueError, match="--rescale-to-file"):
         cli_main(argv)
     assert cli_main([*argv, "--rescale-to-file"]) == 0
@@ -258,7 +258,8 @@ def test_written_paths_resolve_from_the_output_folder_as_dataset_dir(tmp_path: P
     convert_coco(instances, "imgs", Path("data/coco/train.jsonl"))  # relative arguments, as typed in a shell
     attr = GroundingDatasetAttr("file", dataset_name="train.jsonl")
     attr.join({"file_name": "train.jsonl", "formatting": "grounding"})
-    converter = GroundingDatasetConverter(attr, VisionDataArguments(template="qwen2_vl_ground", dataset_dir=str(data_dir)))
+    data_args = VisionDataArguments(template="qwen2_vl_ground", dataset_dir=str(data_dir))
+    converter = GroundingDatasetConverter(attr, data_args)
     monkeypatch.chdir(Path(imgs))  # somewhere else: only dataset_dir may make the paths resolve
     rows = _rows(data_dir / "train.jsonl")
     assert [row["images"][0] for row in rows] == ["../../imgs/a.jpg", "../../imgs/a.jpg", "../../imgs/b.jpg"]

@@ -55,10 +55,12 @@ def test_demo_commands_show_progress_on_the_terminal_and_everything_in_the_log(t
 
 
 def _example_comments() -> dict[str, str]:
-    return {
-        str(path.relative_to(REPO)): "\n".join(line for line in path.read_text().splitlines() if line.lstrip().startswith("#"))
-        for path in sorted((REPO / "yaml_examples").rglob("*.yaml"))
-    }  # fmt: skip
+    """yaml_examples file -> its comment lines."""
+    comments = {}
+    for path in sorted((REPO / "yaml_examples").rglob("*.yaml")):
+        lines = path.read_text().splitlines()
+        comments[str(path.relative_to(REPO))] = "\n".join(line for line in lines if line.lstrip().startswith("#"))
+    return comments
 
 
 def test_commands_in_example_comments_run_and_build_what_the_demo_builds(tmp_path):
@@ -84,7 +86,8 @@ def test_commands_in_example_comments_run_and_build_what_the_demo_builds(tmp_pat
     args = build_parser().parse_args(shlex.split(demo_synth))
     assert (args.n, args.val_frac, args.preset, args.seed) == (demo.DEMO_ROWS, 0.1, "demo", demo.SEED)
 
-    (demo_tiny,) = re.findall(r"python -m llamafactory_vision\.tiny (.+)", comments["yaml_examples/demo/qwen2vl_ground_train.yaml"])
+    demo_comments = comments["yaml_examples/demo/qwen2vl_ground_train.yaml"]
+    (demo_tiny,) = re.findall(r"python -m llamafactory_vision\.tiny (.+)", demo_comments)
     argv = shlex.split(demo_tiny)
     argv[argv.index("--out") + 1] = str(tmp_path / "by_hand")
     tiny_main(argv)

@@ -45,7 +45,7 @@ def _warning(module: str, hook: str) -> str:
 
 
 def _report(module: str, hook: str) -> str:
-    return f"llamafactory-vision could not install part of itself into LLaMA-Factory ({hook} on {module} raised {ERROR})"
+    return f"could not install part of itself into LLaMA-Factory ({hook} on {module} raised {ERROR})"
 
 
 def test_stock_run_works_and_our_template_names_the_failed_hook(tmp_path, tiny_models, demo_data):
@@ -61,7 +61,8 @@ def test_stock_run_works_and_our_template_names_the_failed_hook(tmp_path, tiny_m
     ours = train_config(tiny_models["qwen2_vl"], demo_data, tmp_path / "ours", "qwen2_vl_ground", max_steps=1)
     result = _run(module, hook, write_yaml(tmp_path / "ours.yaml", ours))
     assert result.returncode != 0
-    assert f"Template qwen2_vl_ground does not exist. {_report(module, hook)}" in result.stderr, result.stderr[-4000:]
+    expected = f"Template qwen2_vl_ground does not exist. llamafactory-vision {_report(module, hook)}"
+    assert expected in result.stderr, result.stderr[-4000:]
 
 
 @pytest.mark.parametrize(
@@ -72,9 +73,24 @@ def test_stock_run_works_and_our_template_names_the_failed_hook(tmp_path, tiny_m
     ],
 )
 def test_our_keys_and_template_fail_naming_the_hook(module, hook, extra, tmp_path, tiny_models, demo_data):
-    config = train_config(tiny_models["qwen2_vl"], demo_data, tmp_path / "out", "qwen2_vl_ground", max_steps=1, **extra)
+    model = tiny_models["qwen2_vl"]
+    config = train_config(model, demo_data, tmp_path / "out", "qwen2_vl_ground", max_steps=1, **extra)
     result = _run(module, hook, write_yaml(tmp_path / "ours.yaml", config))
     assert result.returncode != 0
     assert _warning(module, hook) in result.stderr
     assert _report(module, hook) in result.stderr.split(_warning(module, hook))[-1], result.stderr[-4000:]
     assert not (tmp_path / "out" / "trainer_log.jsonl").exists()
+
+
+def test_hooks_module_that_cannot_import_leaves_the_host_unextended():
+    """The bootstrap itself: if `patches` cannot be imported, LLaMA-Factory imports and runs without us, saying so."""
+    code = (
+        "import sys; sys.modules['llamafactory_vision.patches'] = None;"  # `import ...patches` then raises
+        "import llamafactory.data.template as t, llamafactory.hparams.parser as p;"
+        "print(sorted(k for k in t.TEMPLATES if k.endswith('_ground')), p._TRAIN_ARGS[1].__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=600,
+                            check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[] DataArguments"
+    assert result.stderr.count("WARNING llamafactory-vision: its hooks module failed to import (ModuleNotFoundError") == 1

@@ -299,3 +299,15 @@ def test_cli_warns_about_another_coordinate_space(tmp_path: Path):
     assert "outside the coordinate range 0-1000" in m["coord_space_warning"]
     assert "warning:" in proc.stderr and "no decoding settings recorded" in proc.stderr
     assert m["decoding"] is None
+
+
+def test_evaluation_examples_decode_greedily():
+    """The host samples by default (temperature 0.95): IoU would be neither reproducible nor comparable with greedy
+    published figures. Every example that generates for evaluation must set do_sample: false."""
+    import yaml
+
+    examples = [p for p in sorted((REPO / "yaml_examples").rglob("*.yaml"))
+                if (c := yaml.safe_load(p.read_text())).get("predict_with_generate") or c.get("do_predict")]  # fmt: skip
+    assert len(examples) >= 5  # the four predict examples and the demo's
+    for path in examples:
+        assert yaml.safe_load(path.read_text()).get("do_sample") is False, path.name

@@ -143,7 +143,7 @@ def test_cli_stops_at_the_bad_row_or_skips_it_when_asked(tmp_path, tiny_models):
     config = train_config(tiny_models["qwen2_vl"], data, tmp_path / "out", "qwen2_vl_ground", max_steps=1)
     result = run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "a.yaml", config))], tmp_path, check=False)
     assert result.returncode != 0
-    assert "grounding dataset 'bad.jsonl', row 1, field `objects[0].bbox`" in result.stderr
+    assert "grounding dataset 'bad.jsonl', row 1 (counting from 0), field `objects[0].bbox`" in result.stderr
     assert "outside" in result.stderr
 
     config.update(grounding_invalid="skip", output_dir=str(tmp_path / "out2"))

@@ -87,7 +87,7 @@ def test_hyper_parallel_refuses_the_head_and_grounding_predict(tiny_models, demo
         parse({**config, "bbox_head": True})
     predict = {**config, "do_train": False, "do_predict": True, "predict_with_generate": True}
     predict["eval_dataset"] = predict.pop("dataset")
-    with pytest.raises(ValueError, match="not supported with `use_hyper_parallel: true`: its workflow computes no IoU"):
+    with pytest.raises(ValueError, match="with `use_hyper_parallel: true`: its workflow computes no IoU"):
         parse(predict)
     parse(config)  # training through it renders boxes like any SFT run: allowed
 
@@ -130,3 +130,37 @@ def test_use_mca_accepts_our_keys_and_refuses_the_head(bbox_head, tiny_models, d
         assert "`bbox_head: true` is not supported with `USE_MCA=1`" in outcome["error"]
     else:
         assert outcome == {"ok": "VisionDataArguments", "use_mca": True}
+
+
+def test_pairwise_stages_tokenize_stock_ranked_data_as_the_host(tiny_models, demo_data, tmp_path):
+    """rm/dpo with a grounding template on a stock ranked dataset (no markers): the same tokens as the host's own
+    `qwen2_vl` template, so those stages work with our templates."""
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import ModelArguments
+    from llamafactory.model import load_tokenizer
+    from llamafactory_vision.hparams import VisionDataArguments
+    from transformers import Seq2SeqTrainingArguments
+
+    rows = [json.loads(line) for line in (demo_data / "ground_train.jsonl").open()][:3]
+    ranked = [
+        {"conversations": [{"from": "human", "value": "<image>Where is the shape? (x1,y1),(x2,y2)"}],
+         "chosen": {"from": "gpt", "value": "(100,120),(400,480)"}, "rejected": {"from": "gpt", "value": "nowhere"},
+         "images": [str(demo_data / row["images"][0])]}
+        for row in rows
+    ]  # fmt: skip
+    (tmp_path / "ranked.json").write_text(json.dumps(ranked))
+    info = {"ranked": {"file_name": "ranked.json", "formatting": "sharegpt", "ranking": True,
+                       "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected",
+                                   "images": "images"}}}  # fmt: skip
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    model_args = ModelArguments(model_name_or_path=str(tiny_models["qwen2_vl"]))
+    tokenized = {}
+    for template_name in ("qwen2_vl", "qwen2_vl_ground"):
+        data_args = VisionDataArguments(dataset="ranked", dataset_dir=str(tmp_path), template=template_name)
+        tokenizer_module = load_tokenizer(model_args)
+        template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+        training_args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / template_name), do_train=True)
+        dataset = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)
+        tokenized[template_name] = dataset["train_dataset"].to_dict()
+    assert len(tokenized["qwen2_vl"]["chosen_input_ids"]) == 3
+    assert tokenized["qwen2_vl_ground"] == tokenized["qwen2_vl"]

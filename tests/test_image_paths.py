@@ -27,9 +27,10 @@ def test_missing_image_names_the_folders_searched(tmp_path, monkeypatch, media_d
     with pytest.raises(GroundingDataError) as error:
         converter(ROW, 4)
     message = str(error.value)
-    assert "row 4, field `images`: image file not found: 'pics/nope.png'; searched" in message
+    assert "row 4 (counting from 0), field `images`: image file not found: 'pics/nope.png'; searched" in message
     if media_dir is None:
-        assert f"{str(data_dir / 'pics' / 'nope.png')!r} (in `dataset_dir` (no `media_dir` set) {str(data_dir)!r})" in message
+        searched = str(data_dir / "pics" / "nope.png")
+        assert f"{searched!r} (in `dataset_dir` (no `media_dir` set) {str(data_dir)!r})" in message
     else:
         assert f"{os.path.abspath('media/pics/nope.png')!r} (in `media_dir` 'media')" in message
     assert f"{str(tmp_path / 'pics' / 'nope.png')!r} (from the working directory)" in message

@@ -6,8 +6,8 @@ extend (listed in :data:`llamafactory_vision.patches.HOOKS`) finishes executing,
 Modules imported before :func:`install` are extended at once. Set ``LLAMAFACTORY_VISION_DISABLE=1`` to turn it off.
 
 Our own modules are loaded through the same wrapper so that :data:`executing` knows which of them are mid-import:
-a hook that needs one of those (say, our plugin subclass while its host base class is being imported on its behalf)
-waits until it has finished (see ``patches.apply``).
+a hook that runs while any of them is mid-import (say, our plugin subclass while its host base class is being
+imported on its behalf) waits until the innermost has finished (see ``patches._ours``).
 """
 
 import importlib.abc
@@ -20,7 +20,7 @@ _HOST_PREFIX = "llamafactory."
 _OWN_PREFIX = "llamafactory_vision."
 _NOT_WRAPPED = frozenset({"llamafactory_vision._bootstrap", "llamafactory_vision.patches"})
 
-executing: set[str] = set()  # our modules whose code is running right now
+executing: list[str] = []  # our modules whose code is running right now, outermost first
 
 
 def is_disabled() -> bool:
@@ -41,9 +41,9 @@ def _patches():
     except Exception as err:  # noqa: BLE001 (see the docstring)
         _patches_error = err
         sys.stderr.write(
-            f"WARNING llamafactory-vision: its hooks module failed to import ({type(err).__name__}: {err}); nothing of "
-            f"it is installed into LLaMA-Factory, which runs unextended (set {DISABLE_ENV}=1 to silence this). "
-            "Traceback:\n" + "".join(traceback.format_exception(err))
+            f"WARNING llamafactory-vision: its hooks module failed to import ({type(err).__name__}: {err}); "
+            f"nothing of it is installed into LLaMA-Factory, which runs unextended (set {DISABLE_ENV}=1 to silence "
+            "this). Traceback:\n" + "".join(traceback.format_exception(err))
         )
         return None
     return patches
@@ -69,11 +69,11 @@ class _PatchingLoader(importlib.abc.Loader):
             if patches is not None:
                 patches.apply(module)  # reports (never raises) a hook that fails
             return
-        executing.add(name)
+        executing.append(name)
         try:
             self._loader.exec_module(module)
         finally:
-            executing.discard(name)
+            executing.remove(name)
         patches = _patches()
         if patches is not None:
             patches.run_deferred(name)

@@ -97,7 +97,8 @@ def _run(cmd: list[str], log: Path) -> None:
         progress.close()
     if process.returncode != 0:
         tail = log.read_text().splitlines()[-30:]
-        raise RuntimeError(f"command failed with exit code {process.returncode}; last lines of {log}:\n" + "\n".join(tail))
+        message = f"command failed with exit code {process.returncode}; last lines of {log}:\n" + "\n".join(tail)
+        raise RuntimeError(message)
 
 
 def _overrides(out: Path, **extra: str) -> list[str]:

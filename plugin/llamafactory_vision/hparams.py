@@ -14,13 +14,18 @@ from llamafactory.hparams.data_args import DataArguments
 from llamafactory.hparams.finetuning_args import FinetuningArguments
 from llamafactory.hparams.model_args import ModelArguments
 
+from llamafactory_vision.editing.args import EditDataArguments, EditFinetuningArguments, validate_edit_args
+from llamafactory_vision.fusion.args import MGDataArguments, MGModelArguments
+from llamafactory_vision.strokes.args import StrokeDataArguments
+
 
 @dataclass
-class VisionDataArguments(DataArguments):
+class VisionDataArguments(EditDataArguments, MGDataArguments, StrokeDataArguments, DataArguments):
     grounding_invalid: Literal["error", "skip"] = field(
         default="error",
         metadata={
-            "help": "What to do with an invalid row of a `grounding` dataset (box outside the image, x2 <= x1, "
+            "help": "What to do with an invalid row of a `grounding`, `stroke_guess` or `mg_llava` dataset (box outside "
+            "the image, x2 <= x1, "
             "NaN, missing or corrupt image, no objects, ...): `error` stops with the dataset, row and field; "
             "`skip` drops the row and reports a count per reason."
         },
@@ -56,7 +61,12 @@ class VisionDataArguments(DataArguments):
 
 
 @dataclass
-class VisionFinetuningArguments(FinetuningArguments):
+class VisionModelArguments(MGModelArguments, ModelArguments):
+    pass
+
+
+@dataclass
+class VisionFinetuningArguments(EditFinetuningArguments, FinetuningArguments):
     bbox_head: bool = field(
         default=False,
         metadata={
@@ -114,14 +124,17 @@ def _model_type(model_args: ModelArguments) -> str:
 
 def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
     """Reject settings that contradict each other across argument groups, before any model or data is loaded."""
+    from llamafactory_vision.fusion.args import validate_mg_args
     from llamafactory_vision.grounding.host_paths import validate_host_path
     from llamafactory_vision.grounding.templates import get_grounding_spec
+    from llamafactory_vision.strokes.templates import get_stroke_spec
 
     model_args = next(a for a in parsed if isinstance(a, ModelArguments))
     data_args = next(a for a in parsed if isinstance(a, DataArguments))
     finetuning_args = next(a for a in parsed if isinstance(a, FinetuningArguments))
     spec = get_grounding_spec(data_args.template)
     validate_host_path(parsed, data_args, finetuning_args, spec is not None)
+    validate_mg_args(model_args, data_args)
     if finetuning_args.bbox_head:
         if spec is None:
             raise ValueError(
@@ -139,6 +152,7 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
                 "`bbox_head: true` does not support `use_asft_loss: true` (the host's ASFT loss returns no hidden "
                 "states for the head). Use `use_dft_loss` or `use_eaft_loss`, or the plain LM loss."
             )
+    validate_edit_args(model_args, data_args, finetuning_args, _model_type)
     if spec is not None and model_args.model_name_or_path is not None:
         model_type = _model_type(model_args)
         if model_type not in spec.model_types:
@@ -146,4 +160,12 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
                 f"template {spec.name!r} writes {spec.box_family} boxes and needs a model of type "
                 f"{' or '.join(spec.model_types)}, but {model_args.model_name_or_path!r} is {model_type!r}. "
                 f"Use the grounding template of that model family instead."
+            )
+    stroke_spec = get_stroke_spec(data_args.template)
+    if stroke_spec is not None and model_args.model_name_or_path is not None:
+        model_type = _model_type(model_args)
+        if model_type not in stroke_spec.model_types:
+            raise ValueError(
+                f"template {stroke_spec.name!r} pads images the LLaVA-1.5 way and needs a model of type "
+                f"{' or '.join(stroke_spec.model_types)}, but {model_args.model_name_or_path!r} is {model_type!r}."
             )

@@ -35,51 +35,89 @@ class _Deferred(Exception):
 
 
 def _ours(name: str) -> ModuleType:
-    """Import a module of ours for a hook, or defer the hook if that module is still executing."""
+    """Import a module of ours for a hook, or defer the hook while any module of ours is mid-import.
+
+    Not only ``name`` itself: ``name`` may import a module that is mid-import (a hook on ``data.parser`` wants the
+    dataset-attribute classes while the one whose import pulled in ``data.parser`` has not finished). The hook runs
+    again when the innermost of them finishes, and defers again while an outer one is still running.
+    """
     from llamafactory_vision import _bootstrap
 
-    if name in _bootstrap.executing:
-        raise _Deferred(name)
+    if _bootstrap.executing:
+        raise _Deferred(_bootstrap.executing[-1])
     return importlib.import_module(name)
 
 
 def register_mm_plugins(mm_plugin: ModuleType) -> None:
-    """``data.mm_plugin.register_mm_plugin``: add our grounding plugin classes under their own names."""
-    plugins = _ours("llamafactory_vision.grounding.plugin").GROUNDING_PLUGINS
+    """``data.mm_plugin.register_mm_plugin``: add our grounding and Draw&Guess plugin classes under their own names."""
+    plugins = {
+        **_ours("llamafactory_vision.grounding.plugin").GROUNDING_PLUGINS,
+        **_ours("llamafactory_vision.strokes.plugin").STROKE_PLUGINS,
+        **_ours("llamafactory_vision.fusion.plugin").MG_PLUGINS,
+    }
     for name, plugin_class in plugins.items():
         mm_plugin.register_mm_plugin(name, plugin_class)
 
 
 def register_templates(template: ModuleType) -> None:
-    """``data.template.TEMPLATES``: register the declarative grounding templates from ``templates/*.yaml``."""
+    """``data.template.TEMPLATES``: register the declarative templates from ``templates/*.yaml`` (grounding) and
+    ``templates/strokes/*.yaml`` (Draw&Guess), and ``llava_mg`` (MG-LLaVA)."""
+    # Every module is resolved before anything is registered: a deferred hook re-runs from the start.
     _ours("llamafactory_vision.grounding.plugin")  # its plugins are registered before templates use them
-    templates = _ours("llamafactory_vision.grounding.templates")
-    templates.register_grounding_templates(template.TEMPLATES, sys.modules["llamafactory.data.mm_plugin"].get_mm_plugin)
+    _ours("llamafactory_vision.strokes.plugin")
+    _ours("llamafactory_vision.fusion.plugin")
+    grounding = _ours("llamafactory_vision.grounding.templates")
+    strokes = _ours("llamafactory_vision.strokes.templates")
+    fusion = _ours("llamafactory_vision.fusion.templates")
+    get_mm_plugin = sys.modules["llamafactory.data.mm_plugin"].get_mm_plugin
+    grounding.register_grounding_templates(template.TEMPLATES, get_mm_plugin)
+    strokes.register_stroke_templates(template.TEMPLATES, get_mm_plugin)
+    fusion.register_mg_template(template.TEMPLATES, get_mm_plugin)
+
+
+def register_edit_template(template: ModuleType) -> None:
+    """``data.template.TEMPLATES``: add ``llava_edit`` (LLaVA v1.5's conversation, for ``stage: edit``)."""
+    tokens = _ours("llamafactory_vision.editing.tokens")
+    tokens.register_edit_template(template.TEMPLATES, sys.modules["llamafactory.data.mm_plugin"].get_mm_plugin)
 
 
 def extend_dataset_attr(parser: ModuleType) -> None:
     """``data.parser.DatasetAttr``: ``get_dataset_list`` builds it by this module-level name; our subclass adds the
-    grounding columns (``DatasetAttr.join`` keeps only the columns it knows)."""
-    parser.DatasetAttr = _ours("llamafactory_vision.grounding.dataset_attr").GroundingDatasetAttr
+    grounding, ``stroke_guess`` and ``edit`` columns (``DatasetAttr.join`` keeps only the columns it knows)."""
+    parser.DatasetAttr = _ours("llamafactory_vision.dataset_attr").VisionDatasetAttr
 
 
 def register_dataset_converter(converter: ModuleType) -> None:
-    """``data.converter.register_dataset_converter``: the ``grounding`` formatting."""
-    data = _ours("llamafactory_vision.grounding.data")
-    converter.register_dataset_converter("grounding", data.GroundingDatasetConverter)
+    """``data.converter.register_dataset_converter``: the ``grounding``, ``stroke_guess``, ``mg_llava`` and ``edit``
+    formattings."""
+    edit_data = _ours("llamafactory_vision.editing.data")
+    converters = {  # all resolved before registering: a deferred hook re-runs from the start
+        "grounding": _ours("llamafactory_vision.grounding.data").GroundingDatasetConverter,
+        "stroke_guess": _ours("llamafactory_vision.strokes.data").StrokeGuessDatasetConverter,
+        "mg_llava": _ours("llamafactory_vision.fusion.data").MGDatasetConverter,
+        edit_data.EDIT_FORMAT: edit_data.EditDatasetConverter,
+    }
+    for name, converter_class in converters.items():
+        converter.register_dataset_converter(name, converter_class)
 
 
 def wrap_align_dataset(loader: ModuleType) -> None:
-    """``data.loader.align_dataset`` (imported by name from ``data.converter``): grounding rows need their row index
-    for error messages and a counted skip of invalid rows, which the host's per-example ``map`` cannot give."""
+    """``data.loader.align_dataset`` (imported by name from ``data.converter``): rows of our formats need their row
+    index for error messages and a counted skip of invalid rows, which the host's per-example ``map`` cannot give."""
     align_grounding_dataset = _ours("llamafactory_vision.grounding.data").align_grounding_dataset
+    edit_data = _ours("llamafactory_vision.editing.data")
+    ours = {
+        "grounding": align_grounding_dataset,
+        "stroke_guess": align_grounding_dataset,
+        "mg_llava": align_grounding_dataset,
+        edit_data.EDIT_FORMAT: edit_data.align_edit_dataset,
+    }
     host_align = loader.align_dataset
 
     @functools.wraps(host_align)
     def align_dataset(dataset, dataset_attr, data_args, training_args):
-        if dataset_attr.formatting == "grounding":
-            return align_grounding_dataset(dataset, dataset_attr, data_args, training_args)
-        return host_align(dataset, dataset_attr, data_args, training_args)
+        align = ours.get(dataset_attr.formatting, host_align)
+        return align(dataset, dataset_attr, data_args, training_args)
 
     loader.align_dataset = align_dataset
 
@@ -87,14 +125,20 @@ def wrap_align_dataset(loader: ModuleType) -> None:
 def select_dataset_processor(loader: ModuleType) -> None:
     """``data.loader._get_dataset_processor``: the bbox head needs box targets beside the tokens, which the host's
     supervised processor drops. Our workflow asks ``get_dataset`` for stage ``BBOX_STAGE`` and gets our processor;
-    every other stage reaches the host's choice. With ``grounding_fast_tokenize`` a grounding template's processor
-    gets a copy of the template whose plugin counts image tokens from headers (the shared template is untouched)."""
+    every other stage reaches the host's choice. ``stage: edit`` gets the edit processor (target image columns). With
+    ``grounding_fast_tokenize`` a grounding template's processor gets a copy of the template whose plugin counts image
+    tokens from headers (the shared template is untouched)."""
     head_data = _ours("llamafactory_vision.grounding.head_data")
+    edit_data = _ours("llamafactory_vision.editing.data")
     with_fast_tokenize = _ours("llamafactory_vision.grounding.plugin").with_fast_tokenize
     host_get = loader._get_dataset_processor
 
     @functools.wraps(host_get)
     def _get_dataset_processor(data_args, stage, template, tokenizer, processor, do_generate=False):
+        if stage == "edit":
+            return edit_data.EditDatasetProcessor(
+                template=template, tokenizer=tokenizer, processor=processor, data_args=data_args
+            )
         template = with_fast_tokenize(template, getattr(data_args, "grounding_fast_tokenize", False))
         if stage != head_data.BBOX_STAGE:
             return host_get(data_args, stage, template, tokenizer, processor, do_generate)
@@ -140,6 +184,7 @@ def extend_arguments(parser: ModuleType) -> None:
     vs. dataset format) at start-up."""
     hparams = _ours("llamafactory_vision.hparams")
     replacements = {
+        parser.ModelArguments: hparams.VisionModelArguments,
         parser.DataArguments: hparams.VisionDataArguments,
         parser.FinetuningArguments: hparams.VisionFinetuningArguments,
     }
@@ -163,12 +208,15 @@ def _validated(parse: Callable, validate: Callable) -> Callable:
 
 def dispatch_sft(tuner: ModuleType) -> None:
     """``train.tuner.run_sft`` (looked up by ``_training_function`` at call time): SFT runs with a grounding template
-    go through our grounding workflow (IoU metrics, bbox head); every other run reaches the host's ``run_sft``."""
+    go through our grounding workflow (IoU metrics, bbox head); MG-LLaVA runs get the callback that saves and resumes
+    the added modules; every other run reaches the host's ``run_sft`` unchanged."""
     is_grounding_template = _ours("llamafactory_vision.grounding.templates").is_grounding_template
     host_run_sft = tuner.run_sft
 
     @functools.wraps(host_run_sft)
     def run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks=None):
+        if getattr(model_args, "mg_hr_vision_tower", None):  # MG-LLaVA: its modules are saved beside checkpoints
+            callbacks = [*(callbacks or []), _ours("llamafactory_vision.fusion.model").MGCheckpointCallback()]
         if is_grounding_template(data_args.template):
             from llamafactory_vision.grounding.workflow import run_grounding_sft
 
@@ -178,9 +226,37 @@ def dispatch_sft(tuner: ModuleType) -> None:
     tuner.run_sft = run_sft
 
 
-def export_bbox_head(tuner: ModuleType) -> None:
-    """``train.tuner.export_model``: the host exports (and merges) the model; a bbox head lives in its own files
-    beside the adapter or model, so it is copied into ``export_dir`` too whenever the checkpoint has one."""
+def dispatch_edit_stage(tuner: ModuleType) -> None:
+    """``train.tuner._training_function`` (called by ``run_exp`` at call time): its stage dispatch is a closed
+    if/elif that raises on unknown stages, so runs whose config asks for ``stage: edit`` go to our copy of it
+    (editing/workflow.py); every other run reaches the host's function unchanged."""
+    host_training_function = tuner._training_function
+
+    @functools.wraps(host_training_function)
+    def _training_function(config):
+        if _requested_stage(tuner.read_args(config.get("args"))) == "edit":
+            return _ours("llamafactory_vision.editing.workflow").run_edit_stage(config)
+        return host_training_function(config)
+
+    tuner._training_function = _training_function
+
+
+def _requested_stage(raw_args: dict | list) -> str | None:
+    """The ``stage`` of raw training arguments (a parsed YAML/JSON dict or a ``--key value`` list)."""
+    if isinstance(raw_args, dict):
+        return raw_args.get("stage")
+    for i, arg in enumerate(raw_args):
+        if arg.startswith("--stage="):
+            return arg.split("=", 1)[1]
+        if arg == "--stage" and i + 1 < len(raw_args):
+            return raw_args[i + 1]
+    return None
+
+
+def export_saved_modules(tuner: ModuleType) -> None:
+    """``train.tuner.export_model``: the host exports (and merges) the model; a bbox head and MG-LLaVA's modules live
+    in their own files beside the adapter or model, so they are copied into ``export_dir`` too whenever the
+    checkpoint has them."""
     host_export = tuner.export_model
 
     @functools.wraps(host_export)
@@ -190,19 +266,171 @@ def export_bbox_head(tuner: ModuleType) -> None:
         source = _ours("llamafactory_vision.grounding.bbox_head").export_head(parsed)
         if source is not None:
             tuner.logger.info_rank0(f"bbox head exported too: {source} -> {parsed[0].export_dir}")
+        _ours("llamafactory_vision.fusion.model").export_mg(parsed)
 
     tuner.export_model = export_model
+
+
+def register_model_groups(constants: ModuleType) -> None:
+    """``extras.constants.register_model_group``: LLaMA Board picks a model's default template by its name
+    (``DEFAULT_TEMPLATE``); each host model of a family one of our templates fits gets a twin
+    ``<name>-Grounding`` (same download paths, multimodal) whose default template is ours."""
+    registry = _ours("llamafactory_vision.webui.registry")
+    groups = registry.model_groups(
+        constants.SUPPORTED_MODELS, constants.DEFAULT_TEMPLATE, constants.MULTIMODAL_SUPPORTED_MODELS
+    )
+    for models, template in groups:
+        constants.register_model_group(models=models, template=template, multimodal=True)
+
+
+def extend_training_stages(constants: ModuleType) -> None:
+    """``extras.constants.TRAINING_STAGES`` (display name -> stage, read by LLaMA Board's stage list and runner):
+    add our stages from ``webui.registry.STAGES``."""
+    registry = _ours("llamafactory_vision.webui.registry")
+    constants.TRAINING_STAGES.update(registry.training_stages(constants.TRAINING_STAGES))
+
+
+def extend_locales(locales: ModuleType) -> None:
+    """``webui.locales.LOCALES``: English/Chinese labels of our components (keys are our element names; a clash
+    with a host key is refused rather than relabelling a stock component)."""
+    ours = _ours("llamafactory_vision.webui.options")
+    labels = _ours("llamafactory_vision.webui.locales")
+    options = ours.train_options()
+    entries = labels.build_locales({o.name: o.help for o in options}, list(dict.fromkeys(o.group for o in options)))
+    clashes = sorted(set(entries) & set(locales.LOCALES))
+    if clashes:
+        raise ValueError(f"llamafactory-vision web UI names {clashes} clash with LLaMA Board's LOCALES keys.")
+    locales.LOCALES.update(entries)
+
+
+def include_pending_inputs(manager: ModuleType) -> None:
+    """``webui.manager.Manager.get_base_elems``: every host tab builder wires its buttons with this set; while our
+    wrapper builds a tab it also holds our controls, so the host's preview/start/save/load handlers receive them."""
+    pending_attr = _ours("llamafactory_vision.webui.components").PENDING_ATTR
+    host_get = manager.Manager.get_base_elems
+
+    @functools.wraps(host_get)
+    def get_base_elems(self):
+        return host_get(self) | getattr(self, pending_attr, set())
+
+    manager.Manager.get_base_elems = get_base_elems
+
+
+def add_train_args(runner: ModuleType) -> None:
+    """``webui.runner.Runner._parse_train_args``: our Train-tab options (non-default values) join the args that
+    become the preview command and the saved training_args.yaml."""
+    components = _ours("llamafactory_vision.webui.components")
+    host_parse = runner.Runner._parse_train_args
+
+    @functools.wraps(host_parse)
+    def _parse_train_args(self, data):
+        return components.add_options_to_args(self.manager, "train", data, host_parse(self, data))
+
+    runner.Runner._parse_train_args = _parse_train_args
+
+
+def add_eval_args(runner: ModuleType) -> None:
+    """``webui.runner.Runner._parse_eval_args``: the Evaluate tab passes no image size limits (predict would see
+    other sizes than training) and none of our keys (e.g. ``bbox_head`` for head boxes); add both."""
+    components = _ours("llamafactory_vision.webui.components")
+    host_parse = runner.Runner._parse_eval_args
+
+    @functools.wraps(host_parse)
+    def _parse_eval_args(self, data):
+        args = components.add_eval_pixels(self.manager, data, host_parse(self, data))
+        return components.add_options_to_args(self.manager, "eval", data, args)
+
+    runner.Runner._parse_eval_args = _parse_eval_args
+
+
+def wrap_train_tab(interface: ModuleType) -> None:
+    """``webui.interface.create_train_tab`` (imported by name from ``webui.components``): our option accordions
+    and the grounding preview in the dataset preview box."""
+    components = _ours("llamafactory_vision.webui.components")
+    host_create = interface.create_train_tab
+
+    @functools.wraps(host_create)
+    def create_train_tab(engine):
+        elem_dict = components.create_options_tab(host_create, engine, "train")
+        return {**elem_dict, **components.add_grounding_preview(engine, "train", elem_dict)}
+
+    interface.create_train_tab = create_train_tab
+
+
+def wrap_eval_tab(interface: ModuleType) -> None:
+    """``webui.interface.create_eval_tab``: image size limits, our options, the grounding preview and the
+    prediction gallery."""
+    components = _ours("llamafactory_vision.webui.components")
+    host_create = interface.create_eval_tab
+
+    @functools.wraps(host_create)
+    def create_eval_tab(engine):
+        elem_dict = components.create_options_tab(host_create, engine, "eval", components.eval_pixel_controls())
+        elem_dict.update(components.add_grounding_preview(engine, "eval", elem_dict))
+        return {**elem_dict, **components.add_prediction_gallery(engine, elem_dict)}
+
+    interface.create_eval_tab = create_eval_tab
+
+
+def wrap_infer_tab(interface: ModuleType) -> None:
+    """``webui.interface.create_infer_tab``: a grounding answer drawn as boxes on the chat's input image."""
+    components = _ours("llamafactory_vision.webui.components")
+    host_create = interface.create_infer_tab
+
+    @functools.wraps(host_create)
+    def create_infer_tab(engine):
+        elem_dict = host_create(engine)
+        return {**elem_dict, **components.add_answer_boxes(engine, elem_dict)}
+
+    interface.create_infer_tab = create_infer_tab
+
+
+def attach_mg_llava(loader: ModuleType) -> None:
+    """``model.loader.init_adapter`` (imported by name from ``model.adapter``; ``load_model`` calls it for train,
+    predict, chat and export): after the host has applied LoRA/freeze/full tuning, an ``mg_hr_vision_tower`` run
+    composes MG-LLaVA's modules onto the model (after, so ``lora_target: all`` never wraps them)."""
+    host_init_adapter = loader.init_adapter
+
+    @functools.wraps(host_init_adapter)
+    def init_adapter(config, model, model_args, finetuning_args, is_trainable):
+        model = host_init_adapter(config, model, model_args, finetuning_args, is_trainable)
+        if getattr(model_args, "mg_hr_vision_tower", None):
+            _ours("llamafactory_vision.fusion.model").attach_mg(model, model_args, is_trainable)
+        return model
+
+    loader.init_adapter = init_adapter
+
+
+def patch_mg_processor(loader: ModuleType) -> None:
+    """``model.loader.patch_processor`` (imported by name from ``model.patcher``): the host hands per-run image
+    settings (``image_max_pixels``, ...) to the plugins as processor attributes; the MG high-res side goes the same
+    way, so the ``llava_mg`` plugin builds inputs for the run's ``mg_hr_image_size``."""
+    host_patch_processor = loader.patch_processor
+
+    @functools.wraps(host_patch_processor)
+    def patch_processor(processor, tokenizer, model_args):
+        host_patch_processor(processor, tokenizer, model_args)
+        if getattr(model_args, "mg_hr_vision_tower", None):
+            processor.mg_hr_image_size = model_args.mg_hr_image_size
+
+    loader.patch_processor = patch_processor
 
 
 # Order matters for modules imported before install(): plugins before the templates that use them.
 HOOKS: dict[str, tuple[Callable[[ModuleType], None], ...]] = {
     "llamafactory.data.mm_plugin": (register_mm_plugins,),
-    "llamafactory.data.template": (register_templates,),
+    "llamafactory.data.template": (register_templates, register_edit_template),
     "llamafactory.data.parser": (extend_dataset_attr,),
     "llamafactory.data.converter": (register_dataset_converter,),
     "llamafactory.data.loader": (wrap_align_dataset, select_dataset_processor),
     "llamafactory.hparams.parser": (report_failed_hooks, extend_arguments),
-    "llamafactory.train.tuner": (dispatch_sft, export_bbox_head),
+    "llamafactory.model.loader": (attach_mg_llava, patch_mg_processor),
+    "llamafactory.train.tuner": (dispatch_sft, dispatch_edit_stage, export_saved_modules),
+    "llamafactory.extras.constants": (register_model_groups, extend_training_stages),
+    "llamafactory.webui.locales": (extend_locales,),
+    "llamafactory.webui.manager": (include_pending_inputs,),
+    "llamafactory.webui.runner": (add_train_args, add_eval_args),
+    "llamafactory.webui.interface": (wrap_train_tab, wrap_eval_tab, wrap_infer_tab),
 }
 
 
@@ -246,9 +474,10 @@ def _run(hook: Callable[[ModuleType], None], module: ModuleType) -> None:
     except _Deferred as wait:
         _deferred.setdefault(wait.module_name, []).append((hook, module))
     except Exception as err:  # noqa: BLE001
-        # The one justified catch-all: hooks run inside the host's own `import llamafactory.*`, so anything escaping
-        # here would make that import fail and break stock LLaMA-Factory for everyone in this environment. The error
-        # is reported on stderr and recorded; settings of ours then refuse to run with it (see report_failed_hooks).
+        # A justified catch-all (with `_bootstrap._patches`, the only ones): hooks run inside the host's own
+        # `import llamafactory.*`, so anything escaping here would make that import fail and break stock LLaMA-Factory
+        # for everyone in this environment. The error is reported on stderr and recorded; settings of ours then refuse
+        # to run with it (see report_failed_hooks).
         _record_failure(hook, module, err)
 
 

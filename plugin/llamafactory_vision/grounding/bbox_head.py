@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from llamafactory.extras.logging import get_logger
 from llamafactory.extras.misc import count_parameters
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from llamafactory_vision.log import get_logger
 
 logger = get_logger(__name__)
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamafactory.data.converter import DatasetConverter
-from llamafactory.extras import logging
 from llamafactory.extras.constants import IMAGE_PLACEHOLDER
 from PIL import Image, UnidentifiedImageError
 
@@ -30,8 +29,9 @@ from llamafactory_vision.boxes import BoxError, normalize_xyxy, validate_pixel_b
 from llamafactory_vision.grounding.formats import GroundedObject
 from llamafactory_vision.grounding.markers import objects_marker, region_marker
 from llamafactory_vision.grounding.templates import TASKS, get_grounding_spec, load_grounding_specs
+from llamafactory_vision.log import get_logger
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 SKIP_COLUMN = "_lfv_skip"
 
@@ -39,20 +39,24 @@ SKIP_COLUMN = "_lfv_skip"
 class GroundingDataError(ValueError):
     """An invalid grounding row; ``reason`` is a short key used to count skipped rows."""
 
-    def __init__(self, dataset: str, row: int | None, field: str, message: str, reason: str):
-        where = f"grounding dataset {dataset!r}, row {row if row is not None else '?'}, field `{field}`"
+    def __init__(self, dataset: str, row: int | None, field: str, message: str, reason: str, kind: str = "grounding"):
+        # "counting from 0": the first row of the file is row 0 (an editor would call it line 1)
+        where = f"{kind} dataset {dataset!r}, row {row if row is not None else '?'} (counting from 0), field `{field}`"
         super().__init__(f"{where}: {message}")
         self.dataset, self.row, self.field, self.message, self.reason = dataset, row, field, message, reason
+        self.kind = kind
 
     def __reduce__(self):
         # Pickle rebuilds an exception as `cls(*self.args)`, and `args` holds only the formatted text: without this,
         # a worker of `preprocessing_num_workers > 1` sends an error the parent cannot rebuild and the pool hangs.
-        return type(self), (self.dataset, self.row, self.field, self.message, self.reason)
+        return type(self), (self.dataset, self.row, self.field, self.message, self.reason, self.kind)
 
 
 @dataclass
 class GroundingDatasetConverter(DatasetConverter):
     """Converts one grounding row into ``_prompt``/``_response``/``_images`` with box markers."""
+
+    kind = "grounding"  # the formatting name, in error messages
 
     def __post_init__(self):
         self.spec = get_grounding_spec(self.data_args.template)
@@ -63,7 +67,7 @@ class GroundingDatasetConverter(DatasetConverter):
             )
 
     def _fail(self, row: int | None, field: str, message: str, reason: str) -> GroundingDataError:
-        return GroundingDataError(self.dataset_attr.dataset_name, row, field, message, reason)
+        return GroundingDataError(self.dataset_attr.dataset_name, row, field, message, reason, self.kind)
 
     def _column(self, example: dict[str, Any], name: str | None) -> Any:
         return example.get(name) if name else None
@@ -174,14 +178,16 @@ class GroundingDatasetConverter(DatasetConverter):
 _ROWS_SHOWN = 50  # skipped row numbers in the log line; the file beside the outputs lists them all
 
 
-def _write_skipped_rows(dataset_name: str, rows: list[int], reasons: list[str], training_args) -> str | None:
-    """Write ``<output_dir>/grounding_skipped_rows/<dataset>.json`` (the skipped row numbers, counting from 0, and
+def _write_skipped_rows(
+    formatting: str, dataset_name: str, rows: list[int], reasons: list[str], training_args
+) -> str | None:
+    """Write ``<output_dir>/<formatting>_skipped_rows/<dataset>.json`` (the skipped row numbers, counting from 0, and
     their reasons) from the first process of each node; returns its path, or None where no output_dir is set."""
     output_dir = getattr(training_args, "output_dir", None)
     if not output_dir:
         return None
     safe_name = re.sub(r"[^\w.-]+", "_", dataset_name)
-    path = os.path.join(output_dir, "grounding_skipped_rows", f"{safe_name}.json")
+    path = os.path.join(output_dir, f"{formatting}_skipped_rows", f"{safe_name}.json")
     if training_args.local_process_index == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         report = {
@@ -196,13 +202,23 @@ def _write_skipped_rows(dataset_name: str, rows: list[int], reasons: list[str], 
 
 
 def align_grounding_dataset(dataset, dataset_attr, data_args, training_args):
-    """``align_dataset`` for ``formatting: grounding``: converts with row indices, then drops the rows marked
-    invalid (``grounding_invalid: skip``), reports how many were skipped for each reason and which rows (counting
-    from 0), and lists them in ``<output_dir>/grounding_skipped_rows/<dataset>.json``."""
+    """``align_dataset`` for ``formatting: grounding`` and ``stroke_guess`` (whose converter shares the row handling
+    and ``grounding_invalid``); see :func:`align_with_row_checks`."""
+    return align_with_row_checks(
+        dataset, dataset_attr, data_args, training_args, dataset_attr.formatting, "grounding_invalid"
+    )
+
+
+def align_with_row_checks(dataset, dataset_attr, data_args, training_args, formatting: str, invalid_key: str):
+    """``align_dataset`` for one of our formats: converts with row indices (for error messages), then drops the rows
+    the converter marked invalid in ``SKIP_COLUMN`` (when ``data_args.<invalid_key>`` is ``skip``), reports how many
+    were skipped for each reason and which rows (counting from 0), and lists them in
+    ``<output_dir>/<formatting>_skipped_rows/<dataset>.json``."""
     from llamafactory.data.converter import get_dataset_converter
 
-    if data_args.grounding_invalid == "skip" and data_args.streaming:
-        raise ValueError("`grounding_invalid: skip` needs `streaming: false`, so that skipped rows can be counted.")
+    skip = getattr(data_args, invalid_key) == "skip"
+    if skip and data_args.streaming:
+        raise ValueError(f"`{invalid_key}: skip` needs `streaming: false`, so that skipped rows can be counted.")
     first = next(iter(dataset), None)
     if first is None:
         hint = ""
@@ -211,27 +227,27 @@ def align_grounding_dataset(dataset, dataset_attr, data_args, training_args):
                 " (with `streaming: true` LLaMA-Factory splits a local file into `dataloader_num_workers` shards: "
                 "set it to 1 or more)"
             )
-        raise ValueError(f"grounding dataset {dataset_attr.dataset_name!r} has no rows{hint}.")
+        raise ValueError(f"{formatting} dataset {dataset_attr.dataset_name!r} has no rows{hint}.")
     column_names = list(first.keys())
     kwargs = {}
     if not data_args.streaming:
         kwargs = dict(
             num_proc=data_args.preprocessing_num_workers,
             load_from_cache_file=(not data_args.overwrite_cache) or (training_args.local_process_index != 0),
-            desc="Converting grounding dataset",
+            desc=f"Converting {formatting} dataset",
         )
-    converter = get_dataset_converter("grounding", dataset_attr, data_args)
+    converter = get_dataset_converter(formatting, dataset_attr, data_args)
     dataset = dataset.map(converter, with_indices=True, batched=False, remove_columns=column_names, **kwargs)
-    if data_args.grounding_invalid == "skip":
+    if skip:
         reasons = dataset[SKIP_COLUMN]
         skipped = Counter(reason for reason in reasons if reason)
         if skipped:
             rows = [i for i, reason in enumerate(reasons) if reason]  # map keeps the file's order: i is the row
             counts = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
-            path = _write_skipped_rows(dataset_attr.dataset_name, rows, reasons, training_args)
+            path = _write_skipped_rows(formatting, dataset_attr.dataset_name, rows, reasons, training_args)
             shown = ", ".join(map(str, rows[:_ROWS_SHOWN])) + (", ..." if len(rows) > _ROWS_SHOWN else "")
             logger.warning_rank0(
-                f"grounding dataset {dataset_attr.dataset_name!r}: skipped {sum(skipped.values())} of "
+                f"{formatting} dataset {dataset_attr.dataset_name!r}: skipped {sum(skipped.values())} of "
                 f"{len(dataset)} rows ({counts}): rows {shown} (rows count from 0: the first row of the file is "
                 f"row 0){f'; every skipped row and its reason: {path}' if path else ''}."
             )

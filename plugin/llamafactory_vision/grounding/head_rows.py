@@ -1,8 +1,10 @@
 """What the bbox head predicts for each row at predict time, packed into one tensor per batch.
 
 The trainer returns that tensor beside the generated tokens from ``prediction_step``; the host's evaluation loop then
-pads, gathers across processes and drops the sampler's padding rows for both alike (``gather_for_metrics``), so each
-row's head boxes and dataset index stay with its generated text whatever the number of processes.
+pads and gathers both alike across processes, so each row's head boxes and dataset index stay with its generated text
+whatever the number of processes. With an uneven split the sampler repeats rows to give every process as many
+batches, and in this stack (transformers 5.6, accelerate 1.11) the gather keeps those repeats: the row index lets
+metrics and saved predictions keep each row once (:func:`first_occurrences`).
 
 Layout of one row (float32, ``2 + 8 * K`` columns, the tail padded by anyone with any value): ``[row, n, box_1, ...,
 box_n]``, where ``row`` is the row's index in the evaluation dataset, ``n`` its number of boxes and each box is
@@ -50,3 +52,19 @@ def unpack_head_rows(packed: np.ndarray | torch.Tensor) -> tuple[list[int], list
             row_boxes.append({"xyxy_1000": [round(float(v)) for v in values[:4]], "xyxy_model": values[4:].tolist()})
         boxes.append(row_boxes)
     return rows, boxes
+
+
+def first_occurrences(row_ids: Sequence[int], seen: set[int] | None = None) -> list[int]:
+    """Positions of the rows to keep: the first of each dataset row index (later ones are the sampler's repeats).
+
+    ``seen``: indices kept by earlier calls (updated in place), for batch-by-batch use. Index -1 (unknown) is always
+    kept.
+    """
+    seen = set() if seen is None else seen
+    keep = []
+    for position, row in enumerate(row_ids):
+        if row < 0 or row not in seen:
+            keep.append(position)
+            if row >= 0:
+                seen.add(row)
+    return keep

@@ -30,7 +30,7 @@ from llamafactory_vision.grounding.bbox_head import (
 )
 from llamafactory_vision.grounding.formats import RELATIVE_SCALE
 from llamafactory_vision.grounding.head_data import BBOX_COLUMNS
-from llamafactory_vision.grounding.head_rows import ROW_COLUMN, pack_head_rows, unpack_head_rows
+from llamafactory_vision.grounding.head_rows import ROW_COLUMN, first_occurrences, pack_head_rows, unpack_head_rows
 
 # Sums kept per split between two logs, reduced across processes in one collective: the LM term (see compute_loss)
 # and its count, then the head's L1 and 1 - GIoU summed over boxes, and the number of boxes.
@@ -79,10 +79,11 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         return getattr(self.accelerator.unwrap_model(model), HEAD_ATTR)
 
     @override
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Count the step's boxes wherever the host counts its label tokens (``num_items_in_batch``): over the
-        micro-batches of the optimizer step and, with ``average_tokens_across_devices``, over every process."""
-        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """Count the boxes wherever the host counts its label tokens (``num_items_in_batch``; transformers calls
+        this on every process for each optimizer step and each evaluation batch): over the micro-batches of the step
+        and, with ``average_tokens_across_devices``, over every process."""
+        num_items_in_batch = super()._get_num_items_in_batch(batch_samples, device)
         self._boxes_in_step = None
         if num_items_in_batch is not None and batch_samples and "bbox_spans" in batch_samples[0]:
             boxes = sum(int((batch["bbox_spans"][..., 0] >= 0).sum()) for batch in batch_samples)
@@ -90,7 +91,7 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 boxes = self.accelerator.gather(boxes).sum()
             self._boxes_in_step = boxes
-        return batch_samples, num_items_in_batch
+        return num_items_in_batch
 
     def _host_divides_by_accumulation(self, num_items_in_batch) -> bool:
         # transformers' training_step divides the loss by the accumulation steps exactly in this case
@@ -107,7 +108,8 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
           of processes (undoing DDP's average); the head's is a box sum over the step's global box count, times the
           same factor. Gradients then equal those of one process on the whole global batch.
         """
-        if self._host_divides_by_accumulation(num_items_in_batch):
+        scaled_by_host = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
+        if num_items_in_batch is None or not scaled_by_host:  # evaluation passes no num_items_in_batch
             return terms["total"] / terms["boxes"].clamp_min(1)
         boxes = self._boxes_in_step if self._boxes_in_step is not None else terms["boxes"]
         factor = 1
@@ -131,7 +133,7 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         # The host's `loss` log averages, over processes and micro-batches, the loss of each micro-batch, after its
         # division by the accumulation steps in the mean path only: the global path's LM term is scaled back here.
         lm_value = loss.detach().float()
-        if not self._host_divides_by_accumulation(num_items_in_batch):
+        if model.training and not self._host_divides_by_accumulation(num_items_in_batch):
             lm_value = lm_value * self.current_gradient_accumulation_steps
         split = "train" if model.training else "eval"
         sums = torch.stack([lm_value, torch.ones_like(lm_value), terms["l1"].detach().float(),
@@ -283,10 +285,13 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         """The host's ``generated_predictions.jsonl``, each row then given its dataset ``row`` index (from 0), its
         ``image`` and ``predict_boxes_head``, all gathered with its generated text."""
         tokens, packed = predict_results.predictions
-        super().save_predictions(dataset, predict_results._replace(predictions=tokens), skip_special_tokens)
+        row_ids, head_boxes = unpack_head_rows(packed)
+        keep = first_occurrences(row_ids)  # the rows the sampler repeated to even out the processes go
+        row_ids, head_boxes = [row_ids[i] for i in keep], [head_boxes[i] for i in keep]
+        kept = predict_results._replace(predictions=tokens[keep], label_ids=predict_results.label_ids[keep])
+        super().save_predictions(dataset, kept, skip_special_tokens)
         if not self.is_world_process_zero():
             return
-        row_ids, head_boxes = unpack_head_rows(packed)
         images = dataset["images"] if "images" in dataset.column_names else [None] * len(dataset)
         path = os.path.join(self.args.output_dir, "generated_predictions.jsonl")
         with open(path, encoding="utf-8") as f:

@@ -77,3 +77,23 @@ def draw_boxes(
             draw.rectangle(tab, fill=rgb)
             draw.text((tab_x + pad - left, tab_y + pad - top), caption, fill=_text_color(rgb), font=font)
     return out
+
+
+LABEL_COLOR, PREDICT_COLOR, HEAD_COLOR = (0, 200, 0), (230, 0, 0), (0, 90, 255)
+
+
+def draw_prediction(
+    image: Image.Image,
+    label_boxes: Sequence[Sequence[float]],
+    label_refs: Sequence[str | None],
+    predict_boxes: Sequence[Sequence[float]],
+    predict_refs: Sequence[str | None],
+    head_boxes: Sequence[Sequence[float]] | None = None,
+) -> Image.Image:
+    """One prediction row drawn on ``image``: label boxes green (captions on top), predicted red (captions below),
+    bbox-head boxes blue. All boxes ``(x1, y1, x2, y2)`` in pixels of ``image``; ``image`` is not modified."""
+    out = draw_boxes(image, label_boxes, LABEL_COLOR, label_refs)
+    out = draw_boxes(out, predict_boxes, PREDICT_COLOR, predict_refs, "bottom")
+    if head_boxes:
+        out = draw_boxes(out, head_boxes, HEAD_COLOR)
+    return out

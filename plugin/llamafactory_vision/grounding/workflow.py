@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
 from llamafactory.extras.constants import IGNORE_INDEX
-from llamafactory.extras.logging import get_logger
 from llamafactory.extras.misc import calculate_tps
 from llamafactory.extras.ploting import plot_loss
 from llamafactory.model import load_model, load_tokenizer
@@ -24,12 +23,13 @@ from transformers import EvalPrediction
 from llamafactory_vision.grounding.bbox_head import attach_head
 from llamafactory_vision.grounding.formats import get_codec
 from llamafactory_vision.grounding.head_data import BBOX_COLUMNS, BBOX_STAGE, GroundingBBoxCollator
-from llamafactory_vision.grounding.head_rows import ROW_COLUMN, unpack_head_rows
+from llamafactory_vision.grounding.head_rows import ROW_COLUMN, first_occurrences, unpack_head_rows
 from llamafactory_vision.grounding.metrics import GroundingMetricAccumulator, head_boxes_for_family
 from llamafactory_vision.grounding.templates import get_grounding_spec
 from llamafactory_vision.grounding.trainer import BBoxLossConfig, GroundingTrainer
+from llamafactory_vision.log import get_logger
 
-logger = get_logger(__name__)
+logger = get_logger(f"llamafactory.{__name__}")  # under the host's library logger, so info lines show
 
 
 # Generation settings recorded beside the scores: greedy and sampled IoU are not comparable.
@@ -63,6 +63,7 @@ class ComputeGroundingMetrics:
     decoding: dict[str, float | int] = field(default_factory=dict)
     similarity: ComputeSimilarity = field(init=False)
     boxes: GroundingMetricAccumulator = field(init=False)
+    _seen_rows: set[int] = field(init=False, default_factory=set)
 
     def __post_init__(self):
         self.similarity = ComputeSimilarity(tokenizer=self.tokenizer)
@@ -70,10 +71,13 @@ class ComputeGroundingMetrics:
 
     def __call__(self, eval_preds, compute_result: bool = True) -> dict[str, float] | None:
         predictions, head = eval_preds.predictions, None
-        if isinstance(predictions, tuple):
+        if isinstance(predictions, tuple):  # each row once: the sampler's repeats of an uneven split go
             predictions, packed = predictions
-            head = [head_boxes_for_family(row, self.family) for row in unpack_head_rows(packed)[1]]
-            eval_preds = EvalPrediction(predictions=predictions, label_ids=eval_preds.label_ids)
+            row_ids, head_rows = unpack_head_rows(packed)
+            keep = first_occurrences(row_ids, self._seen_rows)
+            head = [head_boxes_for_family(head_rows[i], self.family) for i in keep]
+            predictions = predictions[keep]
+            eval_preds = EvalPrediction(predictions=predictions, label_ids=eval_preds.label_ids[keep])
         pad = self.tokenizer.pad_token_id
         preds = np.where(predictions != IGNORE_INDEX, predictions, pad)
         labels = np.where(eval_preds.label_ids != IGNORE_INDEX, eval_preds.label_ids, pad)
@@ -84,6 +88,7 @@ class ComputeGroundingMetrics:
         )
         text_scores = self.similarity(eval_preds, compute_result=compute_result)
         if compute_result:
+            self._seen_rows.clear()
             box_scores = self.boxes.compute()
             if self.boxes.warning:
                 logger.warning_rank0(f"grounding metrics: {self.boxes.warning}")

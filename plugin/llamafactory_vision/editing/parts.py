@@ -1,0 +1,130 @@
+"""The non-host parts of an edit model (edit head, UNet, VAE): attach them to the host's model, save and reload them.
+
+They become submodules ``edit_head``, ``edit_unet``, ``edit_vae`` of the model the host returns (after LoRA is
+applied, so LoRA never targets them), so that DDP, the optimizer and ``.to()`` see them. A checkpoint (or the output
+dir) holds, beside the adapter or model::
+
+    edit_head/   config.json + diffusion_pytorch_model.safetensors   (EditHead.save_pretrained)
+    unet/        config.json + diffusion_pytorch_model.safetensors   (diffusers layout)
+    edit_config.json                                                 (diffusion folder + edit settings)
+
+The VAE and scheduler are never saved: they are read from ``diffusion_model_name_or_path``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+from torch import nn
+
+from llamafactory_vision.editing.diffusion import DiffusionParts, load_diffusion
+from llamafactory_vision.editing.edit_head import EditHead
+
+HEAD_ATTR, UNET_ATTR, VAE_ATTR = "edit_head", "edit_unet", "edit_vae"
+PART_PREFIXES = tuple(f"{name}." for name in (HEAD_ATTR, UNET_ATTR, VAE_ATTR))
+HEAD_DIR, UNET_DIR = "edit_head", "unet"
+EDIT_CONFIG = "edit_config.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """What inference needs to rebuild the edit model, written at training time (``edit_config.json``)."""
+
+    diffusion_model_name_or_path: str
+    template: str
+    resolution: int
+    num_inference_steps: int
+    text_guidance: float
+    image_guidance: float
+    max_new_tokens: int
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / EDIT_CONFIG).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> EditRecord:
+        path = Path(directory) / EDIT_CONFIG
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {directory} is not the output of an edit training run.")
+        return cls(**json.loads(path.read_text()))
+
+
+def parts_dir(model_args) -> Path:
+    """Where trained parts live: beside the last adapter if one is loaded, else beside the model."""
+    if model_args.adapter_name_or_path:
+        return Path(model_args.adapter_name_or_path[-1])
+    return Path(model_args.model_name_or_path)
+
+
+def attach_parts(
+    model: nn.Module, diffusion_path: str, trained_dir: Path | None, is_trainable: bool, finetuning_args, seed: int
+) -> DiffusionParts:
+    """Load the diffusion parts and an edit head (trained ones from ``trained_dir`` when it has them, else a fresh
+    head of the configured size seeded by ``seed`` and the folder's UNet) and attach them to ``model``. Returns the
+    parts (with the scheduler, which has no weights and stays off the model)."""
+    parts = load_diffusion(diffusion_path)
+    llm_hidden = model.get_input_embeddings().embedding_dim
+    has_trained = trained_dir is not None and (trained_dir / HEAD_DIR).is_dir()
+    if has_trained:
+        head = EditHead.from_pretrained(trained_dir / HEAD_DIR)
+        parts.unet = UNet2DConditionModel.from_pretrained(trained_dir / UNET_DIR)
+    elif not is_trainable:
+        raise FileNotFoundError(
+            f"{trained_dir} has no {HEAD_DIR}/: point `adapter_name_or_path` (or `model_name_or_path` after full "
+            "fine-tuning) at the output of an edit training run."
+        )
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head = EditHead(
+                llm_hidden_size=llm_hidden,
+                cross_attention_dim=parts.unet.config.cross_attention_dim,
+                d_model=finetuning_args.edit_head_width,
+                num_encoder_layers=finetuning_args.edit_head_layers,
+                num_decoder_layers=finetuning_args.edit_head_layers,
+                dim_feedforward=finetuning_args.edit_head_ffn,
+            )
+    if head.config.llm_hidden_size != llm_hidden:
+        raise ValueError(f"{trained_dir / HEAD_DIR}: the edit head was trained for hidden size "
+                         f"{head.config.llm_hidden_size}, the model has {llm_hidden}.")  # fmt: skip
+    head.requires_grad_(is_trainable)
+    parts.unet.requires_grad_(is_trainable and finetuning_args.edit_train_unet)
+    parts.vae.requires_grad_(False)
+    device = next(model.parameters()).device
+    model.add_module(HEAD_ATTR, head.to(device))
+    model.add_module(UNET_ATTR, parts.unet.to(device))
+    model.add_module(VAE_ATTR, parts.vae.to(device))
+    return parts
+
+
+def get_parts(model: nn.Module, scheduler: DDPMScheduler) -> tuple[EditHead, DiffusionParts]:
+    return getattr(model, HEAD_ATTR), DiffusionParts(getattr(model, UNET_ATTR), getattr(model, VAE_ATTR), scheduler)
+
+
+def without_parts(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The host model's own entries (the parts are saved in their own folders)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(PART_PREFIXES)}
+
+
+def save_parts(model: nn.Module, directory: str | Path) -> None:
+    """Write ``edit_head/`` and ``unet/`` (safetensors, diffusers layout) into ``directory``."""
+    directory = Path(directory)
+    getattr(model, HEAD_ATTR).save_pretrained(directory / HEAD_DIR)
+    getattr(model, UNET_ATTR).save_pretrained(directory / UNET_DIR)
+
+
+def load_parts_into(model: nn.Module, directory: str | Path) -> None:
+    """Restore the head and UNet weights saved by :func:`save_parts` into the attached modules, in place (so the
+    optimizer keeps pointing at the same parameters). Safetensors only: nothing is unpickled."""
+    directory = Path(directory)
+    for attr, sub in ((HEAD_ATTR, HEAD_DIR), (UNET_ATTR, UNET_DIR)):
+        path = directory / sub / WEIGHTS
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {directory} was not saved by an edit training run.")
+        getattr(model, attr).load_state_dict(load_file(str(path)))

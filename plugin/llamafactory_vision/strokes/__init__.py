@@ -1,0 +1,1 @@
+"""MagicQuill Draw&Guess: the ``stroke_guess`` dataset format, its rendering, template and plugin."""

@@ -1,0 +1,82 @@
+"""Declarative Draw&Guess templates: ``templates/strokes/*.yaml`` specs, loaded once and registered into
+LLaMA-Factory (the same pattern as grounding/templates.py, with the two stroke tasks instead of box tasks)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+import zlib
+from collections.abc import Callable, Mapping
+
+import yaml
+
+from llamafactory_vision.strokes.render import TASKS
+
+SPEC_FOLDER = "strokes"
+CORNER_FIELDS = ("{x1}", "{y1}", "{x2}", "{y2}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StrokeTemplateSpec:
+    name: str
+    base_template: str
+    mm_plugin: str
+    model_types: tuple[str, ...]
+    prompts: Mapping[str, tuple[str, ...]]
+
+    def __post_init__(self):
+        for task in TASKS:
+            if not self.prompts.get(task):
+                raise ValueError(f"stroke template {self.name!r}: no prompts for task {task!r}.")
+            for phrasing in self.prompts[task]:
+                missing = [f for f in CORNER_FIELDS if f not in phrasing]
+                if missing:
+                    raise ValueError(f"stroke template {self.name!r}, task {task!r}: a phrasing lacks {missing}.")
+
+    def prompt(self, task: str, key: str, corners: tuple[float, float, float, float]) -> str:
+        """One phrasing for ``task`` chosen by a stable hash of ``key``, with the normalised corners (3 decimals)."""
+        phrasings = self.prompts[task]
+        text = phrasings[zlib.crc32(key.encode("utf-8")) % len(phrasings)]
+        for field, value in zip(CORNER_FIELDS, corners):
+            text = text.replace(field, f"{value:.3f}")
+        return text
+
+
+@functools.cache
+def load_stroke_specs() -> dict[str, StrokeTemplateSpec]:
+    """Read every spec in the ``strokes/`` folder of the ``llamafactory_vision.templates`` data package."""
+    specs = {}
+    folder = importlib.resources.files("llamafactory_vision.templates") / SPEC_FOLDER
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if not entry.name.endswith(".yaml"):
+            continue
+        raw = yaml.safe_load(entry.read_text(encoding="utf-8"))
+        unknown = set(raw) - {f.name for f in dataclasses.fields(StrokeTemplateSpec)}
+        if unknown:
+            raise ValueError(f"stroke template spec {entry.name}: unknown keys {sorted(unknown)}.")
+        spec = StrokeTemplateSpec(
+            name=raw["name"],
+            base_template=raw["base_template"],
+            mm_plugin=raw["mm_plugin"],
+            model_types=tuple(raw["model_types"]),
+            prompts={task: tuple(p) for task, p in raw["prompts"].items()},
+        )
+        if spec.name in specs:
+            raise ValueError(f"stroke template {spec.name!r} is defined twice (second in {entry.name}).")
+        specs[spec.name] = spec
+    return specs
+
+
+def get_stroke_spec(template_name: str | None) -> StrokeTemplateSpec | None:
+    return load_stroke_specs().get(template_name) if template_name else None
+
+
+def register_stroke_templates(templates: dict, get_mm_plugin: Callable) -> None:
+    """Add one host ``Template`` per spec: a copy of its base template with its own stroke plugin instance."""
+    for spec in load_stroke_specs().values():
+        if spec.name in templates:
+            raise ValueError(f"Template {spec.name} already exists.")
+        base = templates[spec.base_template]
+        plugin = get_mm_plugin(spec.mm_plugin, image_token=base.mm_plugin.image_token)
+        templates[spec.name] = dataclasses.replace(base, mm_plugin=plugin)

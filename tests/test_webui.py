@@ -1,0 +1,262 @@
+"""LLaMA Board additions without a browser: options from the dataclasses, args/YAML/load round trip, the stock UI
+unchanged (component by component) and exactly stock when disabled, and the path checks of our file readers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import cli_env
+
+# Builds LLaMA Board's full UI in a fresh interpreter and prints every managed component's id, class and config.
+DUMP_UI = r"""
+import json, sys
+from llamafactory.webui import manager as m
+managers = []
+init = m.Manager.__init__
+def record(self):
+    init(self)
+    managers.append(self)
+m.Manager.__init__ = record
+from llamafactory.webui.interface import create_ui
+create_ui()
+def props(elem):
+    config = elem.get_config()
+    return {k: v for k, v in config.items() if k not in ("_selectable", "key", "proxy_url", "name", "component_class_id")}
+out = {i: [type(e).__name__, props(e)] for i, e in managers[0]._id_to_elem.items()}
+json.dump(out, open(sys.argv[1], "w"), default=str)
+"""
+
+
+def dump_ui(tmp_path: Path, name: str, **env: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    result = subprocess.run(
+        [sys.executable, "-c", DUMP_UI, str(out)],
+        check=False,
+        cwd=tmp_path,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def ui_trees(tmp_path_factory) -> tuple[dict, dict]:
+    work = tmp_path_factory.mktemp("ui")
+    return dump_ui(work, "stock", LLAMAFACTORY_VISION_DISABLE="1"), dump_ui(work, "ours")
+
+
+def test_disabled_ui_is_stock_and_ours_only_adds(ui_trees):
+    stock, ours = ui_trees
+    from llamafactory_vision.webui.options import train_options
+
+    # disabled: none of our ids, templates or model names
+    assert not any(i.split(".")[-1] in {o.name for o in train_options()} for i in stock)
+    assert "qwen2_vl_ground" not in stock["top.template"][1]["choices"].__str__()
+    assert "Grounding" not in str(stock["top.model_name"][1]["choices"])
+    # enabled: every stock component is there with the same class and configuration (defaults, labels, ...);
+    # only the model and template lists grow
+    for elem_id, (cls, config) in stock.items():
+        assert ours[elem_id][0] == cls, elem_id
+        mine = dict(ours[elem_id][1])
+        if elem_id in ("top.model_name", "top.template"):
+            assert set(map(str, config.pop("choices"))) < set(map(str, mine.pop("choices")))
+        assert mine == config, elem_id
+    added = {i.split(".", 1)[1] for i in set(ours) - set(stock)}
+    expected = {o.name for o in train_options()} | {"image_max_pixels", "image_min_pixels"}
+    expected |= {"grounding_preview_btn", "grounding_preview", "prediction_gallery", "grounding_answer"}
+    expected |= {f"vision_{g}_tab" for g in {o.group for o in train_options()}}
+    assert added == expected
+    assert "qwen2_vl_ground" in str(ours["top.template"][1]["choices"])
+    assert "Qwen2-VL-2B-Instruct-Grounding" in str(ours["top.model_name"][1]["choices"])
+
+
+def test_options_are_our_dataclass_fields_with_help():
+    from llamafactory.hparams.data_args import DataArguments
+    from llamafactory.hparams.finetuning_args import FinetuningArguments
+    from llamafactory_vision.hparams import VisionDataArguments, VisionFinetuningArguments
+    from llamafactory_vision.webui.options import train_options
+
+    ours = {f.name: f for f in dataclasses.fields(VisionDataArguments) + dataclasses.fields(VisionFinetuningArguments)}
+    host = {f.name for f in dataclasses.fields(DataArguments) + dataclasses.fields(FinetuningArguments)}
+    options = {o.name: o for o in train_options()}
+    assert set(options) == set(ours) - host
+    for name, option in options.items():
+        assert option.help == ours[name].metadata["help"]
+        assert option.default == ours[name].default
+    assert options["bbox_head"].kind == "checkbox"
+    assert options["bbox_head_source"].kind == "dropdown"
+    assert options["bbox_head_source"].choices == ("box_start", "box_end")
+    assert options["bbox_head_layers"].kind == "int"
+    assert options["bbox_loss_weight"].kind == "float"
+    assert options["grounding_invalid"].group == "grounding"
+
+
+def test_a_mixin_field_gets_a_control_in_its_capability_group():
+    """Fields added later (a mixin in another capability's module) appear without UI changes, grouped by module."""
+    from llamafactory.hparams.finetuning_args import FinetuningArguments
+    from llamafactory_vision.webui.options import options_of
+
+    @dataclasses.dataclass
+    class EditingArguments:
+        edit_resolution: int = dataclasses.field(default=256, metadata={"help": "Edit image side."})
+
+    EditingArguments.__module__ = "llamafactory_vision.editing.args"
+
+    @dataclasses.dataclass
+    class Combined(FinetuningArguments, EditingArguments):
+        pass
+
+    (option,) = options_of(Combined, FinetuningArguments)
+    assert (option.name, option.group, option.kind, option.default) == ("edit_resolution", "editing", "int", 256)
+
+
+def test_to_args_keeps_non_defaults_and_names_bad_values():
+    from llamafactory_vision.webui.options import to_args, train_options
+
+    options = train_options()
+    values = {o.name: o.to_ui(o.default) for o in options}
+    assert to_args(options, values) == {}
+    values.update(bbox_head=True, bbox_head_layers=2.0, bbox_loss_weight="0.5", grounding_invalid="skip")
+    assert to_args(options, values) == {
+        "bbox_head": True,
+        "bbox_head_layers": 2,
+        "bbox_loss_weight": 0.5,
+        "grounding_invalid": "skip",
+    }
+    values["bbox_head_layers"] = 2.5
+    with pytest.raises(ValueError, match="bbox_head_layers"):
+        to_args(options, values)
+
+
+def test_stage_registry_adds_to_the_stage_list(monkeypatch):
+    from llamafactory.extras.constants import TRAINING_STAGES
+    from llamafactory_vision.webui import registry
+
+    monkeypatch.setitem(registry.STAGES, "edit", "Edit (diffusion-coupled)")
+    assert registry.training_stages(TRAINING_STAGES) == {"Edit (diffusion-coupled)": "edit"}
+    monkeypatch.setitem(registry.STAGES, "sft", "Mine")
+    with pytest.raises(ValueError, match="clashes"):
+        registry.training_stages(TRAINING_STAGES)
+
+
+def test_locales_cover_every_host_language():
+    from llamafactory.webui.locales import LOCALES
+    from llamafactory_vision.webui.locales import HOST_LANGS
+    from llamafactory_vision.webui.options import train_options
+
+    for option in train_options():
+        entry = LOCALES[option.name]
+        assert set(entry) == set(HOST_LANGS)
+        assert entry["en"]["info"] == option.help
+    assert LOCALES["bbox_head"]["zh"]["label"] == "框回归头"
+    assert LOCALES["vision_grounding_tab"]["zh"]["label"].startswith("视觉定位")
+
+
+def test_train_args_preview_yaml_and_load_round_trip(tmp_path, monkeypatch):
+    """Our controls reach the preview command, the training YAML the host writes, and come back on "load"."""
+    import gradio as gr
+    import yaml
+    from llamafactory.webui import common, interface
+    from llamafactory.webui.components import create_top
+    from llamafactory.webui.engine import Engine
+
+    monkeypatch.chdir(tmp_path)
+    with gr.Blocks():
+        engine = Engine()
+        engine.manager.add_elems("top", create_top())
+        with gr.Tab("Train"):
+            engine.manager.add_elems("train", interface.create_train_tab(engine))
+    manager, runner = engine.manager, engine.runner
+    inputs = manager.get_base_elems() | {e for i, e in manager._id_to_elem.items() if i.startswith("train.")}
+    data = {e: e.value for e in inputs if hasattr(e, "value")}
+    data.update({manager.get_elem_by_id(k): v for k, v in {
+        "top.lang": "en", "top.model_name": "Qwen2-VL-2B-Instruct-Grounding", "top.model_path": "m",
+        "top.template": "qwen2_vl_ground", "train.dataset": ["synth_ground_train"], "train.output_dir": "run",
+        "train.bbox_head": True, "train.bbox_loss_weight": 0.5, "train.config_path": "c.yaml",
+        "train.training_stage": "Supervised Fine-Tuning",
+    }.items()})  # fmt: skip
+    args = runner._parse_train_args(data)
+    assert args["bbox_head"] is True and args["bbox_loss_weight"] == 0.5
+    assert "bbox_l1_weight" not in args  # defaults stay out
+    assert "--bbox_head True" in common.gen_cmd(args)
+    saved = yaml.safe_load(Path(common.save_cmd(args)).read_text())
+    assert saved["bbox_head"] is True and saved["bbox_loss_weight"] == 0.5
+    runner.save_args(data)
+    loaded = runner.load_args("en", "c.yaml")
+    assert loaded[manager.get_elem_by_id("train.bbox_head")] is True
+    assert loaded[manager.get_elem_by_id("train.bbox_loss_weight")] == 0.5
+
+
+@pytest.mark.parametrize("bad", ["../outside.png", "/etc/hostname", "link/escape.png"])
+def test_paths_outside_the_dataset_dir_are_refused(tmp_path, bad):
+    from llamafactory_vision.webui.pictures import dataset_file, row_image
+    from llamafactory_vision.webui.safe_paths import OutsideError, resolve_under
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (tmp_path / "outside.png").write_bytes(b"x")
+    (data / "images" / "ok.png").write_bytes(b"x")
+    os.symlink(tmp_path, data / "link")  # a symlink pointing out of the dataset dir
+    assert resolve_under(data, "images/ok.png") == (data / "images" / "ok.png").resolve()
+    assert resolve_under(data, str(data / "images" / "ok.png")).name == "ok.png"  # absolute but inside
+    with pytest.raises(OutsideError, match="outside"):
+        row_image({"images": [bad]}, str(data), "row 0")
+    (data / "dataset_info.json").write_text(json.dumps({"d": {"file_name": bad}}))
+    with pytest.raises(OutsideError, match="file_name"):
+        dataset_file(str(data), "d")
+
+
+def test_predictions_symlinked_out_of_the_output_dir_are_refused(tmp_path):
+    from llamafactory_vision.webui.pictures import prediction_pictures
+    from llamafactory_vision.webui.safe_paths import OutsideError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "elsewhere.jsonl").write_text("{}\n")
+    os.symlink(tmp_path / "elsewhere.jsonl", out / "generated_predictions.jsonl")
+    with pytest.raises(OutsideError):
+        prediction_pictures(str(out), str(tmp_path), ["d"], 10, "qwen2_vl_ground", "m", 768 * 768, 32 * 32)
+
+
+def test_prediction_pictures_draw_label_and_predicted_boxes(tmp_path):
+    """Oracle: pixel colours at the box edges the rows define (0-1000 relative boxes on a 200x100 grey image)."""
+    from llamafactory_vision.webui.pictures import prediction_pictures
+    from PIL import Image
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    out.mkdir()
+    Image.new("RGB", (200, 100), (128, 128, 128)).save(data / "a.png")
+    row = {"images": ["a.png"], "objects": [{"ref": "x", "bbox": [20, 10, 100, 50]}]}
+    (data / "d.jsonl").write_text(json.dumps(row) + "\n")
+    (data / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.jsonl", "formatting": "grounding"}}))
+    pred = {"prompt": "p", "label": "x(100,100),(500,500)", "predict": "x(500,500),(900,900)"}
+    (out / "generated_predictions.jsonl").write_text(json.dumps(pred) + "\n")
+    ((picture, caption),) = prediction_pictures(str(out), str(data), ["d"], 10, "qwen2_vl_ground", "m", 1, 1)
+    assert caption.startswith("d #0")
+    assert picture.getpixel((60, 10)) == (0, 200, 0)  # label top edge: y = 100/1000 * 100
+    assert picture.getpixel((140, 90)) == (230, 0, 0)  # predicted bottom edge: y = 900/1000 * 100
+    assert picture.getpixel((150, 30)) == (128, 128, 128)
+
+
+def test_chat_answer_boxes_drawn_on_the_input_image():
+    """Oracle: a Qwen2-VL answer's 0-1000 box lands at those fractions of the input image; no box, no picture."""
+    from llamafactory_vision.webui.pictures import answer_picture
+    from PIL import Image
+
+    image = Image.new("RGB", (300, 200), (128, 128, 128))
+    drawn = answer_picture(image, "the red car(100,250),(500,750)", "qwen2_vl_ground", processor=None)
+    assert drawn.getpixel((90, 50)) == (230, 0, 0)  # top edge y = 0.25 * 200, between x = 30 and 150
+    assert drawn.getpixel((90, 100)) == (128, 128, 128)
+    assert image.getpixel((90, 50)) == (128, 128, 128)  # the input is not modified
+    assert answer_picture(image, "I cannot see it", "qwen2_vl_ground", processor=None) is None
+    assert answer_picture(image, "(1,1),(2,2)", "qwen2_vl", processor=None) is None  # not a grounding template
