@@ -71,8 +71,9 @@ CPU_PID=$!
 
 run_step a 170 python3 benchmarks/bench_grounding.py --workload a --device $DEVICE "${SIZE[@]}" --out "$OUT/results/a.json"
 run_step b 190 python3 benchmarks/bench_grounding.py --workload b --device $DEVICE "${SIZE[@]}" --out "$OUT/results/b.json"
-[ -f benchmarks/bench_edit.py ] && run_step edit 60 python3 benchmarks/bench_edit.py --device $DEVICE
-[ -f benchmarks/bench_mg_llava.py ] && run_step mg_llava 60 python3 benchmarks/bench_mg_llava.py --device $DEVICE
+OTHER=(); [ $DRY = 1 ] && OTHER=(--small)  # their own scaled-down mode
+[ -f benchmarks/bench_edit.py ] && run_step edit 60 python3 benchmarks/bench_edit.py --device $DEVICE "${OTHER[@]}"
+[ -f benchmarks/bench_mg_llava.py ] && run_step mg_llava 60 python3 benchmarks/bench_mg_llava.py --device $DEVICE "${OTHER[@]}"
 
 zero3() {
   set -e
