@@ -343,11 +343,16 @@ RESCALE_HELP = (
 
 
 def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``convert {coco,refcoco}`` to a parent CLI's subparsers; the parsed namespace's ``func`` runs it.
+    """Add ``convert {coco,refcoco,ip2p,magicbrush}`` to a parent CLI's subparsers; the parsed namespace's ``func``
+    runs it (the edit sources come from editing/convert.py).
 
     Usage in the parent: ``args = parser.parse_args(argv); return args.func(args)``.
     """
-    convert = subparsers.add_parser("convert", help="convert COCO / RefCOCO annotations to grounding jsonl")
+    from ..editing.convert import add_edit_convert_parsers
+
+    convert = subparsers.add_parser(
+        "convert", help="convert COCO / RefCOCO to grounding jsonl, InstructPix2Pix / MagicBrush to edit jsonl"
+    )
     sources = convert.add_subparsers(dest="source", required=True)
 
     coco = sources.add_parser("coco", help="COCO instances -> detect rows (one per image x category)")
@@ -370,6 +375,7 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "--allow-pickle", action="store_true", help="allow a pickled refs file (only for files you trust)"
     )
     refcoco.set_defaults(func=run_convert)
+    add_edit_convert_parsers(sources)
     return convert
 
 
