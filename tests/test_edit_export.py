@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import edit_config, run_cli, write_yaml
-from llamafactory_vision.editing.parts import EDIT_CONFIG, HEAD_DIR, UNET_DIR, WEIGHTS, EditRecord, export_edit
+from llamafactory_vision.editing.parts import (
+    EDIT_CONFIG,
+    HEAD_DIR,
+    UNET_DIR,
+    WEIGHTS,
+    EditRecord,
+    check_edit_export,
+    export_edit,
+)
 from llamafactory_vision.editing.tokens import IMG_TOKENS
 from PIL import Image
 
@@ -29,6 +37,12 @@ def test_export_carries_the_edit_parts_and_loads_as_a_full_model(lora_run, edit_
     exported = tmp_path / "exported"
     config = {"model_name_or_path": edit_models["llava"], "adapter_name_or_path": lora_run, "template": "llava_edit",
               "finetuning_type": "lora", "add_special_tokens": ",".join(IMG_TOKENS), "export_dir": exported}  # fmt: skip
+    no_tokens = {k: v for k, v in config.items() if k != "add_special_tokens"}
+    refused = run_cli(["llamafactory-cli", "export", str(write_yaml(tmp_path / "bad.yaml", no_tokens))], tmp_path,
+                      check=False)  # fmt: skip
+    assert refused.returncode != 0
+    assert f"{lora_run} is an edit run's checkpoint: export it with its [IMG] tokens" in refused.stderr
+    assert not exported.exists()
     result = run_cli(["llamafactory-cli", "export", str(write_yaml(tmp_path / "export.yaml", config))], tmp_path)
     assert f"edit head and UNet exported too: {lora_run} -> {exported}" in result.stdout + result.stderr
     for name in (f"{HEAD_DIR}/{WEIGHTS}", f"{HEAD_DIR}/config.json", f"{UNET_DIR}/{WEIGHTS}", f"{UNET_DIR}/config.json",
@@ -47,10 +61,17 @@ def test_export_carries_the_edit_parts_and_loads_as_a_full_model(lora_run, edit_
 
 
 def test_a_checkpoint_without_edit_parts_exports_nothing_and_a_partial_one_fails(tmp_path):
-    args = (
-        SimpleNamespace(adapter_name_or_path=None, model_name_or_path=str(tmp_path), export_dir=str(tmp_path / "x")),
-    )
+    model_args = SimpleNamespace(
+        adapter_name_or_path=None, model_name_or_path=str(tmp_path), export_dir=str(tmp_path / "x"),
+        add_special_tokens=None,
+    )  # fmt: skip
+    args = (model_args,)
     assert export_edit(args) is None
+    check_edit_export(args)  # not an edit run: nothing asked
     EditRecord("diffusion", "llava_edit", 32, 2, 7.5, 1.5, 8).save(tmp_path)
     with pytest.raises(FileNotFoundError, match=rf"{HEAD_DIR}/{WEIGHTS} not found: .* has {EDIT_CONFIG} but not"):
         export_edit(args)
+    with pytest.raises(ValueError, match=r"missing: \[IMG0\], .*\[IMG7\]"):
+        check_edit_export(args)
+    model_args.add_special_tokens = ["<x>", *IMG_TOKENS]
+    check_edit_export(args)

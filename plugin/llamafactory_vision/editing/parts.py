@@ -25,6 +25,7 @@ from torch import nn
 
 from llamafactory_vision.editing.diffusion import DiffusionParts, load_diffusion
 from llamafactory_vision.editing.edit_head import EditHead
+from llamafactory_vision.editing.tokens import IMG_TOKENS
 
 HEAD_ATTR, UNET_ATTR, VAE_ATTR = "edit_head", "edit_unet", "edit_vae"
 PART_PREFIXES = tuple(f"{name}." for name in (HEAD_ATTR, UNET_ATTR, VAE_ATTR))
@@ -129,6 +130,24 @@ def load_parts_into(model: nn.Module, directory: str | Path) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {directory} was not saved by an edit training run.")
         getattr(model, attr).load_state_dict(load_file(str(path)))
+
+
+def check_edit_export(parsed_infer_args) -> None:
+    """Before ``llamafactory-cli export``: an edit run's checkpoint must be exported with the [IMG] tokens in
+    ``add_special_tokens``, else the host writes a tokenizer without them (their trained embedding rows are kept, but
+    nothing maps the tokens to them) and the export is not a usable edit model.
+
+    Raises:
+        ValueError: naming the checkpoint and the YAML line to add.
+    """
+    model_args = parsed_infer_args[0]
+    source = parts_dir(model_args)
+    missing = [t for t in IMG_TOKENS if t not in (model_args.add_special_tokens or [])]
+    if (source / EDIT_CONFIG).is_file() and missing:
+        raise ValueError(
+            f"{source} is an edit run's checkpoint: export it with its [IMG] tokens, add to the export YAML "
+            f"`add_special_tokens: {','.join(IMG_TOKENS)}` (missing: {', '.join(missing)})."
+        )
 
 
 def export_edit(parsed_infer_args) -> Path | None:
