@@ -129,6 +129,9 @@ def test_magicbrush_bad_line_is_an_error_or_a_counted_skip(tmp_path: Path, magic
     _image(magicbrush / "images" / "m2.png", "white", "PNG")  # line 2 is good again (3 is blank): line 4 stops now
     with pytest.raises(ValueError, match=r"train\.jsonl: line 4\.instruction: missing field"):
         convert_magicbrush(magicbrush / "train.jsonl", out, magicbrush / "images")
+    no_mask = {"source_img": "s.png", "instruction": "add a cat", "target_img": "t1.png"}  # first releases: no masks
+    (magicbrush / "no_mask.jsonl").write_text(json.dumps(no_mask) + "\n")
+    assert convert_magicbrush(magicbrush / "no_mask.jsonl", out, magicbrush / "images").rows == 1
     (magicbrush / "bad.jsonl").write_text("{oops\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl: line 1: not valid JSON"):
         convert_magicbrush(magicbrush / "bad.jsonl", out, magicbrush / "images")

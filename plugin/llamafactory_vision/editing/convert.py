@@ -8,7 +8,8 @@ A row is ``{"source", "instruction", "target", "target_caption"?}`` (see editing
   target caption.
 - :func:`convert_magicbrush`: a JSONL with MagicBrush's columns (``img_id``, ``turn_index``, ``source_img``,
   ``mask_img``, ``instruction``, ``target_img``; image fields are paths, relative to ``images_dir``) -> one row per
-  line. The mask must be a readable image too, but the ``edit`` format (MGIE) does not use it, so it is not written.
+  line. The mask (optional: MagicBrush's first releases had none) must be a readable image too, but the ``edit``
+  format (MGIE) does not use it, so it is not written.
 
 Every image is opened (header only). A missing or unreadable image, a seed without its partner, or a missing field is
 an error naming the file, the record and the field; with ``skip_invalid`` that record is skipped instead and counted
@@ -162,8 +163,8 @@ def convert_magicbrush(
     from that turn's source image).
 
     Args:
-        jsonl (str | Path): one JSON object per line with ``source_img``, ``mask_img``, ``instruction`` and
-            ``target_img`` (``img_id`` and ``turn_index`` are optional and only name the record in errors).
+        jsonl (str | Path): one JSON object per line with ``source_img``, ``instruction``, ``target_img`` and
+            optionally ``mask_img`` (``img_id`` and ``turn_index`` are optional and only name the record in errors).
         out_jsonl (str | Path): output file (parents created, overwritten); image paths are written relative to its
             folder.
         images_dir (str | Path | None): folder the image paths are relative to. Default: the JSONL's folder.
@@ -193,7 +194,9 @@ def convert_magicbrush(
             rec = Record(path, where, record)
             if "img_id" in record:  # name the sample too: MagicBrush's own key
                 rec.where = f"{where} (img_id {record['img_id']!r}, turn {record.get('turn_index')!r})"
-            files = {name: base / rec.get(name, str) for name in MAGICBRUSH_IMAGES}
+            # mask_img may be absent (MagicBrush's first releases had no masks); present, it must be readable
+            names = [name for name in MAGICBRUSH_IMAGES if name != "mask_img" or name in record]
+            files = {name: base / rec.get(name, str) for name in names}
             written = {name: out.image(rec, name, file) for name, file in files.items()}
             row = {"source": written["source_img"], "instruction": _text(rec, "instruction"),
                    "target": written["target_img"]}  # fmt: skip
@@ -220,7 +223,9 @@ def add_edit_convert_parsers(sources: argparse._SubParsersAction) -> None:
     ip2p.set_defaults(func=run_edit_convert)
 
     mb = sources.add_parser("magicbrush", help="MagicBrush-style JSONL -> edit rows (one per line)")
-    mb.add_argument("--jsonl", required=True, help="JSONL with source_img, mask_img, instruction, target_img")
+    mb.add_argument(
+        "--jsonl", required=True, help="JSONL with source_img, instruction, target_img (+ mask_img, optional)"
+    )
     mb.add_argument("--images", default=None, help="folder the image paths are relative to (default: the JSONL's)")
     mb.add_argument("--out", required=True, help="output .jsonl (image paths are written relative to its folder)")
     mb.add_argument("--skip-invalid", action="store_true", help=SKIP_HELP)
