@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import edit_config, run_cli, write_yaml
+import yaml
+from conftest import REPO, edit_config, run_cli, write_yaml
 from llamafactory_vision.editing.parts import (
     EDIT_CONFIG,
     HEAD_DIR,
@@ -35,8 +36,11 @@ def test_export_carries_the_edit_parts_and_loads_as_a_full_model(lora_run, edit_
     from llamafactory_vision.editing.pipeline import EditPipeline
 
     exported = tmp_path / "exported"
-    config = {"model_name_or_path": edit_models["llava"], "adapter_name_or_path": lora_run, "template": "llava_edit",
-              "finetuning_type": "lora", "add_special_tokens": ",".join(IMG_TOKENS), "export_dir": exported}  # fmt: skip
+    # the demo's export YAML, with this test's paths
+    example = yaml.safe_load((REPO / "yaml_examples" / "demo" / "edit_tiny_export.yaml").read_text())
+    paths = {"model_name_or_path": edit_models["llava"], "adapter_name_or_path": lora_run, "export_dir": exported}
+    assert paths.keys() <= example.keys()
+    config = {**example, **paths}
     no_tokens = {k: v for k, v in config.items() if k != "add_special_tokens"}
     refused = run_cli(["llamafactory-cli", "export", str(write_yaml(tmp_path / "bad.yaml", no_tokens))], tmp_path,
                       check=False)  # fmt: skip
