@@ -95,14 +95,21 @@ def _ip2p_error_cases():
     def no_edit(root):
         (root / "shard-00" / "0002" / "prompt.json").write_text(json.dumps({"input": "a", "output": "b"}))
 
+    def no_pairs(root):
+        for file in (root / "shard-00" / "0002").glob("*.jpg"):
+            file.unlink()
+
     return [
+        (no_pairs, r"0002: no <seed>_0\.jpg / <seed>_1\.jpg pair beside prompt\.json", {"missing_image": 1}),
         (unpaired, r"0001: pair 7\.target: 7_0\.jpg has no partner 7_1\.jpg", {"unpaired_image": 1}),
         (corrupt, r"0002: pair 5\.source: cannot read image '.*5_0\.jpg'", {"corrupt_image": 1}),
         (no_edit, r"0002/prompt\.json: prompt\.edit: missing field", {"invalid": 1}),
     ]
 
 
-@pytest.mark.parametrize(("mutate", "pattern", "skipped"), _ip2p_error_cases(), ids=["unpaired", "corrupt", "field"])
+@pytest.mark.parametrize(
+    ("mutate", "pattern", "skipped"), _ip2p_error_cases(), ids=["no_pairs", "unpaired", "corrupt", "field"]
+)
 def test_ip2p_bad_record_is_an_error_or_a_counted_skip(tmp_path, ip2p, mutate, pattern, skipped) -> None:
     mutate(ip2p)
     out = tmp_path / "out.jsonl"

@@ -116,7 +116,8 @@ def convert_ip2p(root: str | Path, out_jsonl: str | Path, skip_invalid: bool = F
 
     Raises:
         ValueError: a missing root or one without any prompt.json; naming the file, the record (``pair 42``) and
-            the field for a missing field or empty text, a missing or unreadable image, or a seed without its partner.
+            the field for a missing field or empty text, a missing or unreadable image, or a seed without its partner;
+            naming the folder for a sample without any pair.
     """
     root = Path(root)
     if not root.is_dir():
@@ -129,6 +130,11 @@ def convert_ip2p(root: str | Path, out_jsonl: str | Path, skip_invalid: bool = F
     for prompt_file in prompts:
         folder = prompt_file.parent
         pairs = _seed_pairs(folder)
+        if not pairs:  # a sample without images would otherwise vanish without a word
+            out.skip(
+                RecordError(f"{folder}: no <seed>_0.jpg / <seed>_1.jpg pair beside {PROMPT_FILE}", "missing_image")
+            )
+            continue
         try:
             try:
                 data = load_json(prompt_file)
@@ -137,7 +143,7 @@ def convert_ip2p(root: str | Path, out_jsonl: str | Path, skip_invalid: bool = F
             prompt = Record(prompt_file, "prompt", data)
             instruction, caption = _text(prompt, "edit"), _text(prompt, "output")
         except RecordError as err:
-            for _ in pairs or [None]:
+            for _ in pairs:
                 out.skip(err)
             continue
         for seed, source, target in pairs:
