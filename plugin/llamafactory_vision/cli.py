@@ -3,6 +3,7 @@
     llamafactory-vision preview CONFIG.yaml --out DIR [--n 16]    draw target boxes as the model sees them
                                   [--split train|eval]            (a predict YAML: its eval set)
     llamafactory-vision convert coco|refcoco ...                  COCO / RefCOCO annotations -> grounding jsonl
+    llamafactory-vision convert ip2p|magicbrush ...               InstructPix2Pix / MagicBrush -> edit jsonl
     llamafactory-vision demo [--task grounding|edit] [--out DIR]  the offline end-to-end demos
     llamafactory-vision edit --model_name_or_path M [--adapter_name_or_path A] --image in.png
         --instruction "make it snowy" --out out.png [--steps 100 --text_guidance 7.5 --image_guidance 1.5 --seed N]

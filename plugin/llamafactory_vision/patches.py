@@ -254,19 +254,25 @@ def _requested_stage(raw_args: dict | list) -> str | None:
 
 
 def export_saved_modules(tuner: ModuleType) -> None:
-    """``train.tuner.export_model``: the host exports (and merges) the model; a bbox head and MG-LLaVA's modules live
-    in their own files beside the adapter or model, so they are copied into ``export_dir`` too whenever the
-    checkpoint has them."""
+    """``train.tuner.export_model``: the host exports (and merges) the model; a bbox head, MG-LLaVA's modules and an
+    edit model's head/UNet live in their own files beside the adapter or model, so they are copied into ``export_dir``
+    too whenever the checkpoint has them. An edit run's checkpoint is checked first: it must be exported with its
+    [IMG] tokens (``add_special_tokens``)."""
     host_export = tuner.export_model
 
     @functools.wraps(host_export)
     def export_model(args=None):
-        host_export(args)
         parsed = tuner.get_infer_args(args)
+        edit_parts = _ours("llamafactory_vision.editing.parts")
+        edit_parts.check_edit_export(parsed)  # before the host writes a tokenizer without the [IMG] tokens
+        host_export(args)
         source = _ours("llamafactory_vision.grounding.bbox_head").export_head(parsed)
         if source is not None:
             tuner.logger.info_rank0(f"bbox head exported too: {source} -> {parsed[0].export_dir}")
         _ours("llamafactory_vision.fusion.model").export_mg(parsed)
+        source = edit_parts.export_edit(parsed)
+        if source is not None:
+            tuner.logger.info_rank0(f"edit head and UNet exported too: {source} -> {parsed[0].export_dir}")
 
     tuner.export_model = export_model
 

@@ -14,6 +14,7 @@ The VAE and scheduler are never saved: they are read from ``diffusion_model_name
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from llamafactory_vision.editing.diffusion import DiffusionParts, load_diffusion
 from llamafactory_vision.editing.edit_head import EditHead
+from llamafactory_vision.editing.tokens import IMG_TOKENS
 
 HEAD_ATTR, UNET_ATTR, VAE_ATTR = "edit_head", "edit_unet", "edit_vae"
 PART_PREFIXES = tuple(f"{name}." for name in (HEAD_ATTR, UNET_ATTR, VAE_ATTR))
@@ -128,3 +130,49 @@ def load_parts_into(model: nn.Module, directory: str | Path) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {directory} was not saved by an edit training run.")
         getattr(model, attr).load_state_dict(load_file(str(path)))
+
+
+def check_edit_export(parsed_infer_args) -> None:
+    """Before ``llamafactory-cli export``: an edit run's checkpoint must be exported with the [IMG] tokens in
+    ``add_special_tokens``, else the host writes a tokenizer without them (their trained embedding rows are kept, but
+    nothing maps the tokens to them) and the export is not a usable edit model.
+
+    Raises:
+        ValueError: naming the checkpoint and the YAML line to add.
+    """
+    model_args = parsed_infer_args[0]
+    source = parts_dir(model_args)
+    missing = [t for t in IMG_TOKENS if t not in (model_args.add_special_tokens or [])]
+    if (source / EDIT_CONFIG).is_file() and missing:
+        raise ValueError(
+            f"{source} is an edit run's checkpoint: export it with its [IMG] tokens, add to the export YAML "
+            f"`add_special_tokens: {','.join(IMG_TOKENS)}` (missing: {', '.join(missing)})."
+        )
+
+
+def export_edit(parsed_infer_args) -> Path | None:
+    """Copy ``edit_head/``, ``unet/`` and ``edit_config.json`` into ``export_dir`` after ``llamafactory-cli export``
+    whenever the exported checkpoint has them (the host exports and merges only the MLLM), so that the export dir is
+    a fully fine-tuned edit model: ``EditPipeline.from_training(export_dir)``.
+
+    Returns:
+        Path | None: the folder the parts were copied from, or None when the checkpoint is not an edit run's.
+
+    Raises:
+        FileNotFoundError: the checkpoint has ``edit_config.json`` but lacks a part's weights (naming the file).
+    """
+    model_args = parsed_infer_args[0]
+    source = parts_dir(model_args)
+    if not (source / EDIT_CONFIG).is_file():
+        return None
+    EditRecord.load(source)  # a readable record, or the error saying so
+    for sub in (HEAD_DIR, UNET_DIR):
+        if not (source / sub / WEIGHTS).is_file():
+            raise FileNotFoundError(f"{source / sub / WEIGHTS} not found: {source} has {EDIT_CONFIG} but not the "
+                                    f"trained {sub}/ it goes with.")  # fmt: skip
+    target = Path(model_args.export_dir)
+    if source.resolve() != target.resolve():
+        for sub in (HEAD_DIR, UNET_DIR):
+            shutil.copytree(source / sub, target / sub, dirs_exist_ok=True)
+        shutil.copy(source / EDIT_CONFIG, target / EDIT_CONFIG)
+    return source

@@ -26,19 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pickle
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
 from ..boxes import to_xyxy
+from ..convert_records import Record, load_json, open_image, relative_path, write_rows
 
 PICKLE_SUFFIXES = (".p", ".pkl", ".pickle")
-_REQUIRED = object()  # default of `_Record.get` for a field that must be present
 
 
 @dataclass(frozen=True)
@@ -67,48 +63,10 @@ class ConvertStats:
     rescaled_images: int = 0
 
 
-class _Record:
-    """Field access on one JSON record whose errors name the file, the record and the field."""
-
-    def __init__(self, path: Path, where: str, record: Any) -> None:
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: {where}: expected a JSON object, got {type(record).__name__}")
-        self.path, self.where, self.record = path, where, record
-
-    def error(self, field: str, message: str) -> ValueError:
-        return ValueError(f"{self.path}: {self.where}.{field}: {message}")
-
-    def get(self, field: str, kind: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
-        if field not in self.record:
-            if default is not _REQUIRED:
-                return default
-            raise self.error(field, "missing field")
-        value = self.record[field]
-        if not isinstance(value, kind) or isinstance(value, bool) and bool not in _as_tuple(kind):
-            raise self.error(field, f"expected {_kind_name(kind)}, got {type(value).__name__} {value!r}")
-        return value
-
-
-def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    return " or ".join(k.__name__ for k in _as_tuple(kind))
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        with path.open("rb") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-
-
-def _records(path: Path, data: Any, key: str) -> list[_Record]:
+def _records(path: Path, data: Any, key: str) -> list[Record]:
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise ValueError(f"{path}: expected a COCO instances object with a list under {key!r}")
-    return [_Record(path, f"{key}[{i}]", record) for i, record in enumerate(data[key])]
+    return [Record(path, f"{key}[{i}]", record) for i, record in enumerate(data[key])]
 
 
 @dataclass(frozen=True)
@@ -127,7 +85,7 @@ class _ImageIndex:
         if not self.images_dir.is_dir():
             raise ValueError(f"images folder {images_dir!r} does not exist (resolved to {self.images_dir.resolve()})")
         self.records = {rec.get("id", int): rec for rec in _records(path, data, "images")}
-        self.out_dir = Path(out_jsonl).resolve().parent
+        self.out_jsonl = out_jsonl
         self.rescale_to_file = rescale_to_file
         self.rescaled = 0
         self._opened: dict[int, _Image] = {}
@@ -140,15 +98,9 @@ class _ImageIndex:
             self._opened[image_id] = self._open(self.records[image_id])
         return self._opened[image_id]
 
-    def _open(self, rec: _Record) -> _Image:
+    def _open(self, rec: Record) -> _Image:
         file = self.images_dir / rec.get("file_name", str)
-        try:
-            with Image.open(file) as image:
-                file_size = image.size
-        except FileNotFoundError as err:
-            raise rec.error("file_name", f"image file {str(file)!r} not found") from err
-        except (UnidentifiedImageError, OSError) as err:
-            raise rec.error("file_name", f"cannot read image {str(file)!r}: {err}") from err
+        file_size = open_image(rec, "file_name", file)
         width, height = rec.get("width", (int, float), None), rec.get("height", (int, float), None)
         scale = (1.0, 1.0)
         if width is not None and height is not None and (width, height) != file_size:
@@ -161,7 +113,7 @@ class _ImageIndex:
                 )
             scale = (file_size[0] / width, file_size[1] / height)
             self.rescaled += 1
-        written = os.path.relpath(file.resolve(), self.out_dir)
+        written = relative_path(file, self.out_jsonl)
         return _Image(written, (float(file_size[0]), float(file_size[1])), scale)
 
 
@@ -173,7 +125,7 @@ def _largest_below(total: float, start: float) -> float:
     return width
 
 
-def _xywh_box(rec: _Record, image: _Image) -> tuple[list[float] | None, bool]:
+def _xywh_box(rec: Record, image: _Image) -> tuple[list[float] | None, bool]:
     """Validated ``xywh`` box of an annotation, scaled by ``image.scale`` and clipped to the image file.
 
     Returns:
@@ -193,14 +145,6 @@ def _xywh_box(rec: _Record, image: _Image) -> tuple[list[float] | None, bool]:
     if scaled or clipped:  # w, h chosen so that x1 + w <= x2 holds in floating point, as the grounding format checks
         return [cx1, cy1, _largest_below(cx2, cx1), _largest_below(cy2, cy1)], clipped
     return list(rec.record["bbox"]), clipped  # kept exactly as written
-
-
-def _write_rows(out_jsonl: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    out = Path(out_jsonl)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def convert_coco(
@@ -227,7 +171,7 @@ def convert_coco(
             a missing ``images_dir`` or image file; a JSON size that differs from the image file.
     """
     path = Path(instances_json)
-    data = _load_json(path)
+    data = load_json(path)
     images = _ImageIndex(path, data, images_dir, out_jsonl, rescale_to_file)
     categories = {rec.get("id", int): rec.get("name", str) for rec in _records(path, data, "categories")}
 
@@ -259,7 +203,7 @@ def convert_coco(
         for image_id in images.records
         for category_id, boxes in grouped.get(image_id, {}).items()
     ]
-    _write_rows(out_jsonl, rows)
+    write_rows(out_jsonl, rows)
     return ConvertStats(
         rows=len(rows),
         images=len(grouped),
@@ -293,7 +237,7 @@ def load_refs(refs_path: str | Path, allow_pickle: bool = False) -> list[Any]:
             # The refs pickles were written by Python 2: latin1 decodes any Python 2 byte string.
             refs = pickle.load(f, encoding="latin1")
     else:
-        refs = _load_json(path)
+        refs = load_json(path)
     if not isinstance(refs, list):
         raise ValueError(f"{path}: expected a list of refs, got {type(refs).__name__}")
     return refs
@@ -332,8 +276,8 @@ def convert_refcoco(
             ``images_dir`` or image file; a JSON size that differs from the image file.
     """
     refs_file, instances_file = Path(refs_path), Path(instances_json)
-    refs = [_Record(refs_file, f"refs[{i}]", ref) for i, ref in enumerate(load_refs(refs_file, allow_pickle))]
-    data = _load_json(instances_file)
+    refs = [Record(refs_file, f"refs[{i}]", ref) for i, ref in enumerate(load_refs(refs_file, allow_pickle))]
+    data = load_json(instances_file)
     images = _ImageIndex(instances_file, data, images_dir, out_jsonl, rescale_to_file)
     annotations = {rec.get("id", int): rec for rec in _records(instances_file, data, "annotations")}
 
@@ -362,7 +306,7 @@ def convert_refcoco(
             degenerate += 1
             continue
         for j, sentence in enumerate(ref.get("sentences", list)):
-            text = _Record(ref.path, f"{ref.where}.sentences[{j}]", sentence).get("sent", str).strip()
+            text = Record(ref.path, f"{ref.where}.sentences[{j}]", sentence).get("sent", str).strip()
             if not text:
                 empty += 1
                 continue
@@ -375,7 +319,7 @@ def convert_refcoco(
                 }
             )
             image_paths.add(images[image_id].path)
-    _write_rows(out_jsonl, rows)
+    write_rows(out_jsonl, rows)
     return ConvertStats(
         rows=len(rows),
         images=len(image_paths),
@@ -399,11 +343,16 @@ RESCALE_HELP = (
 
 
 def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``convert {coco,refcoco}`` to a parent CLI's subparsers; the parsed namespace's ``func`` runs it.
+    """Add ``convert {coco,refcoco,ip2p,magicbrush}`` to a parent CLI's subparsers; the parsed namespace's ``func``
+    runs it (the edit sources come from editing/convert.py).
 
     Usage in the parent: ``args = parser.parse_args(argv); return args.func(args)``.
     """
-    convert = subparsers.add_parser("convert", help="convert COCO / RefCOCO annotations to grounding jsonl")
+    from ..editing.convert import add_edit_convert_parsers
+
+    convert = subparsers.add_parser(
+        "convert", help="convert COCO / RefCOCO to grounding jsonl, InstructPix2Pix / MagicBrush to edit jsonl"
+    )
     sources = convert.add_subparsers(dest="source", required=True)
 
     coco = sources.add_parser("coco", help="COCO instances -> detect rows (one per image x category)")
@@ -426,6 +375,7 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "--allow-pickle", action="store_true", help="allow a pickled refs file (only for files you trust)"
     )
     refcoco.set_defaults(func=run_convert)
+    add_edit_convert_parsers(sources)
     return convert
 
 
