@@ -63,7 +63,7 @@ def test_good_row_becomes_an_mgie_conversation(images):
 )
 def test_bad_row_names_dataset_row_and_field(images, bad, field, reason):
     good = {"source": "a.png", "instruction": "x", "target": "b.png"}
-    with pytest.raises(ValueError, match=rf"edit dataset 'my_edits', row 1, field `{field}`: .*{reason}"):
+    with pytest.raises(ValueError, match=rf"edit dataset 'my_edits', row 1 \(counting from 0\), field `{field}`: .*{reason}"):
         _convert(images, [good, {**good, **bad}])
 
 

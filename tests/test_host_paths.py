@@ -121,7 +121,7 @@ def test_use_mca_accepts_our_keys_and_refuses_the_head(bbox_head, tiny_models, d
         "template": "qwen2_vl_ground", "output_dir": str(tmp_path / "out"), "grounding_invalid": "skip",
         "bbox_head": bbox_head,
     }  # fmt: skip
-    env = cli_env(USE_MCA="1", PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ['PYTHONPATH']}")
+    env = cli_env(USE_MCA="1", PYTHONPATH=os.pathsep.join(filter(None, (str(tmp_path), os.environ.get("PYTHONPATH")))))
     result = subprocess.run([sys.executable, "-c", PARSE_WITH_MCA, json.dumps(config)], env=env,
                             capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

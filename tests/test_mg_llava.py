@@ -149,7 +149,7 @@ def test_mg_converter_carries_normalised_boxes_and_names_bad_rows(tmp_path):
     assert image["path"].endswith("p.png") and out["_response"][0]["content"] == "a cup"
     assert json.loads(bare["_images"][0][BOXES_KEY]) == []
     bad = _mg_row(objects=[{"ref": "cup", "bbox": [10, 5, 130, 25]}])  # x2 beyond the 100 px wide image
-    with pytest.raises(ValueError, match=r"mg_llava dataset 'mg', row 1, field `objects\[0\]\.bbox`"):
+    with pytest.raises(ValueError, match=r"mg_llava dataset 'mg', row 1 \(counting from 0\), field `objects\[0\]\.bbox`"):
         _convert_mg(tmp_path, [good, bad])
-    with pytest.raises(ValueError, match=r"row 0, field `objects`: 2 objects, more than mg_max_objects=1"):
+    with pytest.raises(ValueError, match=r"row 0 \(counting from 0\), field `objects`: 2 objects, more than mg_max_objects=1"):
         _convert_mg(tmp_path, [good], max_objects=1)

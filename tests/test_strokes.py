@@ -153,7 +153,7 @@ def test_converter_renders_and_writes_corners(tmp_path, picture):
 def test_bad_rows_name_dataset_row_and_field(tmp_path, picture, row, field, text):
     good = {"image": picture, "answer": "cat", "strokes": [[[1, 1]]]}
     rows = [good, {"image": picture, "answer": "cat", **row}]
-    with pytest.raises(ValueError, match=r"stroke_guess dataset 'd', row 1, field `" + field.replace("[", r"\[")
+    with pytest.raises(ValueError, match=r"stroke_guess dataset 'd', row 1 \(counting from 0\), field `" + field.replace("[", r"\[")
                        .replace("]", r"\]") + "`: .*" + text):  # fmt: skip
         _convert(tmp_path, rows)
 

@@ -63,11 +63,11 @@ def test_disabled_ui_is_stock_and_ours_only_adds(ui_trees):
     assert "qwen2_vl_ground" not in stock["top.template"][1]["choices"].__str__()
     assert "Grounding" not in str(stock["top.model_name"][1]["choices"])
     # enabled: every stock component is there with the same class and configuration (defaults, labels, ...);
-    # only the model and template lists grow
+    # only the model, template and stage lists grow
     for elem_id, (cls, config) in stock.items():
         assert ours[elem_id][0] == cls, elem_id
         mine = dict(ours[elem_id][1])
-        if elem_id in ("top.model_name", "top.template"):
+        if elem_id in ("top.model_name", "top.template", "train.training_stage"):
             assert set(map(str, config.pop("choices"))) < set(map(str, mine.pop("choices")))
         assert mine == config, elem_id
     added = {i.split(".", 1)[1] for i in set(ours) - set(stock)}
@@ -141,11 +141,13 @@ def test_stage_registry_adds_to_the_stage_list(monkeypatch):
     from llamafactory.extras.constants import TRAINING_STAGES
     from llamafactory_vision.webui import registry
 
-    monkeypatch.setitem(registry.STAGES, "edit", "Edit (diffusion-coupled)")
-    assert registry.training_stages(TRAINING_STAGES) == {"Edit (diffusion-coupled)": "edit"}
+    assert TRAINING_STAGES["Edit (diffusion-coupled)"] == "edit"  # added when the host's constants were imported
+    stock = {display: stage for display, stage in TRAINING_STAGES.items() if stage not in registry.STAGES}
+    assert registry.training_stages(stock) == {"Edit (diffusion-coupled)": "edit"}
+    assert registry.training_stages(TRAINING_STAGES) == {}  # applying the hook again adds nothing
     monkeypatch.setitem(registry.STAGES, "sft", "Mine")
     with pytest.raises(ValueError, match="clashes"):
-        registry.training_stages(TRAINING_STAGES)
+        registry.training_stages(stock)
 
 
 def test_locales_cover_every_host_language():

@@ -18,8 +18,12 @@ import llamafactory_vision
 import pytest
 from conftest import BIN, cli_env, train_config, write_yaml
 from llamafactory_vision.boxes import BoxError
+from llamafactory_vision.convert_records import RecordError
+from llamafactory_vision.dataset_rows import RowError
+from llamafactory_vision.editing.data import EditDataError
 from llamafactory_vision.grounding.data import GroundingDataError
 from llamafactory_vision.patches import _Deferred
+from llamafactory_vision.webui.safe_paths import OutsideError
 from PIL import Image
 
 # One instance of every exception class the package defines (a new class fails the test below until added here).
@@ -29,6 +33,12 @@ SAMPLES = {
         "rows.jsonl", 3, "objects[0].bbox", "x2 = 210 > width 200", "outside_image"
     ),
     "llamafactory_vision.patches._Deferred": _Deferred("llamafactory_vision.grounding.plugin"),
+    "llamafactory_vision.dataset_rows.RowError": RowError("d.jsonl", 0, "answer", "empty", "empty_answer", "stroke_guess"),
+    "llamafactory_vision.editing.data.EditDataError": EditDataError(
+        "my_edits", 1, "target", "image file not found", "missing_image"
+    ),
+    "llamafactory_vision.convert_records.RecordError": RecordError("train.jsonl: line 2.mask_img: not found", "missing"),
+    "llamafactory_vision.webui.safe_paths.OutsideError": OutsideError("dataset path '../x' leaves /data"),
 }
 
 

@@ -25,6 +25,9 @@ class RecordError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # pickle would rebuild it from the message alone and lose the reason
+        return type(self), (str(self), self.reason)
+
 
 class Record:
     """Field access on one JSON record whose errors name the file, the record and the field."""

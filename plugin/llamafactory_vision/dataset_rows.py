@@ -18,6 +18,28 @@ logger = get_logger(__name__)
 SKIP_COLUMN = "_lfv_skip"  # the converter's reason for dropping a row ("" = keep)
 
 
+class RowError(ValueError):
+    """An invalid row of one of our dataset formats; ``reason`` is a short key used to count skipped rows.
+
+    The message names the format (``kind``), dataset, row (counting from 0: the first row of the file is row 0, an
+    editor would call it line 1) and field. Subclasses set ``kind``.
+    """
+
+    kind = "dataset"
+
+    def __init__(self, dataset: str, row: int | None, field: str, message: str, reason: str, kind: str | None = None):
+        self.kind = kind or type(self).kind
+        row_text = f"row {row if row is not None else '?'} (counting from 0)"
+        where = f"{self.kind} dataset {dataset!r}, {row_text}, field `{field}`"
+        super().__init__(f"{where}: {message}")
+        self.dataset, self.row, self.field, self.message, self.reason = dataset, row, field, message, reason
+
+    def __reduce__(self):
+        # Pickle rebuilds an exception as `cls(*self.args)`, and `args` holds only the formatted text: without this,
+        # a worker of `preprocessing_num_workers > 1` sends an error the parent cannot rebuild and the pool hangs.
+        return type(self), (self.dataset, self.row, self.field, self.message, self.reason, self.kind)
+
+
 _ROWS_SHOWN = 50  # skipped row numbers in the log line; the file beside the outputs lists them all
 
 

@@ -24,14 +24,14 @@ import torch
 from llamafactory.data.collator import SFTDataCollatorWith4DAttentionMask
 from llamafactory.data.converter import DatasetConverter
 from llamafactory.data.processor.supervised import SupervisedDatasetProcessor
-from llamafactory.extras import logging
 from llamafactory.extras.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from llamafactory_vision.dataset_rows import SKIP_COLUMN, align_with_row_checks
+from llamafactory_vision.dataset_rows import SKIP_COLUMN, RowError, align_with_row_checks
 from llamafactory_vision.editing.tokens import PROMPT, img_token_ids, target_text
+from llamafactory_vision.log import get_logger
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 EDIT_FORMAT = "edit"
 # Columns from the converter to the processor (underscored like the host's) and from the processor to the collator.
@@ -39,13 +39,10 @@ CONVERTED = ("_edit_target", "_edit_instruction", "_edit_caption", "_edit_key")
 EDIT_COLUMNS = ("edit_source", "edit_target", "edit_instruction", "edit_caption", "edit_key")
 
 
-class EditDataError(ValueError):
+class EditDataError(RowError):
     """An invalid edit row; ``reason`` is a short key used to count skipped rows."""
 
-    def __init__(self, dataset: str, row: int | None, field: str, message: str, reason: str):
-        where = f"edit dataset {dataset!r}, row {row if row is not None else '?'}, field `{field}`"
-        super().__init__(f"{where}: {message}")
-        self.reason = reason
+    kind = "edit"
 
 
 def row_key(dataset: str, row: int | None) -> int:

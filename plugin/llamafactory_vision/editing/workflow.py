@@ -12,7 +12,6 @@ from typing import Any
 import torch.distributed as dist
 from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
 from llamafactory.extras.constants import IGNORE_INDEX
-from llamafactory.extras.logging import get_logger
 from llamafactory.extras.ploting import plot_loss
 from llamafactory.hparams import get_train_args
 from llamafactory.model import load_model, load_tokenizer
@@ -25,6 +24,7 @@ from llamafactory_vision.editing.data import EditCollator
 from llamafactory_vision.editing.parts import EditRecord, attach_parts, parts_dir
 from llamafactory_vision.editing.tokens import img_token_ids, with_img_tokens
 from llamafactory_vision.editing.trainer import LOG_KEYS, EditLossConfig, EditTrainer
+from llamafactory_vision.log import get_logger
 
 logger = get_logger(__name__)
 

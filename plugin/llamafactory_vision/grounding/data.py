@@ -23,7 +23,7 @@ from llamafactory.extras.constants import IMAGE_PLACEHOLDER
 from PIL import Image, UnidentifiedImageError
 
 from llamafactory_vision.boxes import BoxError, normalize_xyxy, validate_pixel_box
-from llamafactory_vision.dataset_rows import SKIP_COLUMN, align_with_row_checks
+from llamafactory_vision.dataset_rows import SKIP_COLUMN, RowError, align_with_row_checks
 from llamafactory_vision.grounding.formats import GroundedObject
 from llamafactory_vision.grounding.markers import objects_marker, region_marker
 from llamafactory_vision.grounding.templates import TASKS, get_grounding_spec, load_grounding_specs
@@ -32,20 +32,11 @@ from llamafactory_vision.log import get_logger
 logger = get_logger(__name__)
 
 
-class GroundingDataError(ValueError):
-    """An invalid grounding row; ``reason`` is a short key used to count skipped rows."""
+class GroundingDataError(RowError):
+    """An invalid grounding row (also raised for the formats whose converters build on the grounding one, with their
+    own ``kind``)."""
 
-    def __init__(self, dataset: str, row: int | None, field: str, message: str, reason: str, kind: str = "grounding"):
-        # "counting from 0": the first row of the file is row 0 (an editor would call it line 1)
-        where = f"{kind} dataset {dataset!r}, row {row if row is not None else '?'} (counting from 0), field `{field}`"
-        super().__init__(f"{where}: {message}")
-        self.dataset, self.row, self.field, self.message, self.reason = dataset, row, field, message, reason
-        self.kind = kind
-
-    def __reduce__(self):
-        # Pickle rebuilds an exception as `cls(*self.args)`, and `args` holds only the formatted text: without this,
-        # a worker of `preprocessing_num_workers > 1` sends an error the parent cannot rebuild and the pool hangs.
-        return type(self), (self.dataset, self.row, self.field, self.message, self.reason, self.kind)
+    kind = "grounding"
 
 
 @dataclass

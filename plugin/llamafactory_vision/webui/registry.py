@@ -80,6 +80,8 @@ def training_stages(host_stages: dict[str, str]) -> dict[str, str]:
     """Display name -> stage entries to add to the host's ``TRAINING_STAGES`` (refuses clashes)."""
     added = {}
     for stage, display in STAGES.items():
+        if host_stages.get(display) == stage:  # already added (the hook ran before)
+            continue
         if display in host_stages or stage in host_stages.values():
             raise ValueError(f"stage {stage!r} ({display!r}) clashes with a LLaMA-Factory stage.")
         added[display] = stage
