@@ -30,8 +30,9 @@ browser:
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/llamafactory-vision demo --out out/demo
 
+# Two workers, each test file on one of them (module fixtures such as a training run are built once)
 test: $(STAMP) browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf out .pytest_cache

@@ -75,7 +75,8 @@ setup(
         "deepspeed": ["deepspeed"],
         # setuptools/wheel: the tests build this package's wheel offline (--no-build-isolation)
         # playwright: the LLaMA Board browser tests (they drive the system chromium, see the Makefile)
-        "dev": ["pytest", "hypothesis", "torchmetrics", "ruff", "setuptools>=70.1", "wheel", "playwright"],
+        # pytest-xdist: `make test` runs the suite on two workers (most tests wait on single-threaded CLI runs)
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "torchmetrics", "ruff", "setuptools>=70.1", "wheel", "playwright"],
     },
     entry_points={"console_scripts": ["llamafactory-vision=llamafactory_vision.cli:main"]},
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},

@@ -51,9 +51,10 @@ def make_control(option: Option, tab: str) -> Component:
         return gr.Checkbox(value=value, **common)
     if option.kind == "dropdown":
         return gr.Dropdown(choices=list(option.choices), value=value, **common)
-    if option.kind in ("int", "float"):
+    if option.kind in ("int", "float") and not option.optional:
         return gr.Number(value=value, precision=0 if option.kind == "int" else None, **common)
-    return gr.Textbox(value=value, **common)
+    # An optional number is a textbox: empty means unset (None), where gr.Number would send 0
+    return gr.Textbox(value="" if value is None else value, **common)
 
 
 def _render_groups(options: tuple[Option, ...], controls: dict[str, Component], before: Any) -> dict[str, Any]:
