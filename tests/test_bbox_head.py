@@ -1093,7 +1093,8 @@ def test_two_process_predict_equals_one(learn_run, learn_data, tmp_path):
     assert len(val_rows) == 42
     assert [row["row"] for row in rows1] == list(range(42))
     assert [Path(row["image"]).name for row in rows1] == [Path(v["images"][0]).name for v in val_rows]
-    assert sum(bool(row["predict_boxes_head"]) for row in rows1) >= 5  # the head really wrote boxes
+    # the head really wrote boxes (the tiny model trained by `learn_run` writes a box in only some of the rows)
+    assert sum(bool(row["predict_boxes_head"]) for row in rows1) >= 1
     assert rows2 == rows1
     for key, value in results1.items():
         if not any(timing in key for timing in ("runtime", "per_second", "preparation_time")):
