@@ -1009,7 +1009,12 @@ def test_accumulated_gradients_equal_one_batch(path, tiny_models, mixed_data, tm
     assert expected.keys() == accumulated.keys()
     assert any(name.startswith("bbox_head.bbox_fc0") for name in expected)  # the random head gets gradients
     for name, grad in expected.items():
-        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        # Summation order differs between the runs, so float32 rounding differs by CPU and BLAS: the tolerance is
+        # relative to the tensor's largest gradient. A wrong normalisation is off by a factor (1/2 vs 1/3, ...).
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(
+            accumulated[name], grad, rtol=1e-4, atol=1e-5 * scale + 1e-12, msg=lambda m: f"{name}: {m}"
+        )
     for key in ("lm_loss", "bbox_l1", "bbox_giou"):
         assert logged[key] == pytest.approx(expected_log[key], abs=2e-4), key
 
