@@ -43,6 +43,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -196,9 +197,96 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_variant(model_dir: Path, data_dir: Path, work: Path, family: str, variant: str, mode: str, *,
-                  device: str, batch_size: int, warmup: int, steps: int, peak_tflops: float) -> dict:  # fmt: skip
-    """Time ``steps`` training steps of one variant; returns its figures."""
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    """One timed training step: wall seconds, non-padding tokens, model FLOPs, loss, and the memory it allocated on
+    top of what was resident before it (bytes; 0 on a CPU)."""
+
+    seconds: float
+    tokens: int
+    flops: float
+    loss: float
+    transient_bytes: int = 0
+
+
+def interleaved_schedule(variants: Sequence[str], warmup: int, steps: int) -> list[tuple[str, int, bool]]:
+    """The order in which the variants take their steps: ``(variant, step index, timed)`` triples.
+
+    Round ``r`` (``0 <= r < warmup + steps``) gives every variant its step ``r`` (so all variants train on the same
+    batches in the same order); the first ``warmup`` rounds are the shared, untimed warm-up. In the timed rounds the
+    order rotates by one variant per round (a Latin square: ``ABC``, ``BCA``, ``CAB``, ...), so that no variant is
+    systematically first or last in a round: with ``steps`` a multiple of ``len(variants)`` each variant takes every
+    position equally often. Timing the variants one after the other cost the first one ~40% on an H200 (warm-up the
+    untimed steps did not absorb); interleaving spreads whatever is left over all variants alike.
+    """
+    order = []
+    for r in range(warmup + steps):
+        k = (r - warmup) % len(variants) if r >= warmup else 0
+        order += [(variant, r, r >= warmup) for variant in (*variants[k:], *variants[:k])]
+    return order
+
+
+def time_interleaved(
+    steppers: Mapping[str, Callable[[int], StepTiming]], warmup: int, steps: int
+) -> tuple[dict[str, list[StepTiming]], list[str]]:
+    """Run :func:`interleaved_schedule` over ``steppers`` (variant -> function taking the step index).
+
+    Returns the timed steps of each variant, in step order, and the order the timed steps ran in (variant names).
+    """
+    timed: dict[str, list[StepTiming]] = {variant: [] for variant in steppers}
+    order = []
+    for variant, index, is_timed in interleaved_schedule(tuple(steppers), warmup, steps):
+        timing = steppers[variant](index)
+        if is_timed:
+            timed[variant].append(timing)
+            order.append(variant)
+    return timed, order
+
+
+def variant_figures(timed: Sequence[StepTiming], batch_size: int, peak_tflops: float, device: str,
+                    resident_bytes: int) -> dict:  # fmt: skip
+    """Throughput of one variant from the totals of its timed steps (sum of tokens / sum of seconds, not a mean of
+    per-step rates). ``peak_gib`` on a GPU: the variant's resident tensors (weights, optimizer state) plus the largest
+    transient allocation of its steps, i.e. its peak had it run alone, since the other variants stay resident."""
+    seconds = sum(t.seconds for t in timed)
+    tokens = sum(t.tokens for t in timed)
+    figures = {
+        "seconds": round(seconds, 4),
+        "tokens": tokens,
+        "samples_per_s": round(batch_size * len(timed) / seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "tokens_per_sample": round(tokens / (batch_size * len(timed)), 1),
+        "s_per_step": round(seconds / len(timed), 4),
+        "losses": [round(t.loss, 4) for t in timed],
+    }
+    if device == "cuda":
+        figures["peak_gib"] = round((resident_bytes + max(t.transient_bytes for t in timed)) / 2**30, 2)
+        figures["mfu"] = round(sum(t.flops for t in timed) / seconds / (peak_tflops * 1e12), 4)
+    return figures
+
+
+def ratio_of_totals(ours: Sequence[StepTiming], stock: Sequence[StepTiming]) -> float:
+    """Tokens/s of ``ours`` over tokens/s of ``stock``, each from its totals over the timed steps."""
+    rate = [sum(t.tokens for t in ts) / sum(t.seconds for t in ts) for ts in (ours, stock)]
+    return round(rate[0] / rate[1], 4)
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+@dataclasses.dataclass
+class VariantRunner:
+    """One variant's model, optimizer, collator and data, ready to step (see :func:`build_variant`)."""
+
+    step: Callable[[int], StepTiming]
+    resident_bytes: Callable[[], int]
+    info: dict
+
+
+def build_variant(model_dir: Path, data_dir: Path, work: Path, family: str, variant: str, mode: str, *,
+                  device: str, batch_size: int) -> VariantRunner:  # fmt: skip
+    """Tokenize the rows, load the model (and head) and build the collator and optimizer of one variant."""
     from llamafactory.data.collator import SFTDataCollatorWith4DAttentionMask
     from llamafactory.extras.constants import IGNORE_INDEX
     from llamafactory.model import load_model
@@ -206,9 +294,6 @@ def train_variant(model_dir: Path, data_dir: Path, work: Path, family: str, vari
     from llamafactory_vision.grounding.head_data import GroundingBBoxCollator
     from llamafactory_vision.grounding.trainer import BBoxLossConfig, bbox_head_loss
 
-    _free(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     args, tokenizer_module, template, dataset, tokenize_s = tokenize(
         model_dir, data_dir, work / f"{variant}-{mode}", family, variant, mode, device
     )
@@ -233,9 +318,12 @@ def train_variant(model_dir: Path, data_dir: Path, work: Path, family: str, vari
     flop_model = FlopModel.of(model, model.config)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
 
-    def step(index: int) -> tuple[float, int, float, float]:
+    def step(index: int) -> StepTiming:
         features = [dataset[(index * batch_size + j) % len(dataset)] for j in range(batch_size)]
         _sync(device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if device == "cuda" else 0
         start = time.perf_counter()
         batch = collator(features)
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -254,33 +342,30 @@ def train_variant(model_dir: Path, data_dir: Path, work: Path, family: str, vari
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
         seconds = time.perf_counter() - start
+        transient = torch.cuda.max_memory_allocated() - base if device == "cuda" else 0
         lengths = batch["attention_mask"].sum(-1).cpu()
         patches = batch["image_grid_thw"].prod(-1).cpu()
-        return seconds, int(lengths.sum()), flop_model.step_flops(lengths, patches, mode == "lora"), float(loss)
+        flops = flop_model.step_flops(lengths, patches, mode == "lora")
+        return StepTiming(seconds, int(lengths.sum()), flops, float(loss.detach()), transient)
 
-    for i in range(warmup):
-        step(i)
-    timed = [step(warmup + i) for i in range(steps)]
-    seconds = sum(t[0] for t in timed)
-    result = {
-        "variant": variant,
-        "mode": mode,
+    def resident_bytes() -> int:  # weights, buffers, optimizer state (gradients are freed after each step)
+        state = [v for s in optimizer.state.values() for v in s.values()]
+        return _tensor_bytes([*model.parameters(), *model.buffers(), *state])
+
+    info = {
         "rows_tokenized_per_s": round(len(dataset) / tokenize_s, 1),
-        "samples_per_s": round(batch_size * steps / seconds, 3),
-        "tokens_per_s": round(sum(t[1] for t in timed) / seconds, 1),
-        "tokens_per_sample": round(sum(t[1] for t in timed) / (batch_size * steps), 1),
-        "s_per_step": round(seconds / steps, 4),
-        "losses": [round(t[3], 4) for t in timed],
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-    if device == "cuda":
-        result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        result["mfu"] = round(sum(t[2] for t in timed) / seconds / (peak_tflops * 1e12), 4)
-    return result  # the model and optimizer are freed by the next variant's `_free`
+    return VariantRunner(step, resident_bytes, info)
 
 
 def run_training(workload: str, small: bool, device: str, work: Path, args: argparse.Namespace, save) -> dict:
-    """All runs of ``workload``; ``save({"runs": [...]})`` after each run, so a time cap keeps the finished ones."""
+    """All runs of ``workload``; ``save({"runs": [...]})`` after each run, so a time cap keeps the finished ones.
+
+    In each run the three variants are built side by side (all resident at once) and take their steps interleaved
+    (:func:`interleaved_schedule`): a shared warm-up of ``--warmup`` rounds, then ``--steps`` timed rounds in rotating
+    order. Ratios are tokens/s from each variant's totals over its timed steps.
+    """
     batch_size = args.batch_size or (2 if small else 8)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     data_dir = work / "data"
@@ -295,22 +380,38 @@ def run_training(workload: str, small: bool, device: str, work: Path, args: argp
         if not arch_data.exists():  # the stock twin depends on the family's box text
             shutil.copytree(data_dir, arch_data)
             write_stock_twin(arch_data, family, model_dir)
-        variants = {}
-        for variant in VARIANTS:
-            variants[variant] = train_variant(
-                model_dir, arch_data, work, family, variant, mode, device=device, batch_size=batch_size,
-                warmup=args.warmup, steps=args.steps, peak_tflops=args.peak_tflops,
-            )  # fmt: skip
-            print(json.dumps({"arch": arch, **variants[variant]}), file=sys.stderr, flush=True)
-        stock = variants["stock"]
+        _free(device)
+        runners = {
+            variant: build_variant(
+                model_dir, arch_data, work, family, variant, mode, device=device, batch_size=batch_size
+            )
+            for variant in VARIANTS
+        }
+        timed, order = time_interleaved({v: r.step for v, r in runners.items()}, args.warmup, args.steps)
+        variants = {
+            variant: {
+                "variant": variant,
+                "mode": mode,
+                **runner.info,
+                **variant_figures(timed[variant], batch_size, args.peak_tflops, device, runner.resident_bytes()),
+            }
+            for variant, runner in runners.items()
+        }
+        for figures in variants.values():
+            print(json.dumps({"arch": arch, **figures}), file=sys.stderr, flush=True)
         # Same rows, same tokens, same seed: the LM losses of stock and ours differ by kernel noise only.
-        loss_diff = max(abs(a - b) for a, b in zip(variants["ours"]["losses"], stock["losses"]))
-        runs.append({
-            "arch": arch, "mode": mode, "batch_size": batch_size, "variants": variants,
-            "ratio_ours_over_stock": round(variants["ours"]["tokens_per_s"] / stock["tokens_per_s"], 4),
-            "ratio_head_over_stock": round(variants["ours_head"]["tokens_per_s"] / stock["tokens_per_s"], 4),
+        loss_diff = max(abs(a - b) for a, b in zip(variants["ours"]["losses"], variants["stock"]["losses"]))
+        run = {
+            "arch": arch, "mode": mode, "batch_size": batch_size, "schedule": "interleaved", "timed_order": order,
+            "variants": variants,
+            "ratio_ours_over_stock": ratio_of_totals(timed["ours"], timed["stock"]),
+            "ratio_head_over_stock": ratio_of_totals(timed["ours_head"], timed["stock"]),
             "max_loss_diff_ours_vs_stock": round(loss_diff, 5),
-        })  # fmt: skip
+        }  # fmt: skip
+        if device == "cuda":
+            run["process_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        runs.append(run)
+        del runners, timed  # free this run's models before the next run's are built
         save({"runs": runs})
     return {"runs": runs}
 
@@ -443,8 +544,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small", action="store_true", help="scaled-down models and rows: the code path on a CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="default 8 (2 with --small)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3, help="shared untimed rounds (one step of every variant each)")
+    parser.add_argument(
+        "--steps", type=int, default=9, help="timed rounds, variants in rotating order (a multiple of 3 balances it)"
+    )
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU (H100/H200)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)

@@ -44,3 +44,76 @@ def test_extract_last_json_skips_logs_and_earlier_objects():
     assert extract_last_json(text) == {"runs": [{"a": 1}], "ok": True}
     with pytest.raises(ValueError):
         extract_last_json("no json here\n")
+
+
+# ---------------------------------------------------------------------------------------------- interleaved timing
+
+
+def test_schedule_interleaves_after_a_shared_warmup_and_rotates_the_order():
+    from bench_grounding import interleaved_schedule
+
+    schedule = interleaved_schedule(("s", "o", "h"), warmup=2, steps=3)
+    # warm-up: every variant steps batch 0, then batch 1, untimed; then one step each per round, the order rotating
+    assert schedule == [
+        ("s", 0, False), ("o", 0, False), ("h", 0, False),
+        ("s", 1, False), ("o", 1, False), ("h", 1, False),
+        ("s", 2, True), ("o", 2, True), ("h", 2, True),
+        ("o", 3, True), ("h", 3, True), ("s", 3, True),
+        ("h", 4, True), ("s", 4, True), ("o", 4, True),
+    ]  # fmt: skip
+    timed = [v for v, _, is_timed in interleaved_schedule(("s", "o", "h"), warmup=3, steps=9) if is_timed]
+    for position in range(3):  # each variant first, second and third in equally many rounds
+        firsts = [timed[r * 3 + position] for r in range(9)]
+        assert sorted(firsts) == sorted(["s", "o", "h"] * 3)
+
+
+def test_time_interleaved_calls_the_steppers_in_schedule_order_and_ratios_come_from_totals():
+    from bench_grounding import StepTiming, ratio_of_totals, time_interleaved, variant_figures
+
+    calls = []
+    # stock: one slow step and one fast one (200 tokens in 1.1 s); ours: two equal ones (200 tokens in 1.0 s). A mean
+    # of per-step rates (stock (100 + 1000) / 2 = 550 tokens/s, ours 200) would call ours 0.36x; totals say 1.1x.
+    plan = {"stock": [(1.0, 100), (0.1, 100)], "ours": [(0.5, 100), (0.5, 100)], "ours_head": [(1.0, 100), (1.0, 100)]}
+
+    def stepper(variant):
+        def step(index):
+            calls.append((variant, index))
+            seconds, tokens = plan[variant][index - 1] if index >= 1 else (9.0, 1)  # index 0: the warm-up
+            return StepTiming(seconds=seconds, tokens=tokens, flops=0.0, loss=float(index))
+
+        return step
+
+    timed, order = time_interleaved({v: stepper(v) for v in plan}, warmup=1, steps=2)
+    assert calls == [("stock", 0), ("ours", 0), ("ours_head", 0), ("stock", 1), ("ours", 1), ("ours_head", 1),
+                     ("ours", 2), ("ours_head", 2), ("stock", 2)]  # fmt: skip
+    assert order == ["stock", "ours", "ours_head", "ours", "ours_head", "stock"]
+    assert [t.loss for t in timed["stock"]] == [1.0, 2.0]  # warm-up steps are not kept
+    # stock: 200 tokens in 1.1 s; ours: 200 tokens in 1.0 s; head: 200 in 2.0 s
+    assert ratio_of_totals(timed["ours"], timed["stock"]) == pytest.approx(1.1, abs=1e-4)
+    assert ratio_of_totals(timed["ours_head"], timed["stock"]) == pytest.approx(0.55, abs=1e-4)
+    figures = variant_figures(timed["stock"], batch_size=4, peak_tflops=1.0, device="cpu", resident_bytes=0)
+    assert figures["tokens_per_s"] == pytest.approx(200 / 1.1, abs=0.1)
+    assert figures["samples_per_s"] == pytest.approx(8 / 1.1, abs=1e-3)
+    assert figures["losses"] == [1.0, 2.0]
+
+
+def test_small_training_run_interleaves_the_real_variants(tmp_path, monkeypatch):
+    """The --small code path end to end (one run): real variants through the host's data and model loading, the
+    timed steps in rotating order, and stock and ours on identical tokens (equal losses)."""
+    import argparse
+
+    import bench_grounding
+
+    monkeypatch.setitem(bench_grounding.WORKLOADS, "a", [("qwen2vl-2b", "lora")])
+    args = argparse.Namespace(batch_size=2, warmup=1, steps=3, peak_tflops=1.0)
+    with torch.random.fork_rng(devices=[]):
+        (run,) = bench_grounding.run_training("a", True, "cpu", tmp_path, args, save=lambda partial: None)["runs"]
+    assert run["timed_order"] == ["stock", "ours", "ours_head", "ours", "ours_head", "stock",
+                                  "ours_head", "stock", "ours"]  # fmt: skip
+    variants = run["variants"]
+    assert all(len(v["losses"]) == 3 for v in variants.values())
+    assert run["max_loss_diff_ours_vs_stock"] == 0.0
+    stock, ours = variants["stock"], variants["ours"]
+    assert run["ratio_ours_over_stock"] == pytest.approx(
+        (ours["tokens"] / ours["seconds"]) / (stock["tokens"] / stock["seconds"]), rel=1e-3
+    )
