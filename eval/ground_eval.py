@@ -47,7 +47,7 @@ from llamafactory_vision.grounding.metrics import (
     KINDS,
     GroundingMetricAccumulator,
     head_boxes_for_family,
-    score_row,
+    score_rows,
 )
 from llamafactory_vision.grounding.predictions import image_path, read_dataset, read_predictions
 from llamafactory_vision.grounding.visualize import draw_prediction
@@ -274,17 +274,16 @@ def resolve_rows(
 def score_resolved(rows: list[ResolvedRow], family: str) -> tuple[dict[str, Any], str | None]:
     """Metrics over rows resolved against the dataset (boxes in ``[0, 1]``); and the coordinate-space warning."""
     accumulator = GroundingMetricAccumulator(family, bounds=(1.0, 1.0))
-    for row in rows:
-        accumulator.add(
-            score_row(
-                row.obj["predict"],
-                row.obj["label"],
-                row.head,
-                row.task,
-                pred_boxes=row.predict,
-                label_boxes=row.label if row.task != "reg" else None,
-            )
-        )
+    scored = score_rows(
+        [row.obj["predict"] for row in rows],
+        [row.obj["label"] for row in rows],
+        [row.head for row in rows],
+        [row.task for row in rows],
+        pred_boxes=[row.predict for row in rows],
+        label_boxes=[row.label if row.task != "reg" else None for row in rows],
+    )
+    for row in scored:
+        accumulator.add(row)
     return accumulator.compute(), accumulator.warning
 
 

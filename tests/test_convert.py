@@ -266,3 +266,29 @@ def test_written_paths_resolve_from_the_output_folder_as_dataset_dir(tmp_path: P
     for i, row in enumerate(rows):
         (found,) = converter(row, i)["_images"]
         assert Path(found).resolve() == (Path(imgs) / Path(row["images"][0]).name).resolve()
+
+
+def test_written_paths_equal_resolving_each_file(tmp_path: Path, imgs: str) -> None:
+    """The converter resolves the images folder once; the paths it writes are what resolving every file gives
+    (``os.path.relpath(file.resolve(), out.resolve().parent)``): a symlinked file as its target, a file name with a
+    folder, an images folder reached through a symlink, and an output beside the images."""
+    import os
+
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (Path(imgs) / "a.jpg").rename(other / "a.jpg")
+    (Path(imgs) / "a.jpg").symlink_to(other / "a.jpg")  # the file itself is a symlink
+    (Path(imgs) / "sub").mkdir()
+    (Path(imgs) / "b.jpg").rename(Path(imgs) / "sub" / "b.jpg")
+    data = json.loads(json.dumps(INSTANCES))
+    data["images"][1]["file_name"] = "sub/b.jpg"
+    instances = _write(tmp_path / "instances.json", data)
+    (tmp_path / "link").symlink_to(imgs)  # the images folder reached through a symlink
+    for images_dir, out in ((imgs, tmp_path / "out" / "x.jsonl"), (str(tmp_path / "link"), Path(imgs) / "x.jsonl")):
+        convert_coco(instances, images_dir, out)
+        expected = {
+            name: os.path.relpath((Path(images_dir) / name).resolve(), out.resolve().parent)
+            for name in ("a.jpg", "sub/b.jpg")
+        }
+        assert [row["images"][0] for row in _rows(out)] == [expected["a.jpg"]] * 2 + [expected["sub/b.jpg"]]
+        assert expected["a.jpg"].endswith("elsewhere/a.jpg")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -86,6 +87,9 @@ class _ImageIndex:
             raise ValueError(f"images folder {images_dir!r} does not exist (resolved to {self.images_dir.resolve()})")
         self.records = {rec.get("id", int): rec for rec in _records(path, data, "images")}
         self.out_jsonl = out_jsonl
+        # Resolved once: a plain file name in a resolved folder is its own resolved path unless it is a symlink.
+        self._real_dir = self.images_dir.resolve()
+        self._written_dir = relative_path(self._real_dir, out_jsonl)
         self.rescale_to_file = rescale_to_file
         self.rescaled = 0
         self._opened: dict[int, _Image] = {}
@@ -99,7 +103,8 @@ class _ImageIndex:
         return self._opened[image_id]
 
     def _open(self, rec: Record) -> _Image:
-        file = self.images_dir / rec.get("file_name", str)
+        file_name = rec.get("file_name", str)
+        file = self.images_dir / file_name
         file_size = open_image(rec, "file_name", file)
         width, height = rec.get("width", (int, float), None), rec.get("height", (int, float), None)
         scale = (1.0, 1.0)
@@ -113,8 +118,16 @@ class _ImageIndex:
                 )
             scale = (file_size[0] / width, file_size[1] / height)
             self.rescaled += 1
-        written = relative_path(file, self.out_jsonl)
-        return _Image(written, (float(file_size[0]), float(file_size[1])), scale)
+        return _Image(self._written_path(file_name, file), (float(file_size[0]), float(file_size[1])), scale)
+
+    def _written_path(self, file_name: str, file: Path) -> str:
+        """``relative_path(file, out_jsonl)`` for ``file = images_dir / file_name``, without resolving every path
+        from the root (most of the conversion time): a plain file name that is not a symlink, inside the resolved
+        folder, is its own resolved path, written as the folder's written path joined with the name."""
+        plain = file_name not in ("", ".", "..") and os.sep not in file_name and (os.altsep or os.sep) not in file_name
+        if not plain or os.path.islink(os.path.join(self._real_dir, file_name)):
+            return relative_path(file, self.out_jsonl)
+        return file_name if self._written_dir == "." else os.path.join(self._written_dir, file_name)
 
 
 def _largest_below(total: float, start: float) -> float:

@@ -46,12 +46,12 @@ import math
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ..boxes import box_iou, to_xyxy
+from ..boxes import box_iou, elementwise_box_iou, to_xyxy
 from .formats import RELATIVE_SCALE, Box, parse_answer
 
 ACC_THRESHOLDS = (0.5, 0.75)
@@ -122,9 +122,31 @@ def match_boxes(pred: Sequence[Sequence[float]], label: Sequence[Sequence[float]
 
 def first_box_iou(pred: Sequence[Sequence[float]], label: Sequence[float]) -> float:
     """IoU of the first predicted box with the one label box (rec rows, the published protocol); 0 with no box."""
-    if not pred:
-        return 0.0
-    return float(iou_matrix(pred[:1], [label])[0, 0])
+    return first_box_ious([pred], [label])[0]
+
+
+def paired_iou(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """``Tensor[N]`` float64 IoU of ``pred[i]`` with ``label[i]``, both ``Tensor[N, 4]`` xyxy in one space.
+
+    The diagonal of :func:`iou_matrix`, computed without the ``N x N`` matrix: the same operations in the same order
+    (so the same float64 values), no eps, and 0 for a pair with a degenerate or non-finite box.
+    """
+    pred, label = pred.to(torch.float64), label.to(torch.float64)
+    iou = elementwise_box_iou(pred, label, eps=0.0)
+    return torch.where(_valid_boxes(pred) & _valid_boxes(label), iou, torch.zeros_like(iou))
+
+
+def first_box_ious(preds: Sequence[Sequence[Sequence[float]]], labels: Sequence[Sequence[float]]) -> list[float]:
+    """:func:`first_box_iou` of many rows in one vectorised call: ``preds[i]`` the predicted boxes of row ``i``
+    (possibly none: IoU 0), ``labels[i]`` its one label box. Returns one float per row."""
+    with_box = [i for i, pred in enumerate(preds) if len(pred)]
+    ious = [0.0] * len(preds)
+    if with_box:
+        pred_t = torch.tensor([list(preds[i][0]) for i in with_box], dtype=torch.float64).reshape(-1, 4)
+        label_t = torch.tensor([list(labels[i]) for i in with_box], dtype=torch.float64).reshape(-1, 4)
+        for i, iou in zip(with_box, paired_iou(pred_t, label_t).tolist()):
+            ious[i] = iou
+    return ious
 
 
 def normalize_phrase(text: str) -> str:
@@ -178,8 +200,18 @@ class BoxScore:
 
 def score_boxes(pred: Sequence[Sequence[float]], label: Sequence[Sequence[float]]) -> BoxScore:
     """rec (one label box): the first predicted box; detect (several): Hungarian matching. ``label`` non-empty."""
-    ious = [first_box_iou(pred, label[0])] if len(label) == 1 else match_boxes(pred, label)
-    return BoxScore(ious=ious, num_pred=len(pred))
+    return score_many_boxes([(pred, label)])[0]
+
+
+def score_many_boxes(pairs: Sequence[tuple[Sequence[Sequence[float]], Sequence[Sequence[float]]]]) -> list[BoxScore]:
+    """:func:`score_boxes` of many ``(pred, label)`` pairs: the first-box IoU of every rec pair in one vectorised
+    call (:func:`first_box_ious`), detect pairs matched one by one."""
+    rec = [i for i, (_, label) in enumerate(pairs) if len(label) == 1]
+    rec_ious = dict(zip(rec, first_box_ious([pairs[i][0] for i in rec], [pairs[i][1][0] for i in rec])))
+    return [
+        BoxScore(ious=[rec_ious[i]] if i in rec_ious else match_boxes(pred, label), num_pred=len(pred))
+        for i, (pred, label) in enumerate(pairs)
+    ]
 
 
 @dataclass(frozen=True)
@@ -225,6 +257,40 @@ def score_row(
         label_boxes: the label boxes from the dataset (floats, not the rounded label text), in the same space as
             ``pred_boxes``; default: parsed from ``label``.
     """
+    return score_rows([predict], [label], [head_boxes], [task], [pred_boxes], [label_boxes])[0]
+
+
+def score_rows(
+    predicts: Sequence[str],
+    labels: Sequence[str],
+    head_boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
+    tasks: Sequence[str | None] | None = None,
+    pred_boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
+    label_boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
+) -> list[RowScore]:
+    """:func:`score_row` of many rows (its arguments as per-row lists, ``None`` for all-default), with the IoUs of
+    all rec rows computed in one vectorised call instead of one small tensor computation per row."""
+    n = len(predicts)
+    head_boxes, tasks = head_boxes or [None] * n, tasks or [None] * n
+    pred_boxes, label_boxes = pred_boxes or [None] * n, label_boxes or [None] * n
+    rows = [_unscored_row(*args) for args in zip(predicts, labels, tasks, pred_boxes, label_boxes, strict=True)]
+    box_rows = [i for i, row in enumerate(rows) if row.kind in ("rec", "detect")]
+    text = score_many_boxes([(rows[i].pred_boxes, rows[i].label_boxes) for i in box_rows])
+    with_head = [i for i in box_rows if head_boxes[i] is not None]
+    head = dict(zip(with_head, score_many_boxes([(head_boxes[i], rows[i].label_boxes) for i in with_head])))
+    for i, score in zip(box_rows, text):
+        rows[i] = replace(rows[i], text=score, head=head.get(i))
+    return rows
+
+
+def _unscored_row(
+    predict: str,
+    label: str,
+    task: str | None,
+    pred_boxes: Sequence[Sequence[float]] | None,
+    label_boxes: Sequence[Sequence[float]] | None,
+) -> RowScore:
+    """:func:`score_row` without the box scores (``text``/``head`` left ``None``): kind, text match, boxes."""
     if task is not None and task not in KINDS:
         raise ValueError(f"task={task!r}: expected one of {KINDS} or None")
     if label_boxes is None:
@@ -243,9 +309,7 @@ def score_row(
         pred_boxes = parsed_pred.boxes
     return RowScore(
         kind="rec" if len(label_boxes) == 1 else "detect",
-        text=score_boxes(pred_boxes, label_boxes),
         pred_failed=not pred_boxes,
-        head=None if head_boxes is None else score_boxes(head_boxes, label_boxes),
         pred_boxes=tuple(tuple(b) for b in pred_boxes),
         label_boxes=tuple(tuple(b) for b in label_boxes),
     )
@@ -429,7 +493,7 @@ class GroundingMetricAccumulator:
                 raise ValueError(f"{name} has {len(values)} rows but preds has {len(preds)}")
         head_boxes = head_boxes if head_boxes is not None else [None] * len(preds)
         tasks = tasks if tasks is not None else [None] * len(preds)
-        self._rows.extend(score_row(p, t, h, k) for p, t, h, k in zip(preds, labels, head_boxes, tasks))
+        self._rows.extend(score_rows(preds, labels, head_boxes, tasks))
 
     def add(self, row: RowScore) -> None:
         """Add one row scored by :func:`score_row`."""
