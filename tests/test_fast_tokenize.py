@@ -101,3 +101,28 @@ def test_fast_tokenize_leaves_the_registered_template_alone():
     assert fast.mm_plugin.fast_tokenize and not registered.mm_plugin.fast_tokenize
     assert with_fast_tokenize(registered, False) is registered
     assert with_fast_tokenize(TEMPLATES["qwen2_vl"], True) is TEMPLATES["qwen2_vl"]  # stock templates: untouched
+
+
+def test_header_sizes_are_read_once_per_file_version(tmp_path):
+    """A row's image size is asked for twice per tokenization; the header is read once, and again when the file
+    changes (oracle: PIL opening the file)."""
+    import os
+
+    from llamafactory_vision.grounding import plugin
+    from PIL import Image
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (30, 20)).save(path)
+    with mock.patch.object(plugin.Image, "open", wraps=Image.open) as opened:
+        assert plugin.original_size(str(path)) == (30, 20)
+        assert plugin.original_size(path) == (30, 20)
+        assert plugin.original_size({"path": str(path)}) == (30, 20)
+        assert opened.call_count == 1
+        Image.new("RGB", (50, 40)).save(path)  # rewritten in place: a new version
+        os.utime(path, ns=(1, 1))  # even with an old timestamp, the size in bytes differs (and mtime does)
+        assert plugin.original_size(str(path)) == (50, 40)
+        assert opened.call_count == 2
+        with path.open("rb") as f:  # file objects and bytes are read every time
+            assert plugin.original_size(f) == (50, 40)
+        assert plugin.original_size(path.read_bytes()) == (50, 40)
+        assert opened.call_count == 4

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -30,14 +31,30 @@ from llamafactory_vision.grounding.markers import has_markers, render_markers
 
 def original_size(image) -> tuple[int, int]:
     """(width, height) of an image input as LLaMA-Factory accepts it (path, bytes, {"path"|"bytes"} or PIL),
-    read from the header only."""
+    read from the header only (once per file version: see :func:`_file_header_size`)."""
     if isinstance(image, Image.Image):
         return image.size
     if isinstance(image, dict):
         image = image["bytes"] if image.get("bytes") is not None else image["path"]
     if isinstance(image, bytes):
         image = BytesIO(image)
-    with Image.open(image) as opened:
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        stat = os.stat(path)
+        return _file_header_size(path, stat.st_mtime_ns, stat.st_size)
+    with Image.open(image) as opened:  # a file object
+        return opened.size
+
+
+@functools.lru_cache(maxsize=65536)
+def _file_header_size(path: str, mtime_ns: int, file_size: int) -> tuple[int, int]:
+    """(width, height) from the header of the file at ``path`` as it was at ``(mtime_ns, file_size)``.
+
+    Tokenizing one grounding row asks for its image's size twice (box rendering in ``process_messages``, then the
+    token grid in ``_get_mm_token_metadata``), and every epoch of a cached dataset again; a header read costs far more
+    than the ``os.stat`` that keys this memo, and a file rewritten since has another key, so it is read afresh.
+    """
+    with Image.open(path) as opened:
         return opened.size
 
 
