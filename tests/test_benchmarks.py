@@ -117,3 +117,19 @@ def test_small_training_run_interleaves_the_real_variants(tmp_path, monkeypatch)
     assert run["ratio_ours_over_stock"] == pytest.approx(
         (ours["tokens"] / ours["seconds"]) / (stock["tokens"] / stock["seconds"]), rel=1e-3
     )
+
+
+def test_summary_marks_runs_of_the_sequential_harness(tmp_path):
+    import json
+
+    from summarize import SEQUENTIAL, rows
+
+    variant = {"samples_per_s": 1.0, "tokens_per_s": 10.0}
+    run = {"arch": "x", "mode": "lora", "variants": {"stock": variant, "ours": variant, "ours_head": variant},
+           "ratio_ours_over_stock": 2.0, "ratio_head_over_stock": 1.5}  # fmt: skip
+    (tmp_path / "a.json").write_text(json.dumps({"runs": [run, {**run, "arch": "y", "schedule": "interleaved"}]}))
+    ratios = {name: ratio for name, _, ratio in rows(tmp_path) if ratio is not None}
+    assert ratios == {
+        f"x lora {SEQUENTIAL}: ours/stock": 2.0, f"x lora {SEQUENTIAL}: ours+head/stock": 1.5,
+        "y lora: ours/stock": 2.0, "y lora: ours+head/stock": 1.5,
+    }  # fmt: skip
