@@ -17,9 +17,13 @@ Models are the real architectures with random weights, built from the published 
 The stock rows hold exactly the text our template renders (same prompt, same box text), so both sides train on the
 same tokens and the ratio measures our overhead only. A training step is what the host's trainer does with its
 defaults (``dataloader_num_workers: 0``, gradient checkpointing, bf16 autocast): collate the batch (decode +
-patchify images), forward, backward, AdamW step; the first ``--warmup`` steps are not timed.
+patchify images), forward, backward, AdamW step. The three variants of a run are built side by side and step
+interleaved (:func:`interleaved_schedule`): ``--warmup`` shared untimed rounds, then ``--steps`` timed rounds in
+rotating order, so that no variant is systematically timed first (the first harness, which timed them one after
+another, charged ~40% of warm-up to the first variant on an H200).
 
-Reported per variant: samples/s, tokens/s (non-padding), peak GPU memory (allocated), MFU = model FLOPs per second /
+Reported per variant, from its totals over the timed steps: samples/s, tokens/s (non-padding), peak GPU memory
+(allocated: its resident tensors plus the largest transient of its own steps), MFU = model FLOPs per second /
 ``--peak-tflops`` (989: H100/H200 bf16 dense). Model FLOPs, PaLM-style: 2 x linear parameters per token forward
 (LM head included, embeddings and the tiny bbox head/LoRA matrices not), plus 4 x layers x attention width x
 sequence^2 per sequence (non-causal count) in the LLM and per image in the vision tower; LLM backward counts 2x
