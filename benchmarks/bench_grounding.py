@@ -204,14 +204,15 @@ def _sync(device: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class StepTiming:
-    """One timed training step: wall seconds, non-padding tokens, model FLOPs, loss, and the memory it allocated on
-    top of what was resident before it (bytes; 0 on a CPU)."""
+    """One timed training step: wall seconds, non-padding tokens, model FLOPs, loss, the memory it allocated on top
+    of what was resident before it and the process's peak allocation during it (bytes; 0 on a CPU)."""
 
     seconds: float
     tokens: int
     flops: float
     loss: float
     transient_bytes: int = 0
+    peak_bytes: int = 0
 
 
 def interleaved_schedule(variants: Sequence[str], warmup: int, steps: int) -> list[tuple[str, int, bool]]:
@@ -347,11 +348,11 @@ def build_variant(model_dir: Path, data_dir: Path, work: Path, family: str, vari
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
         seconds = time.perf_counter() - start
-        transient = torch.cuda.max_memory_allocated() - base if device == "cuda" else 0
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0  # since this step's reset
         lengths = batch["attention_mask"].sum(-1).cpu()
         patches = batch["image_grid_thw"].prod(-1).cpu()
         flops = flop_model.step_flops(lengths, patches, mode == "lora")
-        return StepTiming(seconds, int(lengths.sum()), flops, float(loss.detach()), transient)
+        return StepTiming(seconds, int(lengths.sum()), flops, float(loss.detach()), peak - base, peak)
 
     def resident_bytes() -> int:  # weights, buffers, optimizer state (gradients are freed after each step)
         state = [v for s in optimizer.state.values() for v in s.values()]
@@ -413,8 +414,8 @@ def run_training(workload: str, small: bool, device: str, work: Path, args: argp
             "ratio_head_over_stock": ratio_of_totals(timed["ours_head"], timed["stock"]),
             "max_loss_diff_ours_vs_stock": round(loss_diff, 5),
         }  # fmt: skip
-        if device == "cuda":
-            run["process_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if device == "cuda":  # each step resets the peak counter, so the process peak is the largest step peak
+            run["process_peak_gib"] = round(max(t.peak_bytes for ts in timed.values() for t in ts) / 2**30, 2)
         runs.append(run)
         del runners, timed  # free this run's models before the next run's are built
         save({"runs": runs})
