@@ -34,6 +34,7 @@ from llamafactory_vision.synth import PRESETS, generate_grounding
 from PIL import Image
 from safetensors.torch import load_file
 from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
+from zero3_stand_in import ZeroStage3
 
 FAMILY = "qwen2_vl"  # the family of the in-process trainer and of the CLI runs
 CUT_LEN = 150  # on `multi_data`: keeps every prompt whole and cuts the answers of the rows with the most boxes
@@ -446,52 +447,11 @@ def test_saved_head_settings_conflicting_with_yaml_are_refused(tmp_path):
         assert all(torch.equal(head.state_dict()[k], v) for k, v in expected.items())
 
 
-class _ZeroStage3:
-    """A stand-in for DeepSpeed ZeRO-3 on CPU: each parameter keeps an empty placeholder (``ds_id`` set, as
-    deepspeed marks them) and its full value aside; ``gathered_parameters`` brings the full values back inside its
-    ``with`` block, as ``deepspeed.zero.GatheredParameters`` does (installed in place of bbox_head's call to it)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.params = list(module.parameters())
-        self.full = [p.data.clone() for p in self.params]
-        self.gathered: list[list[torch.nn.Parameter]] = []
-        for i, param in enumerate(self.params):
-            param.ds_id = i
-            param.data = torch.empty(0, dtype=param.dtype)
-
-    def gathered_parameters(self, params, modifier_rank=None):
-        stage = self
-
-        @contextmanager
-        def gathered():
-            assert modifier_rank is None  # read only
-            stage.gathered.append(list(params))
-            for param in params:
-                param.data = stage.full[param.ds_id]
-            try:
-                yield
-            finally:
-                for param in params:
-                    param.data = torch.empty(0, dtype=param.dtype)
-
-        return gathered()
-
-    def restore(self) -> None:
-        for param, full in zip(self.params, self.full):
-            param.data = full
-            del param.ds_id
-
-    def install(self, monkeypatch) -> None:
-        from llamafactory_vision.grounding import bbox_head
-
-        monkeypatch.setattr(bbox_head, "gathered_parameters", lambda params: self.gathered_parameters(params, None))
-
-
 def test_zero3_partitioned_head_is_saved_gathered(tmp_path, monkeypatch):
     head = BBoxHead(BBoxHeadConfig(hidden_size=32, num_layers=2))
     with random_head(head):
         expected = {k: v.clone() for k, v in head.state_dict().items()}
-        stage = _ZeroStage3(head)
+        stage = ZeroStage3(head)
         stage.install(monkeypatch)
         try:
             with pytest.raises(ValueError, match="are empty: gather them"):  # what saving state_dict() would write
@@ -511,7 +471,7 @@ def test_zero3_trainer_save_model_gathers_head_on_every_rank(build_trainer, tmp_
     head = trainer.model.bbox_head
     with random_head(head, seed=4):
         expected = {k: v.clone() for k, v in head.state_dict().items()}
-        stage = _ZeroStage3(head)
+        stage = ZeroStage3(head)
         stage.install(monkeypatch)
         try:
             trainer.save_model(str(tmp_path / "ckpt"))

@@ -24,13 +24,13 @@ from llamafactory_vision.grounding.bbox_head import (
     HEAD_WEIGHTS,
     BBoxHead,
     find_box_spans,
-    head_state_dict,
     save_head,
     select_anchor,
 )
 from llamafactory_vision.grounding.formats import RELATIVE_SCALE
 from llamafactory_vision.grounding.head_data import BBOX_COLUMNS
 from llamafactory_vision.grounding.head_rows import ROW_COLUMN, first_occurrences, pack_head_rows, unpack_head_rows
+from llamafactory_vision.zero3 import gathered_state_dict
 
 # Sums kept per split between two logs, reduced across processes in one collective: the LM term (see compute_loss)
 # and its count, then the head's L1 and 1 - GIoU summed over boxes, and the number of boxes.
@@ -176,7 +176,7 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Every process runs save_model (only the main one runs _save): gather the head here, where a ZeRO-3
         # collective can run, and hand the full weights to _save.
-        self._gathered_head = head_state_dict(self._head(self.model))
+        self._gathered_head = gathered_state_dict(self._head(self.model))
         try:
             super().save_model(output_dir, _internal_call)
         finally:
