@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, run_cli
+import torch
+from conftest import REPO, run_cli, write_yaml
 
 
 @pytest.mark.e2e
@@ -125,3 +126,26 @@ def test_bf16_examples_say_what_to_do_on_cpu():
         for line in path.read_text().splitlines():
             if line.startswith("bf16: true"):
                 assert "on CPU set `bf16: false`" in line, path
+
+
+def test_edit_demo_untrained_parts_repeat_from_run_to_run(edit_models, tmp_path):
+    """The "before" figures of the edit demo come from a fresh edit head: seeded, they repeat whatever ran before."""
+    import shutil
+
+    from llamafactory_vision.editing.demo import _untrained_parts
+    from llamafactory_vision.editing.parts import HEAD_DIR
+    from safetensors.torch import load_file
+
+    train_yaml = write_yaml(tmp_path / "train.yaml", {"seed": 7, "edit_head_width": 32, "edit_head_layers": 1,
+                                                      "edit_head_ffn": 64, "edit_resolution": 32,
+                                                      "edit_num_inference_steps": 2})  # fmt: skip
+    states = []
+    for attempt in range(2):
+        model = shutil.copytree(edit_models["llava"], tmp_path / f"llava{attempt}")
+        torch.manual_seed(attempt)  # a different global random state before each call
+        _untrained_parts(model, edit_models["ip2p"], train_yaml)
+        (weights,) = (model / HEAD_DIR).glob("*.safetensors")
+        states.append(load_file(str(weights)))
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=0, atol=0)

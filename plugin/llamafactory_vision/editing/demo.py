@@ -17,6 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from llamafactory_vision.demo_common import DEMO_YAMLS, cli_train, prepare_out, run_eval, write_resolved
 from llamafactory_vision.editing.diffusion import load_diffusion
 from llamafactory_vision.editing.edit_head import EditHead
@@ -37,6 +39,8 @@ def _untrained_parts(model_dir: Path, diffusion_dir: Path, train_yaml: Path) -> 
 
     config = OmegaConf.load(train_yaml)
     parts = load_diffusion(diffusion_dir)
+    # Seeded as the training run seeds its own fresh head, so the "before" figures repeat from run to run.
+    torch.manual_seed(config.get("seed", 42))
     head = EditHead(
         llm_hidden_size=json.loads((model_dir / "config.json").read_text())["text_config"]["hidden_size"],
         cross_attention_dim=parts.unet.config.cross_attention_dim,
