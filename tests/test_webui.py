@@ -72,7 +72,7 @@ def test_disabled_ui_is_stock_and_ours_only_adds(ui_trees):
         assert mine == config, elem_id
     added = {i.split(".", 1)[1] for i in set(ours) - set(stock)}
     expected = {o.name for o in train_options()} | {"image_max_pixels", "image_min_pixels"}
-    expected |= {"grounding_preview_btn", "grounding_preview", "prediction_gallery", "grounding_answer"}
+    expected |= {"grounding_preview_btn", "grounding_preview", "prediction_gallery", "edit_gallery", "grounding_answer"}
     expected |= {f"vision_{g}_tab" for g in {o.group for o in train_options()}}
     assert added == expected
     assert "qwen2_vl_ground" in str(ours["top.template"][1]["choices"])
