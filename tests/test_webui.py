@@ -72,7 +72,8 @@ def test_disabled_ui_is_stock_and_ours_only_adds(ui_trees):
         assert mine == config, elem_id
     added = {i.split(".", 1)[1] for i in set(ours) - set(stock)}
     expected = {o.name for o in train_options()} | {"image_max_pixels", "image_min_pixels"}
-    expected |= {"grounding_preview_btn", "grounding_preview", "prediction_gallery", "edit_gallery", "grounding_answer"}
+    expected |= {"grounding_preview_btn", "grounding_preview", "prediction_gallery", "edit_gallery"}
+    expected.add("grounding_answer")
     expected |= {f"vision_{g}_tab" for g in {o.group for o in train_options()}}
     assert added == expected
     assert "qwen2_vl_ground" in str(ours["top.template"][1]["choices"])
@@ -262,3 +263,143 @@ def test_chat_answer_boxes_drawn_on_the_input_image():
     assert image.getpixel((90, 50)) == (128, 128, 128)  # the input is not modified
     assert answer_picture(image, "I cannot see it", "qwen2_vl_ground", processor=None) is None
     assert answer_picture(image, "(1,1),(2,2)", "qwen2_vl", processor=None) is None  # not a grounding template
+
+
+# --- edit models (llava_edit): Evaluate & Predict, the edit gallery, the chat -----------------------------------
+
+
+def _edit_run_files(tmp_path: Path, n: int) -> tuple[Path, Path, list[dict]]:
+    """A dataset dir with n source/target pairs and an output dir as an edit predict run leaves it (predictions
+    naming the images as the run read them, edited/{i:05d}.png), every image one distinct flat colour."""
+    from PIL import Image
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    (data / "images").mkdir(parents=True)
+    (out / "edited").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        for kind, shade in (("src", 10), ("tgt", 20), ("out", 30)):
+            folder = out / "edited" if kind == "out" else data / "images"
+            name = f"{i:05d}.png" if kind == "out" else f"{kind}{i}.png"
+            Image.new("RGB", (16, 12), (shade + i, 0, 0)).save(folder / name)
+        rows.append({"source": str(data / "images" / f"src{i}.png"), "target": str(data / "images" / f"tgt{i}.png"),
+                     "instruction": f"make it red {i}", "predict": f"a redder picture {i}"})  # fmt: skip
+    (out / "generated_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data, out, rows
+
+
+def test_edit_gallery_shows_source_output_target_per_row(tmp_path, monkeypatch):
+    """Oracle: the colour each file was written with, in source / output / target order, for the first rows."""
+    from llamafactory_vision.webui.pictures import edit_pictures
+
+    data, out, rows = _edit_run_files(tmp_path, 3)
+    monkeypatch.chdir(tmp_path)  # a run given a relative dataset_dir names its images relative to LLaMA Board's cwd
+    rows[1]["source"] = "data/images/src1.png"
+    (out / "generated_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shown = edit_pictures(str(out), "data", "llava_edit", limit=2)
+    assert [picture.getpixel((0, 0))[0] for picture, _ in shown] == [10, 30, 20, 11, 31, 21]
+    assert [caption for _, caption in shown][:3] == ["#0 source: make it red 0", "#0 output: a redder picture 0",
+                                                     "#0 target"]  # fmt: skip
+    assert len(edit_pictures(str(out), str(data), "llava_edit")) == 9
+    assert edit_pictures(str(out), str(data), "qwen2_vl_ground") == []  # not an edit template
+    assert edit_pictures(str(tmp_path / "empty"), str(data), "llava_edit") == []  # no predict run yet
+
+
+@pytest.mark.parametrize("bad", ["dotdot", "absolute", "symlink_in_data", "edited_symlink"])
+def test_edit_gallery_refuses_files_outside_the_dataset_and_output_dirs(tmp_path, bad):
+    from llamafactory_vision.webui.pictures import edit_pictures
+    from llamafactory_vision.webui.safe_paths import OutsideError
+    from PIL import Image
+
+    data, out, rows = _edit_run_files(tmp_path, 1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (4, 4)).save(elsewhere / "secret.png")
+    if bad == "dotdot":
+        rows[0]["target"] = str(data / ".." / "elsewhere" / "secret.png")
+    elif bad == "absolute":
+        rows[0]["source"] = str(elsewhere / "secret.png")
+    elif bad == "symlink_in_data":
+        os.symlink(elsewhere, data / "link")
+        rows[0]["source"] = str(data / "link" / "secret.png")
+    else:
+        (out / "edited" / "00000.png").unlink()
+        os.symlink(elsewhere / "secret.png", out / "edited" / "00000.png")
+    (out / "generated_predictions.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(OutsideError, match="outside"):
+        edit_pictures(str(out), str(data), "llava_edit")
+
+
+def test_edit_gallery_names_a_row_without_its_images(tmp_path):
+    from llamafactory_vision.webui.pictures import edit_pictures
+
+    data, out, rows = _edit_run_files(tmp_path, 2)
+    del rows[1]["target"]
+    (out / "generated_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(TypeError, match=r"row 1, field `target`"):
+        edit_pictures(str(out), str(data), "llava_edit")
+
+
+def _eval_board(tmp_path, monkeypatch):
+    """LLaMA Board's top bar and Evaluate tab, built in-process (our wrappers included), with every value at its
+    default; returns (engine, data)."""
+    import gradio as gr
+    from llamafactory.webui import interface
+    from llamafactory.webui.components import create_top
+    from llamafactory.webui.engine import Engine
+
+    monkeypatch.chdir(tmp_path)
+    with gr.Blocks():
+        engine = Engine()
+        engine.manager.add_elems("top", create_top())
+        with gr.Tab("Evaluate"):
+            engine.manager.add_elems("eval", interface.create_eval_tab(engine))
+    manager = engine.manager
+    inputs = manager.get_base_elems() | {e for i, e in manager._id_to_elem.items() if i.startswith("eval.")}
+    return engine, {e: e.value for e in inputs if hasattr(e, "value")}
+
+
+def test_evaluate_tab_runs_the_edit_stage_with_the_recorded_settings(tmp_path, monkeypatch):
+    """An llava_edit checkpoint predicts through `stage: edit` with the settings its run recorded, unless the UI sets
+    one; the CLIP model set in the tab reaches the command. Other templates keep the host's `stage: sft`."""
+    import gradio as gr
+    from llamafactory.webui import common
+    from llamafactory_vision.editing.parts import EditRecord
+
+    engine, data = _eval_board(tmp_path, monkeypatch)
+    manager, runner = engine.manager, engine.runner
+    run = tmp_path / "saves" / "LLaVA-1.5-7B-Chat-Edit" / "lora" / "edit_run"
+    run.mkdir(parents=True)
+    EditRecord("diff/ip2p", "llava_edit", 32, 3, 7.5, 1.5, 6).save(run)
+    data.update({manager.get_elem_by_id(k): v for k, v in {
+        "top.lang": "en", "top.model_name": "LLaVA-1.5-7B-Chat-Edit", "top.model_path": "m", "top.finetuning_type": "lora",
+        "top.template": "llava_edit", "top.checkpoint_path": ["edit_run"], "eval.dataset": ["synth_edit_val"],
+        "eval.output_dir": "pred", "eval.predict": True, "eval.edit_clip_model": "clip", "eval.edit_num_inference_steps": 5,
+    }.items()})  # fmt: skip
+    args = runner._parse_eval_args(data)
+    assert args["stage"] == "edit" and args["do_predict"] is True
+    assert args["adapter_name_or_path"] == str(Path("saves/LLaVA-1.5-7B-Chat-Edit/lora/edit_run"))
+    assert (args["diffusion_model_name_or_path"], args["edit_resolution"]) == ("diff/ip2p", 32)  # recorded
+    assert (args["edit_image_guidance"], args["edit_max_new_tokens"]) == (1.5, 6)
+    assert args["edit_num_inference_steps"] == 5 and args["edit_clip_model"] == "clip"  # set in the tab
+    assert "--stage edit" in common.gen_cmd(args) and "--edit_clip_model clip" in common.gen_cmd(args)
+
+    (run / "edit_config.json").unlink()  # not an edit run: said before anything starts
+    with pytest.raises(gr.Error, match="edit_config.json"):
+        runner._parse_eval_args(data)
+    data[manager.get_elem_by_id("top.template")] = "llava"
+    assert runner._parse_eval_args(data)["stage"] == "sft"
+
+
+def test_chat_loads_an_edit_template_with_its_img_tokens():
+    from llamafactory_vision.editing.tokens import IMG_TOKENS
+    from llamafactory_vision.webui.edit_runs import with_img_token_args
+
+    stock = '{"vllm_enforce_eager": true}'
+    assert with_img_token_args("llava", stock) == stock
+    assert json.loads(with_img_token_args("llava_edit", stock)) == {
+        "vllm_enforce_eager": True, "add_special_tokens": ",".join(IMG_TOKENS)
+    }  # fmt: skip
+    mine = json.loads(with_img_token_args("llava_edit", '{"add_special_tokens": "<a>,[IMG0]"}'))
+    assert mine["add_special_tokens"].split(",") == ["<a>", *IMG_TOKENS]  # the user's first, as with_img_tokens
+    assert with_img_token_args("llava_edit", "{not json") == "{not json"  # the host reports bad JSON itself

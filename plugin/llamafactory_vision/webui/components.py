@@ -300,7 +300,7 @@ def stream_with_edit(host_stream: Callable, chatter: Any, chatbot: list, message
         gr.Warning(f"edited image: {err}")
         return
     if edited is not None:
-        picture = gr.Image(value=edited, type="pil", label="Edited image", elem_id="lfv-infer-edited")
+        picture = gr.Image(value=edited, type="pil", format="png", label="Edited image")
         yield last[0] + [{"role": "assistant", "content": picture}], last[1]
 
 
