@@ -403,3 +403,55 @@ def test_chat_loads_an_edit_template_with_its_img_tokens():
     mine = json.loads(with_img_token_args("llava_edit", '{"add_special_tokens": "<a>,[IMG0]"}'))
     assert mine["add_special_tokens"].split(",") == ["<a>", *IMG_TOKENS]  # the user's first, as with_img_tokens
     assert with_img_token_args("llava_edit", "{not json") == "{not json"  # the host reports bad JSON itself
+
+
+def test_chat_shows_the_image_edited_from_the_answer(edit_models, edit_data, tmp_path, monkeypatch):
+    """The Chat tab loads an edit run's checkpoint through the host's loader (with its [IMG] tokens), answers, and the
+    image edited from that answer joins the chat. Oracle: ``EditPipeline.from_training`` on the same run, given the
+    same answer, settings and seed (the CLI's path, not the chat engine's model)."""
+    import gradio as gr
+    import numpy as np
+    import torch
+    from conftest import edit_config, read_jsonl, run_cli, write_yaml
+    from llamafactory.webui import interface
+    from llamafactory.webui.components import create_top
+    from llamafactory.webui.engine import Engine
+    from llamafactory_vision.editing.pipeline import EditPipeline
+    from PIL import Image
+
+    run = tmp_path / "run"
+    config = edit_config(edit_models, edit_data, run, max_steps=1, edit_num_inference_steps=2, edit_max_new_tokens=4)
+    run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "edit.yaml", config))], cwd=tmp_path)
+
+    monkeypatch.chdir(tmp_path)
+    with gr.Blocks():
+        engine = Engine()
+        engine.manager.add_elems("top", create_top())
+        with gr.Tab("Chat"):
+            engine.manager.add_elems("infer", interface.create_infer_tab(engine))
+    manager, chatter = engine.manager, engine.chatter
+    data = {e: e.value for e in manager.get_base_elems() | set(manager._id_to_elem.values()) if hasattr(e, "value")}
+    data.update({manager.get_elem_by_id(k): v for k, v in {
+        "top.lang": "en", "top.model_name": "LLaVA-1.5-7B-Chat-Edit", "top.model_path": str(edit_models["llava"]),
+        "top.finetuning_type": "lora", "top.template": "llava_edit", "top.checkpoint_path": [str(run)],
+        "infer.infer_dtype": "float32",
+    }.items()})  # fmt: skip
+    assert list(chatter.load_model(data))[-1].startswith("Model loaded")
+    row = read_jsonl(edit_data / "edit_val.jsonl")[0]
+    image = Image.open(edit_data / row["source"]).convert("RGB")
+    chatbot, messages, _ = chatter.append([], [], "user", row["instruction"], True)
+    # host inputs after messages: lang, system, tools, image, video, audio, max_new_tokens, top_p, temperature,
+    # skip_special_tokens, escape_html, enable_thinking
+    *_, (shown, conversation) = chatter.stream(chatbot, messages, "en", "", "", image, None, None, 4, 0.7, 0.95, True,
+                                              True, True)  # fmt: skip
+    assert [m["role"] for m in conversation] == ["user", "assistant"]  # the model's next turn sees text only
+    assert len(shown) == 3 and isinstance(shown[-1]["content"], gr.Image)
+    picture = np.asarray(Image.open(shown[-1]["content"].value["path"]).convert("RGB"), dtype=np.int16)
+
+    oracle = EditPipeline.from_training(str(edit_models["llava"]), str(run))
+    expected = oracle(
+        image, row["instruction"], num_inference_steps=2, resolution=32, max_new_tokens=4,
+        generator=torch.Generator().manual_seed(0), expressive=conversation[-1]["content"],
+    ).images[0]  # fmt: skip
+    assert picture.shape == (32, 32, 3)
+    assert np.abs(picture - np.asarray(expected, dtype=np.int16)).max() <= 1

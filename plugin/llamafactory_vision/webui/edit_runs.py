@@ -100,11 +100,12 @@ def register_chat_engine(chat_engine: Any, template: str, trained: Path) -> bool
 
 
 def chat_edit_image(chat_engine: Any, image: Any, messages: list[dict[str, str]]) -> Any | None:
-    """The edited image for the chat's last turn: the user's message is the instruction, the assistant's answer the
+    """The edited image for the chat's last turn: the user's message (less the image placeholder) is the instruction, the assistant's answer the
     expressive instruction (cut at the first [IMG] token, shown when special tokens are not skipped), ``image`` the
     source; the recorded resolution, steps and guidance; seed :data:`CHAT_SEED`. None when the engine is not an edit
     model, there is no input image or the turn has no answer."""
     import torch
+    from llamafactory.extras.constants import IMAGE_PLACEHOLDER
 
     from llamafactory_vision.editing.pipeline import EditPipeline
 
@@ -112,7 +113,9 @@ def chat_edit_image(chat_engine: Any, image: Any, messages: list[dict[str, str]]
     if edit is None or image is None or len(messages) < 2:
         return None
     user, answer = messages[-2], messages[-1]
-    if user.get("role") != "user" or answer.get("role") != "assistant" or not user.get("content", "").strip():
+    # the host's chat engine prepends the image placeholder to the first user message in place; the pipeline adds its own
+    instruction = user.get("content", "").replace(IMAGE_PLACEHOLDER, "").strip()
+    if user.get("role") != "user" or answer.get("role") != "assistant" or not instruction:
         return None
     expressive = answer["content"].split(IMG_TOKENS[0])[0].strip()
     if edit.pipe is None:  # the engine's first edited answer: build the pipeline once, around the engine's MLLM
@@ -121,7 +124,7 @@ def chat_edit_image(chat_engine: Any, image: Any, messages: list[dict[str, str]]
     record = edit.record
     result = edit.pipe(
         image,
-        user["content"],
+        instruction,
         num_inference_steps=record.num_inference_steps,
         text_guidance_scale=record.text_guidance,
         image_guidance_scale=record.image_guidance,
