@@ -378,6 +378,7 @@ def test_evaluate_tab_runs_the_edit_stage_with_the_recorded_settings(tmp_path, m
     }.items()})  # fmt: skip
     args = runner._parse_eval_args(data)
     assert args["stage"] == "edit" and args["do_predict"] is True
+    assert "predict_with_generate" not in args  # the host allows it with `stage: sft` only
     assert args["adapter_name_or_path"] == str(Path("saves/LLaVA-1.5-7B-Chat-Edit/lora/edit_run"))
     assert (args["diffusion_model_name_or_path"], args["edit_resolution"]) == ("diff/ip2p", 32)  # recorded
     assert (args["edit_image_guidance"], args["edit_max_new_tokens"]) == (1.5, 6)

@@ -1,7 +1,7 @@
 """Edit models (``llava_edit``) in LLaMA Board: Evaluate & Predict runs the edit stage, the chat shows the edited image.
 
-- :func:`edit_eval_args`: the Evaluate tab builds a stock ``stage: sft`` run; for the edit template it becomes the
-  edit stage's eval/predict of the chosen edit checkpoint (``do_predict`` writes ``edited/``, the predictions and the
+- :func:`edit_eval_args`: the Evaluate tab builds a stock ``stage: sft`` run (with ``predict_with_generate``); for
+  the edit template it becomes the edit stage's eval/predict of the chosen edit checkpoint (``do_predict`` writes ``edited/``, the predictions and the
   L1/L2/CLIP metrics, see ``editing/predict.py``), with the inference settings recorded at training time
   (``edit_config.json``) for every key the user left at its default.
 - :func:`with_img_token_args`: the host's chat loader knows nothing of the [IMG] tokens an edit checkpoint was trained
@@ -61,7 +61,9 @@ def edit_eval_args(args: dict[str, Any]) -> dict[str, Any]:
         )
     record = EditRecord.load(trained)
     recorded = {key: getattr(record, field) for key, field in RECORDED_KEYS.items() if key not in args}
-    return {**args, **recorded, "stage": EDIT_STAGE}
+    # the host refuses `predict_with_generate` outside `stage: sft`; the edit stage's predict edits images instead
+    kept = {key: value for key, value in args.items() if key != "predict_with_generate"}
+    return {**kept, **recorded, "stage": EDIT_STAGE}
 
 
 def with_img_token_args(template: str, extra_args: str) -> str:
