@@ -372,9 +372,10 @@ def test_evaluate_tab_runs_the_edit_stage_with_the_recorded_settings(tmp_path, m
     run.mkdir(parents=True)
     EditRecord("diff/ip2p", "llava_edit", 32, 3, 7.5, 1.5, 6).save(run)
     data.update({manager.get_elem_by_id(k): v for k, v in {
-        "top.lang": "en", "top.model_name": "LLaVA-1.5-7B-Chat-Edit", "top.model_path": "m", "top.finetuning_type": "lora",
-        "top.template": "llava_edit", "top.checkpoint_path": ["edit_run"], "eval.dataset": ["synth_edit_val"],
-        "eval.output_dir": "pred", "eval.predict": True, "eval.edit_clip_model": "clip", "eval.edit_num_inference_steps": 5,
+        "top.lang": "en", "top.model_name": "LLaVA-1.5-7B-Chat-Edit", "top.model_path": "m",
+        "top.finetuning_type": "lora", "top.template": "llava_edit", "top.checkpoint_path": ["edit_run"],
+        "eval.dataset": ["synth_edit_val"], "eval.output_dir": "pred", "eval.predict": True,
+        "eval.edit_clip_model": "clip", "eval.edit_num_inference_steps": 5,
     }.items()})  # fmt: skip
     args = runner._parse_eval_args(data)
     assert args["stage"] == "edit" and args["do_predict"] is True

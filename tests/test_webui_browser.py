@@ -3,7 +3,8 @@
 One run of the user's path: tiny grounding model, grounding template, synthetic dataset, bbox head on; preview the
 command; grounding preview of the dataset; train; predict with the bbox head; the IoU metrics and the box gallery
 appear. Then an edit run (trained by the CLI into LLaMA Board's save dir): predict from the Evaluate tab runs the
-edit stage; the CLIP metrics and the source / output / target gallery appear. Screenshots go to ``$LFV_SCREENSHOTS`` (default: pytest's tmp dir); README's copies are in docs/webui/.
+edit stage; the CLIP metrics and the source / output / target gallery appear. Screenshots go to
+``$LFV_SCREENSHOTS`` (default: pytest's tmp dir); README's copies are in docs/webui/.
 
 The browser comes from ``make install`` (apt-get install chromium, as root). The test skips, saying why, only where
 no chromium binary exists (a machine without root/apt); under CI (``$CI`` set) a missing browser fails instead.
@@ -18,12 +19,13 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, cli_env, edit_config, read_jsonl, run_cli, write_yaml
+from conftest import BIN, REPO, cli_env, edit_config, read_jsonl, run_cli, write_yaml
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -277,4 +279,15 @@ def test_edit_predict_metrics_and_gallery_in_browser(board, edit_run, edit_model
         gallery.scroll_into_view_if_needed()
         gallery.screenshot(path=str(shots / "webui_edit_gallery.png"))
         metrics.locator("pre").first.screenshot(path=str(shots / "webui_edit_metrics.png"))  # the metrics JSON block
+        shown = json.loads(metrics.locator("pre").first.inner_text())
+        run_name = panel.get_by_label(label("Output dir")).input_value()
+    out = board["work"] / "saves" / EDIT_MODEL_NAME / "lora" / run_name
+    # oracle: eval/edit_eval.py (the metric CLI) on the images the run wrote and the dataset's targets
+    result = run_cli([sys.executable, str(REPO / "eval" / "edit_eval.py"), "--outputs", str(out / "edited"),
+                      "--dataset", str(edit_data / "edit_val.jsonl"), "--clip_model", str(edit_models["clip"])],
+                     cwd=board["work"])  # fmt: skip
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert shown["predict_n"] == scores["n"] == n_rows
+    for key in ("clip_i", "clip_t", "l1", "l2"):
+        assert shown[f"predict_{key}"] == pytest.approx(scores[key], rel=1e-4), key
     print(f"edit browser test took {time.time() - started:.0f} s; screenshots in {shots}")

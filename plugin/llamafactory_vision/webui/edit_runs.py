@@ -1,9 +1,9 @@
-"""Edit models (``llava_edit``) in LLaMA Board: Evaluate & Predict runs the edit stage, the chat shows the edited image.
+"""Edit models (``llava_edit``) in LLaMA Board: Evaluate & Predict runs the edit stage, the chat shows edited images.
 
 - :func:`edit_eval_args`: the Evaluate tab builds a stock ``stage: sft`` run (with ``predict_with_generate``); for
-  the edit template it becomes the edit stage's eval/predict of the chosen edit checkpoint (``do_predict`` writes ``edited/``, the predictions and the
-  L1/L2/CLIP metrics, see ``editing/predict.py``), with the inference settings recorded at training time
-  (``edit_config.json``) for every key the user left at its default.
+  the edit template it becomes the edit stage's eval/predict of the chosen edit checkpoint (``do_predict`` writes
+  ``edited/``, the predictions and the L1/L2/CLIP metrics, see ``editing/predict.py``), with the inference settings
+  recorded at training time (``edit_config.json``) for every key the user left at its default.
 - :func:`with_img_token_args`: the host's chat loader knows nothing of the [IMG] tokens an edit checkpoint was trained
   with (its embedding rows would not fit); they go in through the host's own ``add_special_tokens``.
 - :func:`chat_edit_image`: the host's chat engine writes the expressive instruction but has no edit head or UNet; our
@@ -102,20 +102,20 @@ def register_chat_engine(chat_engine: Any, template: str, trained: Path) -> bool
 
 
 def chat_edit_image(chat_engine: Any, image: Any, messages: list[dict[str, str]]) -> Any | None:
-    """The edited image for the chat's last turn: the user's message (less the image placeholder) is the instruction, the assistant's answer the
-    expressive instruction (cut at the first [IMG] token, shown when special tokens are not skipped), ``image`` the
-    source; the recorded resolution, steps and guidance; seed :data:`CHAT_SEED`. None when the engine is not an edit
-    model, there is no input image or the turn has no answer."""
+    """The edited image for the chat's last turn: the user's message (less the image placeholder) is the instruction,
+    the assistant's answer the expressive instruction (cut at the first [IMG] token, shown when special tokens are
+    not skipped), ``image`` the source; the recorded resolution, steps and guidance; seed :data:`CHAT_SEED`. None
+    when the engine is not an edit model, there is no input image or the turn has no answer."""
+    edit = _CHAT_EDITS.get(chat_engine) if chat_engine is not None else None
+    if edit is None or image is None or len(messages) < 2:
+        return None  # before the imports below: a stock chat never loads diffusers for this
     import torch
     from llamafactory.extras.constants import IMAGE_PLACEHOLDER
 
     from llamafactory_vision.editing.pipeline import EditPipeline
 
-    edit = _CHAT_EDITS.get(chat_engine) if chat_engine is not None else None
-    if edit is None or image is None or len(messages) < 2:
-        return None
     user, answer = messages[-2], messages[-1]
-    # the host's chat engine prepends the image placeholder to the first user message in place; the pipeline adds its own
+    # the host's chat engine prepends the image placeholder to the first user message in place; the pipeline adds one
     instruction = user.get("content", "").replace(IMAGE_PLACEHOLDER, "").strip()
     if user.get("role") != "user" or answer.get("role") != "assistant" or not instruction:
         return None
