@@ -457,3 +457,20 @@ def test_chat_shows_the_image_edited_from_the_answer(edit_models, edit_data, tmp
     ).images[0]  # fmt: skip
     assert picture.shape == (32, 32, 3)
     assert np.abs(picture - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+def test_chat_edit_image_only_for_an_edit_run_on_the_huggingface_backend(tmp_path):
+    from llamafactory_vision.editing.parts import EditRecord
+    from llamafactory_vision.webui.edit_runs import chat_edit_image, register_chat_engine
+
+    class Engine:  # the host's vLLM/SGLang engines hold no in-process model
+        name = "vllm"
+
+    EditRecord("diff", "llava_edit", 32, 2, 7.5, 1.5, 4).save(tmp_path)
+    engine = Engine()
+    assert register_chat_engine(engine, "llava", tmp_path) is False  # not the edit template
+    assert register_chat_engine(engine, "llava_edit", tmp_path / "elsewhere") is False  # not an edit run's output
+    with pytest.raises(ValueError, match="huggingface backend"):
+        register_chat_engine(engine, "llava_edit", tmp_path)
+    turn = [{"role": "user", "content": "make it red"}, {"role": "assistant", "content": "a red picture"}]
+    assert chat_edit_image(engine, object(), turn) is None  # never registered: the chat stays text only

@@ -283,7 +283,10 @@ def load_chat_model(host_load: Callable, chatter: Any, data: dict[Component, Any
         adapters = ",".join(str(get_save_dir(model_name, finetuning_type, a)) for a in checkpoint)
     elif checkpoint:
         model_path = str(get_save_dir(model_name, finetuning_type, checkpoint))
-    edit_runs.register_chat_engine(chatter.engine, template, edit_runs.trained_dir(model_path, adapters))
+    try:
+        edit_runs.register_chat_engine(chatter.engine, template, edit_runs.trained_dir(model_path, adapters))
+    except ValueError as err:
+        gr.Warning(str(err))
 
 
 def stream_with_edit(host_stream: Callable, chatter: Any, chatbot: list, messages: list, *inputs: Any) -> Iterator:

@@ -94,9 +94,19 @@ class _ChatEdit:
 
 def register_chat_engine(chat_engine: Any, template: str, trained: Path) -> bool:
     """Remember that ``chat_engine`` (the host's loaded engine) is an edit model trained in ``trained``. Returns
-    whether it is one (edit template and an edit run's output)."""
+    whether it is one (edit template and an edit run's output).
+
+    Raises:
+        ValueError: an edit model loaded by an engine without the model in-process (vLLM, SGLang backends).
+    """
     if template != EDIT_TEMPLATE or chat_engine is None or not (trained / EDIT_CONFIG).is_file():
         return False
+    if not hasattr(chat_engine, "model"):
+        backend = getattr(chat_engine, "name", type(chat_engine).__name__)
+        raise ValueError(
+            f"the edited image needs the huggingface backend (it reuses the chat's model), not {backend}; the chat "
+            "shows text only."
+        )
     _CHAT_EDITS[chat_engine] = _ChatEdit(trained, EditRecord.load(trained))
     return True
 
