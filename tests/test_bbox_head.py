@@ -30,6 +30,7 @@ from llamafactory_vision.grounding.bbox_head import (
     save_head,
 )
 from llamafactory_vision.grounding.head_data import BBOX_STAGE, GroundingBBoxCollator
+from llamafactory_vision.grounding.templates import load_grounding_specs
 from llamafactory_vision.synth import PRESETS, generate_grounding
 from PIL import Image
 from safetensors.torch import load_file
@@ -175,9 +176,19 @@ def multi_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def learn_data(tmp_path_factory) -> Path:
-    """Enough demo scenes (one object each) for the tiny model to learn where the object is."""
+    """Enough demo scenes (one object each) for the tiny model to learn where the object is.
+
+    Each row names its prompt (the template's rec phrasings in turn, by row number): without one, the phrasing is
+    picked by a hash of the image's resolved path, so the training text, and with it what the tiny model learns to
+    generate, would change with pytest's temporary folder (`pytest-N/popen-gwM/...`) from one session to the next.
+    """
     root = tmp_path_factory.mktemp("learn")
     generate_grounding(root, n=420, seed=3, val_frac=0.1, preset="demo")
+    phrasings = load_grounding_specs()[GROUND_TEMPLATE[FAMILY]].prompts["rec"]
+    for split in ("ground_train.jsonl", "ground_val.jsonl"):
+        rows = read_jsonl(root / split)
+        lines = [json.dumps({**row, "prompt": phrasings[i % len(phrasings)]}) for i, row in enumerate(rows)]
+        (root / split).write_text("\n".join(lines) + "\n")
     return root
 
 
@@ -551,10 +562,11 @@ def nohead_run(tmp_path_factory, tiny_models, demo_data) -> Run:
 
 
 def predict_config(run: Run, data_dir: Path, output_dir: Path, **model) -> dict[str, Any]:
+    """A predict config for `run`'s model on `data_dir`'s val set; `model` adds or overrides keys."""
     config = train_config(
         run.config["model_name_or_path"], data_dir, output_dir, GROUND_TEMPLATE[FAMILY], do_train=False,
-        do_predict=True, predict_with_generate=True, eval_dataset="synth_ground_val", max_new_tokens=40,
-        per_device_eval_batch_size=8, bbox_head=True, **model,
+        do_predict=True, predict_with_generate=True, eval_dataset="synth_ground_val", bbox_head=True,
+        **{"max_new_tokens": 40, "per_device_eval_batch_size": 8, **model},
     )  # fmt: skip
     del config["dataset"]
     return config
@@ -817,6 +829,13 @@ def learn_run(tmp_path_factory, tiny_models, learn_data) -> Run:
     return train_run(work, config)
 
 
+# Greedy predict settings for the `learn_run` model. A right answer takes 25 tokens, but the tiny model writes ~40
+# digits and commas between <|box_start|> and <|box_end|>: with 40 new tokens, whether <|box_end|> fits (and so whether
+# a row gets a head box) flipped with the training trajectory (2 or 3 rows of 42 in some runs, 37-40 in others).
+LEARN_PREDICT = {"finetuning_type": "full", "do_sample": False, "max_new_tokens": 96}
+MIN_HEAD_ROWS = 35  # of the 42 val rows; 42 measured on models trained from either mode above
+
+
 def teacher_forced_head_boxes(run: Run, data_dir: Path, out: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward the val rows with their labels through the trained model; returns xyxy ``Tensor[N, 4]`` of the trained
     head and of a fresh (zero-initialised) head at the box_start anchors, and the targets."""
@@ -875,7 +894,7 @@ def test_full_finetuning_keeps_head_out_of_model_file(learn_run, tiny_models):
 def test_predict_with_full_model_head(learn_run, learn_data, tmp_path):
     """Predict reads the head beside the full model and runs it at the boxes the model generates; its metrics are
     recomputed here, and on the rows with a box it beats the zero-initialised head (always the centred box)."""
-    config = predict_config(learn_run, learn_data, tmp_path / "pred", finetuning_type="full")
+    config = predict_config(learn_run, learn_data, tmp_path / "pred", **LEARN_PREDICT)
     config["model_name_or_path"] = learn_run.output_dir
     del config["lora_target"]
     cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "predict.yaml", config))], tmp_path)
@@ -897,7 +916,7 @@ def test_predict_with_full_model_head(learn_run, learn_data, tmp_path):
     assert results["predict_head_n"] == len(predictions)
     assert results["predict_head_miou"] == pytest.approx(sum(ious) / len(ious), abs=1e-9)
     assert results["predict_head_acc@0.5"] == pytest.approx(sum(v >= 0.5 for v in ious) / len(ious), abs=1e-9)
-    assert len(trained) >= 5, "the trained model wrote (almost) no box"
+    assert len(trained) >= MIN_HEAD_ROWS, "the trained model wrote (almost) no box"
     assert sum(trained) / len(trained) > sum(centred) / len(centred) + 0.05
 
 
@@ -973,7 +992,7 @@ def test_accumulated_gradients_equal_one_batch(path, tiny_models, mixed_data, tm
         # relative to the tensor's largest gradient. A wrong normalisation is off by a factor (1/2 vs 1/3, ...).
         scale = float(grad.abs().max())
         torch.testing.assert_close(
-            accumulated[name], grad, rtol=1e-4, atol=1e-5 * scale + 1e-12, msg=lambda m: f"{name}: {m}"
+            accumulated[name], grad, rtol=1e-4, atol=1e-5 * scale + 1e-12, msg=lambda m, name=name: f"{name}: {m}"
         )
     for key in ("lm_loss", "bbox_l1", "bbox_giou"):
         assert logged[key] == pytest.approx(expected_log[key], abs=2e-4), key
@@ -1042,8 +1061,7 @@ def test_two_process_predict_equals_one(learn_run, learn_data, tmp_path):
     every metric equals the 1-process run's."""
     outputs = {}
     for procs in ("1", "2"):
-        config = predict_config(learn_run, learn_data, tmp_path / procs, finetuning_type="full", do_sample=False,
-                                ddp_timeout=120)  # fmt: skip
+        config = predict_config(learn_run, learn_data, tmp_path / procs, ddp_timeout=120, **LEARN_PREDICT)
         config.update(model_name_or_path=learn_run.output_dir, per_device_eval_batch_size=6)
         del config["lora_target"]
         env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"} if procs == "2" else {}
@@ -1058,8 +1076,7 @@ def test_two_process_predict_equals_one(learn_run, learn_data, tmp_path):
     assert len(val_rows) == 42
     assert [row["row"] for row in rows1] == list(range(42))
     assert [Path(row["image"]).name for row in rows1] == [Path(v["images"][0]).name for v in val_rows]
-    # the head really wrote boxes (the tiny model trained by `learn_run` writes a box in only some of the rows)
-    assert sum(bool(row["predict_boxes_head"]) for row in rows1) >= 1
+    assert sum(bool(row["predict_boxes_head"]) for row in rows1) >= MIN_HEAD_ROWS  # the head really wrote boxes
     assert rows2 == rows1
     for key, value in results1.items():
         if not any(timing in key for timing in ("runtime", "per_second", "preparation_time")):
