@@ -396,15 +396,18 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_head_rows_pack_round_trip_and_repeats():
-    from llamafactory_vision.grounding.head_rows import first_occurrences, pack_head_rows, unpack_head_rows
+    from llamafactory_vision.grounding.head_rows import PredictRow, first_occurrences, pack_head_rows, unpack_head_rows
 
     boxes = [[{"xyxy_1000": [1, 2, 300, 400], "xyxy_model": [0.5, 1.25, 84.0, 112.5]}], [],
              [{"xyxy_1000": [0, 0, 1000, 1000], "xyxy_model": [0.0, 0.0, 56.0, 56.0]},
               {"xyxy_1000": [10, 20, 30, 40], "xyxy_model": [1.5, 2.5, 3.5, 4.5]}]]  # fmt: skip
-    packed = pack_head_rows([7, 8, 9], boxes)
-    assert packed.shape == (3, 2 + 8 * 2)
-    padded = torch.cat([packed, torch.full((3, 8), -100.0)], dim=1)  # as pad_across_processes widens a batch
-    assert unpack_head_rows(padded) == ([7, 8, 9], boxes)
+    labels = [[(0.1015, 0.203, 0.4985, 0.796)], None, [(0.05, 0.1, 0.25, 0.5), (0.6, 0.4, 0.9, 0.9)]]
+    rows = [PredictRow(7, boxes[0], (84, 112), labels[0]), PredictRow(8, boxes[1], (56, 56), labels[1]),
+            PredictRow(9, boxes[2], (56, 56), labels[2]), PredictRow(10, None, (28, 56), [])]  # fmt: skip
+    packed = pack_head_rows(rows)
+    assert packed.shape == (4, 5 + 8 * 2 + 4 * 2) and packed.dtype == torch.float64
+    padded = torch.cat([packed, torch.full((4, 8), -100.0, dtype=torch.float64)], dim=1)  # as pad_across_processes
+    assert unpack_head_rows(padded) == rows  # label floats come back exactly; None (head failed / unknown) stays None
     # the gather of an uneven split: rows 3 and 4 come back as the sampler's repeats of rows 0 and 1
     seen: set[int] = set()
     assert first_occurrences([0, 1, 2, 3], seen) == [0, 1, 2, 3]
