@@ -154,8 +154,17 @@ def eval_steps(output_dir: Path) -> list[dict[str, Any]]:
 BOX_1000 = re.compile(r"\((\d+),(\d+)\),\((\d+),(\d+)\)")  # a Qwen2-VL label once the box tokens are stripped
 
 
-def label_boxes_1000(label: str) -> list[list[float]]:
-    return [[float(v) for v in match] for match in BOX_1000.findall(label)]
+def dataset_boxes_1000(data_dir: Path, split_file: str) -> list[torch.Tensor]:
+    """Per row ``Tensor[K, 4]`` float64: the dataset's own float boxes (xyxy pixels) in 0-1000 of the image, the
+    labels predict scores against (not the label text, rounded to integers)."""
+    boxes = []
+    for row in read_jsonl(data_dir / split_file):
+        assert row["bbox_format"] == "xyxy"
+        with Image.open(data_dir / row["images"][0]) as image:
+            width, height = image.size
+        pixels = torch.tensor([obj["bbox"] for obj in row["objects"]], dtype=torch.float64)
+        boxes.append(pixels / torch.tensor([width, height, width, height]) * 1000)
+    return boxes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -917,7 +926,8 @@ def test_full_finetuning_keeps_head_out_of_model_file(learn_run, tiny_models):
 @pytest.mark.e2e
 def test_predict_with_full_model_head(learn_run, learn_data, tmp_path):
     """Predict reads the head beside the full model and runs it at the boxes the model generates; its metrics are
-    recomputed here, and on the rows with a box it beats the zero-initialised head (always the centred box)."""
+    recomputed here against the dataset's float boxes, and on the rows with a box it beats the zero-initialised head
+    (always the centred box)."""
     config = predict_config(learn_run, learn_data, tmp_path / "pred", finetuning_type="full")
     config["model_name_or_path"] = learn_run.output_dir
     del config["lora_target"]
@@ -925,10 +935,13 @@ def test_predict_with_full_model_head(learn_run, learn_data, tmp_path):
 
     predictions = read_jsonl(tmp_path / "pred" / "generated_predictions.jsonl")
     results = json.loads((tmp_path / "pred" / "predict_results.json").read_text())
+    labels = dataset_boxes_1000(learn_data, "ground_val.jsonl")
     ious, trained, centred = [], [], []
     for prediction in predictions:
-        label = torch.tensor(label_boxes_1000(prediction["label"]), dtype=torch.float64)
+        label = labels[prediction["row"]]
         assert label.shape == (1, 4)
+        # the label text holds the same box rounded to integers
+        assert BOX_1000.search(prediction["label"]).groups() == tuple(str(round(v)) for v in label[0].tolist())
         boxes = [box["xyxy_1000"] for box in prediction["predict_boxes_head"]]
         if not boxes:
             ious.append(0.0)
