@@ -37,7 +37,8 @@ FAILING_ROW = 1  # its answer carries <|quad_start|>, which the failing forward 
 
 
 def answer(ref: str, box: tuple[int, int, int, int], extra: str = "") -> str:
-    return f"{extra}<|object_ref_start|>{ref}<|object_ref_end|><|box_start|>({box[0]},{box[1]}),({box[2]},{box[3]})<|box_end|>"
+    coords = "({},{}),({},{})".format(*box)
+    return f"{extra}<|object_ref_start|>{ref}<|object_ref_end|><|box_start|>{coords}<|box_end|>"
 
 
 ANSWERS = [
@@ -85,7 +86,8 @@ def predict_setup(tmp_path_factory, tiny_models) -> tuple[Path, Path]:
         {"images": ["w.png"], "objects": [{"ref": "red car", "bbox": [0, 0, 10, 10]}], "task": "reg"},
     ]
     (data / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (data / "dataset_info.json").write_text(json.dumps({"ground_float": {"file_name": "rows.jsonl", "formatting": "grounding"}}))
+    info = {"ground_float": {"file_name": "rows.jsonl", "formatting": "grounding"}}
+    (data / "dataset_info.json").write_text(json.dumps(info))
     return model_dir, data
 
 
@@ -149,7 +151,8 @@ def predict(model_dir: Path, data: Path, output_dir: Path, fail_row: bool) -> Pr
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(workflow, "GroundingTrainer", FixedAnswers)
-            workflow.run_grounding_sft(*get_train_args({k: str(v) if isinstance(v, Path) else v for k, v in config.items()}))
+            args = get_train_args({k: str(v) if isinstance(v, Path) else v for k, v in config.items()})
+            workflow.run_grounding_sft(*args)
     finally:
         vision_logger.removeHandler(handler)
     results = json.loads((output_dir / "predict_results.json").read_text())
@@ -184,13 +187,15 @@ def test_predict_metrics_score_against_the_dataset_float_boxes(runs):
     assert all(len(r["predict_boxes_head"]) == (1 if i < 3 else 0) for i, r in enumerate(runs["clean"].rows))
 
 
-def test_ground_eval_with_the_dataset_gives_the_same_metrics(runs, predict_setup):
-    """Same definitions in predict_results.json and eval/ground_eval.py --images (the shared scoring code)."""
+@pytest.mark.parametrize("kind", ["clean", "failing"])
+def test_ground_eval_with_the_dataset_gives_the_same_metrics(kind, runs, predict_setup):
+    """Same definitions in predict_results.json and eval/ground_eval.py --images (the shared scoring code), head
+    failures included."""
     _, data = predict_setup
-    run = runs["clean"]
+    run = runs[kind]
     proc = subprocess.run(
-        [sys.executable, str(REPO / "eval" / "ground_eval.py"), "--predictions",
-         str(run.output_dir / "generated_predictions.jsonl"), "--images", str(data / "rows.jsonl"), "--family", FAMILY],
+        [sys.executable, str(REPO / "eval" / "ground_eval.py"), "--family", FAMILY,
+         "--predictions", str(run.output_dir / "generated_predictions.jsonl"), "--images", str(data / "rows.jsonl")],
         capture_output=True, text=True, check=False, cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO / "plugin"), "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
@@ -199,8 +204,7 @@ def test_ground_eval_with_the_dataset_gives_the_same_metrics(runs, predict_setup
     compared = [k.removeprefix("predict_") for k in run.results if k.removeprefix("predict_") in evaluated]
     assert {"miou", "acc@0.5", "detect_miou", "head_miou", "head_failures", "pred_out_of_range"} <= set(compared)
     for key in compared:
-        if key not in ("decoding",):
-            assert evaluated[key] == pytest.approx(run.results[f"predict_{key}"], abs=1e-9), key
+        assert evaluated[key] == pytest.approx(run.results[f"predict_{key}"], abs=1e-9), key
 
 
 def test_one_failing_row_loses_only_its_head_boxes(runs):

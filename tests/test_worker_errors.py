@@ -88,7 +88,7 @@ def _data_with_bad_row(root: Path) -> Path:
 
 
 def _command(kind: str, model: Path, data: Path, work: Path, workers: int | None) -> list[str]:
-    """The command line of ``kind``; ``workers`` None leaves ``preprocessing_num_workers`` unset (the host's default)."""
+    """The command line of ``kind``; ``workers`` None leaves ``preprocessing_num_workers`` unset (host default)."""
     extra = {} if workers is None else {"preprocessing_num_workers": workers}
     config = train_config(model, data, work / "out", "qwen2_vl_ground", **extra)
     if kind == "predict":

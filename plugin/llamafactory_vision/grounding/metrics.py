@@ -444,9 +444,8 @@ class GroundingMetricAccumulator:
         head_boxes = head_boxes if head_boxes is not None else [None] * len(preds)
         tasks = tasks if tasks is not None else [None] * len(preds)
         head_failed = head_failed if head_failed is not None else [False] * len(preds)
-        self._rows.extend(
-            score_row(p, t, h, k, head_failed=f) for p, t, h, k, f in zip(preds, labels, head_boxes, tasks, head_failed)
-        )
+        rows = zip(preds, labels, head_boxes, tasks, head_failed)
+        self._rows.extend(score_row(p, t, h, k, head_failed=f) for p, t, h, k, f in rows)
 
     def add(self, row: RowScore) -> None:
         """Add one row scored by :func:`score_row`."""
