@@ -156,8 +156,17 @@ def eval_steps(output_dir: Path) -> list[dict[str, Any]]:
 BOX_1000 = re.compile(r"\((\d+),(\d+)\),\((\d+),(\d+)\)")  # a Qwen2-VL label once the box tokens are stripped
 
 
-def label_boxes_1000(label: str) -> list[list[float]]:
-    return [[float(v) for v in match] for match in BOX_1000.findall(label)]
+def dataset_boxes_1000(data_dir: Path, split_file: str) -> list[torch.Tensor]:
+    """Per row ``Tensor[K, 4]`` float64: the dataset's own float boxes (xyxy pixels) in 0-1000 of the image, the
+    labels predict scores against (not the label text, rounded to integers)."""
+    boxes = []
+    for row in read_jsonl(data_dir / split_file):
+        assert row["bbox_format"] == "xyxy"
+        with Image.open(data_dir / row["images"][0]) as image:
+            width, height = image.size
+        pixels = torch.tensor([obj["bbox"] for obj in row["objects"]], dtype=torch.float64)
+        boxes.append(pixels / torch.tensor([width, height, width, height]) * 1000)
+    return boxes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -408,15 +417,18 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_head_rows_pack_round_trip_and_repeats():
-    from llamafactory_vision.grounding.head_rows import first_occurrences, pack_head_rows, unpack_head_rows
+    from llamafactory_vision.grounding.head_rows import PredictRow, first_occurrences, pack_head_rows, unpack_head_rows
 
     boxes = [[{"xyxy_1000": [1, 2, 300, 400], "xyxy_model": [0.5, 1.25, 84.0, 112.5]}], [],
              [{"xyxy_1000": [0, 0, 1000, 1000], "xyxy_model": [0.0, 0.0, 56.0, 56.0]},
               {"xyxy_1000": [10, 20, 30, 40], "xyxy_model": [1.5, 2.5, 3.5, 4.5]}]]  # fmt: skip
-    packed = pack_head_rows([7, 8, 9], boxes)
-    assert packed.shape == (3, 2 + 8 * 2)
-    padded = torch.cat([packed, torch.full((3, 8), -100.0)], dim=1)  # as pad_across_processes widens a batch
-    assert unpack_head_rows(padded) == ([7, 8, 9], boxes)
+    labels = [[(0.1015, 0.203, 0.4985, 0.796)], None, [(0.05, 0.1, 0.25, 0.5), (0.6, 0.4, 0.9, 0.9)]]
+    rows = [PredictRow(7, boxes[0], (84, 112), labels[0]), PredictRow(8, boxes[1], (56, 56), labels[1]),
+            PredictRow(9, boxes[2], (56, 56), labels[2]), PredictRow(10, None, (28, 56), [])]  # fmt: skip
+    packed = pack_head_rows(rows)
+    assert packed.shape == (4, 5 + 8 * 2 + 4 * 2) and packed.dtype == torch.float64
+    padded = torch.cat([packed, torch.full((4, 8), -100.0, dtype=torch.float64)], dim=1)  # as pad_across_processes
+    assert unpack_head_rows(padded) == rows  # label floats come back exactly; None (head failed / unknown) stays None
     # the gather of an uneven split: rows 3 and 4 come back as the sampler's repeats of rows 0 and 1
     seen: set[int] = set()
     assert first_occurrences([0, 1, 2, 3], seen) == [0, 1, 2, 3]
@@ -893,7 +905,8 @@ def test_full_finetuning_keeps_head_out_of_model_file(learn_run, tiny_models):
 @pytest.mark.e2e
 def test_predict_with_full_model_head(learn_run, learn_data, tmp_path):
     """Predict reads the head beside the full model and runs it at the boxes the model generates; its metrics are
-    recomputed here, and on the rows with a box it beats the zero-initialised head (always the centred box)."""
+    recomputed here against the dataset's float boxes, and on the rows with a box it beats the zero-initialised head
+    (always the centred box)."""
     config = predict_config(learn_run, learn_data, tmp_path / "pred", **LEARN_PREDICT)
     config["model_name_or_path"] = learn_run.output_dir
     del config["lora_target"]
@@ -901,10 +914,13 @@ def test_predict_with_full_model_head(learn_run, learn_data, tmp_path):
 
     predictions = read_jsonl(tmp_path / "pred" / "generated_predictions.jsonl")
     results = json.loads((tmp_path / "pred" / "predict_results.json").read_text())
+    labels = dataset_boxes_1000(learn_data, "ground_val.jsonl")
     ious, trained, centred = [], [], []
     for prediction in predictions:
-        label = torch.tensor(label_boxes_1000(prediction["label"]), dtype=torch.float64)
+        label = labels[prediction["row"]]
         assert label.shape == (1, 4)
+        # the label text holds the same box rounded to integers
+        assert BOX_1000.search(prediction["label"]).groups() == tuple(str(round(v)) for v in label[0].tolist())
         boxes = [box["xyxy_1000"] for box in prediction["predict_boxes_head"]]
         if not boxes:
             ious.append(0.0)
