@@ -49,3 +49,22 @@ def test_missing_key_is_an_error(tmp_path: Path) -> None:
     _write(tmp_path, "a.yaml", "name: first\nprompts: {}\n")
     with pytest.raises(KeyError, match="model_types"):
         load_specs(tmp_path, ToySpec, "toy")
+
+
+def test_derived_template_copies_its_base_with_its_own_plugin_and_refuses_a_taken_name():
+    from llamafactory.data.mm_plugin import get_mm_plugin
+    from llamafactory.data.template import TEMPLATES
+
+    from llamafactory_vision.template_specs import add_derived_template
+
+    templates = dict(TEMPLATES)
+    plugin = get_mm_plugin("llava", image_token="<image>")
+    add_derived_template(templates, "llava_copy", "llava", plugin)
+    derived, base = templates["llava_copy"], templates["llava"]
+    assert derived.mm_plugin is plugin and base.mm_plugin is not plugin
+    assert derived.format_user == base.format_user and derived.default_system == base.default_system
+    assert TEMPLATES["llava"] is base  # the host's entry is not modified
+    with pytest.raises(ValueError, match="Template llava_copy already exists"):
+        add_derived_template(templates, "llava_copy", "llava", plugin)
+    with pytest.raises(ValueError, match="Template qwen2_vl already exists"):
+        add_derived_template(templates, "qwen2_vl", "llava", plugin)

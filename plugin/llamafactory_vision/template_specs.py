@@ -50,3 +50,14 @@ def load_specs(folder: Traversable, spec_type: type[Spec], kind: str) -> dict[st
             raise ValueError(f"{kind} template {spec.name!r} is defined twice (second in {entry.name}).")
         specs[spec.name] = spec
     return specs
+
+
+def add_derived_template(templates: dict, name: str, base_name: str, plugin: Any) -> None:
+    """Register ``templates[name]``: a copy of the host template ``base_name`` whose multimodal plugin is ``plugin``.
+
+    ``templates`` is the host's ``TEMPLATES`` registry; each derived template gets its own plugin instance. Refuses
+    to replace a template already registered under ``name`` (ours or the host's).
+    """
+    if name in templates:
+        raise ValueError(f"Template {name} already exists.")
+    templates[name] = dataclasses.replace(templates[base_name], mm_plugin=plugin)

@@ -12,7 +12,7 @@ import importlib.resources
 import zlib
 from collections.abc import Callable, Mapping
 
-from llamafactory_vision.template_specs import load_specs
+from llamafactory_vision.template_specs import add_derived_template, load_specs
 
 TASKS = ("rec", "reg", "detect")
 
@@ -57,8 +57,6 @@ def register_grounding_templates(templates: dict, get_mm_plugin: Callable) -> No
     Each template gets its own plugin instance (no plugin object shared between templates).
     """
     for spec in load_grounding_specs().values():
-        if spec.name in templates:
-            raise ValueError(f"Template {spec.name} already exists.")
         base = templates[spec.base_template]
         plugin = get_mm_plugin(
             spec.mm_plugin,
@@ -66,4 +64,4 @@ def register_grounding_templates(templates: dict, get_mm_plugin: Callable) -> No
             video_token=base.mm_plugin.video_token,
             box_family=spec.box_family,
         )
-        templates[spec.name] = dataclasses.replace(base, mm_plugin=plugin)
+        add_derived_template(templates, spec.name, spec.base_template, plugin)

@@ -10,7 +10,7 @@ import zlib
 from collections.abc import Callable, Mapping
 
 from llamafactory_vision.strokes.render import TASKS
-from llamafactory_vision.template_specs import load_specs
+from llamafactory_vision.template_specs import add_derived_template, load_specs
 
 SPEC_FOLDER = "strokes"
 CORNER_FIELDS = ("{x1}", "{y1}", "{x2}", "{y2}")
@@ -56,8 +56,5 @@ def get_stroke_spec(template_name: str | None) -> StrokeTemplateSpec | None:
 def register_stroke_templates(templates: dict, get_mm_plugin: Callable) -> None:
     """Add one host ``Template`` per spec: a copy of its base template with its own stroke plugin instance."""
     for spec in load_stroke_specs().values():
-        if spec.name in templates:
-            raise ValueError(f"Template {spec.name} already exists.")
-        base = templates[spec.base_template]
-        plugin = get_mm_plugin(spec.mm_plugin, image_token=base.mm_plugin.image_token)
-        templates[spec.name] = dataclasses.replace(base, mm_plugin=plugin)
+        plugin = get_mm_plugin(spec.mm_plugin, image_token=templates[spec.base_template].mm_plugin.image_token)
+        add_derived_template(templates, spec.name, spec.base_template, plugin)
