@@ -47,9 +47,16 @@ from llamafactory_vision.grounding.metrics import (
     KINDS,
     GroundingMetricAccumulator,
     head_boxes_for_family,
-    score_rows,
 )
-from llamafactory_vision.grounding.predictions import image_path, read_dataset, read_predictions
+from llamafactory_vision.grounding.predictions import (
+    NORMALIZED_BOUNDS,
+    NormalizedBoxes,
+    image_path,
+    normalize_row_boxes,
+    read_dataset,
+    read_predictions,
+    score_normalized_rows,
+)
 from llamafactory_vision.grounding.visualize import draw_prediction
 from PIL import Image
 
@@ -200,7 +207,7 @@ def check_alignment(index: int, label: list[Box], row: Any, image_size: tuple[in
 class ResolvedRow:
     """A prediction row paired with its dataset row, every box normalised xyxy in ``[0, 1]`` of the image.
 
-    ``label`` holds the dataset's float boxes when the dataset row has readable ones, else the label text's boxes.
+    ``boxes.label`` holds the dataset's float boxes when the dataset row has readable ones, else the label text's.
     """
 
     index: int
@@ -208,9 +215,12 @@ class ResolvedRow:
     task: str | None
     image_path: Path | None
     image_size: tuple[int, int]
-    predict: list[Box]
-    label: list[Box]
-    head: list[Box] | None
+    boxes: NormalizedBoxes
+
+
+def _head_failed(obj: dict[str, Any]) -> bool:
+    """The predict run recorded that its bbox head could not run for this row (``bbox_head_failed``)."""
+    return obj.get("bbox_head_failed") is True
 
 
 def _dataset_task(row: Any) -> str | None:
@@ -256,31 +266,20 @@ def resolve_rows(
         if dataset_label is not None:
             # one unit of the coarsest written grid (1/1000, or a model-view pixel) plus rounding and clamping
             check_alignment(index, label_text, row, size, 1.5 / min(RELATIVE_SCALE, *model_size))
-        resolved.append(
-            ResolvedRow(
-                index=index,
-                obj=obj,
-                task=_dataset_task(row),
-                image_path=path,
-                image_size=size,
-                predict=decode(parse_answer(obj["predict"]).boxes),
-                label=dataset_label if dataset_label is not None else label_text,
-                head=None if head is None else decode(head),
-            )
-        )
+        boxes = normalize_row_boxes(obj["predict"], obj["label"], codec, model_size, dataset_label, head)
+        resolved.append(ResolvedRow(index, obj, _dataset_task(row), path, size, boxes))
     return resolved, bad
 
 
 def score_resolved(rows: list[ResolvedRow], family: str) -> tuple[dict[str, Any], str | None]:
     """Metrics over rows resolved against the dataset (boxes in ``[0, 1]``); and the coordinate-space warning."""
-    accumulator = GroundingMetricAccumulator(family, bounds=(1.0, 1.0))
-    scored = score_rows(
+    accumulator = GroundingMetricAccumulator(family, bounds=NORMALIZED_BOUNDS)
+    scored = score_normalized_rows(
         [row.obj["predict"] for row in rows],
         [row.obj["label"] for row in rows],
-        [row.head for row in rows],
+        [row.boxes for row in rows],
         [row.task for row in rows],
-        pred_boxes=[row.predict for row in rows],
-        label_boxes=[row.label if row.task != "reg" else None for row in rows],
+        [_head_failed(row.obj) for row in rows],
     )
     for row in scored:
         accumulator.add(row)
@@ -297,13 +296,14 @@ def visualize(rows: list[ResolvedRow], args: argparse.Namespace) -> dict[str, in
             continue
         with Image.open(row.image_path) as opened:
             image = opened.convert("RGB")
+        boxes = row.boxes
         image = draw_prediction(
             image,
-            [denormalize_xyxy(box, image.size) for box in row.label],
+            [denormalize_xyxy(box, image.size) for box in boxes.label],
             parse_answer(row.obj["label"]).refs,
-            [denormalize_xyxy(box, image.size) for box in row.predict],
+            [denormalize_xyxy(box, image.size) for box in boxes.predict],
             parse_answer(row.obj["predict"]).refs,
-            [denormalize_xyxy(box, image.size) for box in row.head] if row.head else None,
+            [denormalize_xyxy(box, image.size) for box in boxes.head] if boxes.head else None,
         )
         image.save(args.visualize / f"{row.index:05d}.png")
         done += 1
@@ -352,7 +352,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         scores, warning = score_resolved(resolved, family)
     else:
         accumulator = GroundingMetricAccumulator(family if family in FAMILIES else None)
-        accumulator.update([obj["predict"] for _, obj in rows], [obj["label"] for _, obj in rows], heads)
+        accumulator.update(
+            [obj["predict"] for _, obj in rows],
+            [obj["label"] for _, obj in rows],
+            heads,
+            head_failed=[_head_failed(obj) for _, obj in rows],
+        )
         scores, warning = accumulator.compute(), accumulator.warning
     metrics.update(scores)
     metrics["bad_rows"] = bad

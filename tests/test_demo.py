@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, run_cli
+import torch
+from conftest import REPO, run_cli, write_yaml
 
 
 @pytest.mark.e2e
@@ -41,9 +42,9 @@ def test_demo_commands_show_progress_on_the_terminal_and_everything_in_the_log(t
     each bar on a non-terminal stdout, with the last logged loss; the log keeps every refresh."""
     import sys
 
-    from llamafactory_vision.demo import _run
+    from llamafactory_vision.demo_common import run_logged
 
-    _run([sys.executable, "-c", TQDM_RUN], tmp_path / "run.log")
+    run_logged([sys.executable, "-c", TQDM_RUN], tmp_path / "run.log")
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("    ")]
     converting = [line for line in lines if line.startswith("    Converting grounding dataset: ")]
     training = [line for line in lines if line.startswith("    training steps: ")]
@@ -52,6 +53,30 @@ def test_demo_commands_show_progress_on_the_terminal_and_everything_in_the_log(t
     assert len(converting) == 11 and len(training) == 11  # 0/N, then one per tenth: not one per refresh
     log = (tmp_path / "run.log").read_text()
     assert log.count("/40 [") >= 40 and log.count("/30 [") >= 30 and "'loss': 0.25" in log
+
+
+def test_failed_command_raises_with_the_tail_of_its_log(tmp_path):
+    import sys
+
+    from llamafactory_vision.demo_common import run_logged
+
+    with pytest.raises(RuntimeError, match=r"exit code 3; last lines of .*\n.*boom"):
+        run_logged([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "fail.log")
+
+
+def test_overrides_reach_the_resolved_yaml_and_the_output_folder_is_absolute(tmp_path, monkeypatch):
+    import yaml
+    from llamafactory_vision.demo_common import dotlist, prepare_out, write_resolved
+
+    assert dotlist({"a": 1, "b": tmp_path / "x"}) == ["a=1", f"b={tmp_path / 'x'}"]
+    src = tmp_path / "src.yaml"
+    src.write_text("model_name_or_path: base\nmax_steps: 100\nbf16: true\n")
+    write_resolved(src, tmp_path / "dst.yaml", {"max_steps": 5, "output_dir": tmp_path / "train"})
+    resolved = yaml.safe_load((tmp_path / "dst.yaml").read_text())
+    assert resolved == {"model_name_or_path": "base", "max_steps": 5, "bf16": True, "output_dir": str(tmp_path / "train")}
+    monkeypatch.chdir(tmp_path)
+    out, logs = prepare_out("rel/demo")
+    assert out == tmp_path / "rel" / "demo" and logs == out / "logs" and logs.is_dir()
 
 
 def _example_comments() -> dict[str, str]:
@@ -101,3 +126,26 @@ def test_bf16_examples_say_what_to_do_on_cpu():
         for line in path.read_text().splitlines():
             if line.startswith("bf16: true"):
                 assert "on CPU set `bf16: false`" in line, path
+
+
+def test_edit_demo_untrained_parts_repeat_from_run_to_run(edit_models, tmp_path):
+    """The "before" figures of the edit demo come from a fresh edit head: seeded, they repeat whatever ran before."""
+    import shutil
+
+    from llamafactory_vision.editing.demo import _untrained_parts
+    from llamafactory_vision.editing.parts import HEAD_DIR
+    from safetensors.torch import load_file
+
+    train_yaml = write_yaml(tmp_path / "train.yaml", {"seed": 7, "edit_head_width": 32, "edit_head_layers": 1,
+                                                      "edit_head_ffn": 64, "edit_resolution": 32,
+                                                      "edit_num_inference_steps": 2})  # fmt: skip
+    states = []
+    for attempt in range(2):
+        model = shutil.copytree(edit_models["llava"], tmp_path / f"llava{attempt}")
+        torch.manual_seed(attempt)  # a different global random state before each call
+        _untrained_parts(model, edit_models["ip2p"], train_yaml)
+        (weights,) = (model / HEAD_DIR).glob("*.safetensors")
+        states.append(load_file(str(weights)))
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=0, atol=0)

@@ -4,6 +4,7 @@ eval/edit_eval.py and the pipeline's save/load."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -129,10 +130,11 @@ def run_predict(run_a, edit_models, edit_data, tmp_path_factory):
         "edit_clip_model": edit_models["clip"],
     }  # fmt: skip
     run_cli(["llamafactory-cli", "train", str(write_yaml(root / "d.yaml", config))], cwd=root)
-    return root / "out"
+    return root / "out", config
 
 
 def test_predict_writes_images_grid_and_metrics(run_predict, edit_models, edit_data):
+    run_predict = run_predict[0]
     rows = read_jsonl(edit_data / "edit_val.jsonl")
     predictions = read_jsonl(run_predict / "generated_predictions.jsonl")
     assert len(predictions) == len(rows)
@@ -153,6 +155,32 @@ def test_predict_writes_images_grid_and_metrics(run_predict, edit_models, edit_d
     scores = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("n", "l1", "l2", "clip_i", "clip_t", "clip_t_n"):
         assert scores[key] == pytest.approx(metrics[f"predict_{key}"], rel=1e-4), key
+
+
+def test_two_process_predict_equals_one(run_predict, edit_data, tmp_path):
+    """2 processes split the eval rows and write the same images, texts, grid and metrics as 1 process."""
+    one, config = run_predict
+    yaml_path = write_yaml(tmp_path / "e.yaml", {**config, "output_dir": tmp_path / "out"})
+    result = run_cli(["llamafactory-cli", "train", str(yaml_path)], cwd=tmp_path, FORCE_TORCHRUN="1",
+                     NPROC_PER_NODE="2")  # fmt: skip
+    two = tmp_path / "out"
+    n = len(read_jsonl(edit_data / "edit_val.jsonl"))
+    assert n >= 4  # each process edits rows of both halves (0, 2, ... and 1, 3, ...): the order is reassembled
+    # the main process's progress bar counts its share only: the rows were split, not all edited on one process
+    bars = re.findall(r"Editing eval images: +\d+%\|[^|\r\n]*\| (\d+)/(\d+) \[", result.stderr)
+    assert bars and {total for _, total in bars} == {str(n // 2)}, bars
+    assert sorted(p.name for p in (two / "edited").iterdir()) == [f"{i:05d}.png" for i in range(n)]
+    from PIL import Image
+
+    for name in [f"edited/{i:05d}.png" for i in range(n)] + ["edit_grid.png"]:
+        with Image.open(one / name) as a, Image.open(two / name) as b:
+            assert (np.asarray(a) == np.asarray(b)).all(), name
+    texts = {path: [{k: v for k, v in row.items() if k != "image"} for row in read_jsonl(path / "generated_predictions.jsonl")]
+             for path in (one, two)}  # fmt: skip
+    assert texts[two] == texts[one]
+    metrics = {path: json.loads((path / "predict_results.json").read_text()) for path in (one, two)}
+    scores = [k for k in metrics[one] if not k.endswith(("_runtime", "_per_second"))]
+    assert {k: metrics[two][k] for k in scores} == {k: metrics[one][k] for k in scores}
 
 
 def test_cli_edit_is_seeded_and_matches_the_pipeline(run_a, edit_models, edit_data, tmp_path):

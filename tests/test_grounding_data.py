@@ -51,6 +51,20 @@ def test_prompt_choice_is_deterministic_and_user_prompt_wins(image_dir):
     assert custom == "<image>Box for the box, please."
 
 
+def test_prompt_wording_does_not_depend_on_where_the_dataset_lies(tmp_path):
+    """Rows pick one of the spec's phrasings by a hash: the same row in another folder (another machine, pytest's
+    temp dirs) must get the same wording, or runs are not reproducible across machines."""
+    refs = [f"object {i}" for i in range(12)]  # several rows, so different keys pick different phrasings
+    prompts = []
+    for folder in (tmp_path / "a", tmp_path / "deeper" / "b"):
+        folder.mkdir(parents=True)
+        Image.new("RGB", (W, H), (10, 20, 30)).save(folder / "ok.png")
+        conv = _converter(folder)
+        prompts.append([conv(_row(objects=[{"ref": ref, "bbox": [20, 10, 120, 90]}]), i)["_prompt"] for i, ref in
+                        enumerate(refs)])  # fmt: skip
+    assert prompts[0] == prompts[1]
+    assert len({p[0]["content"].replace(ref, "{ref}") for p, ref in zip(prompts[0], refs)}) > 1
+
 def test_reg_task_puts_the_region_in_the_prompt_and_the_ref_in_the_answer(image_dir):
     out = _converter(image_dir)(_row(task="reg"), 0)
     assert "⟦lfv:region 0 " in out["_prompt"][0]["content"]
@@ -64,22 +78,22 @@ def test_single_image_column_and_column_mapping(image_dir):
 
 
 BAD_ROWS = [
-    ("outside_image", dict(objects=[{"ref": "a", "bbox": [0, 0, W + 1, 10]}]), "objects[0].bbox"),
-    ("outside_image", dict(objects=[{"ref": "a", "bbox": [-1, 0, 10, 10]}]), "objects[0].bbox"),
-    ("degenerate", dict(objects=[{"ref": "a", "bbox": [50, 0, 40, 10]}]), "objects[0].bbox"),
-    ("not_finite", dict(objects=[{"ref": "a", "bbox": [math.nan, 0, 40, 10]}]), "objects[0].bbox"),
-    ("not_finite", dict(objects=[{"ref": "a", "bbox": [0, 0, math.inf, 10]}]), "objects[0].bbox"),
-    ("not_numeric", dict(objects=[{"ref": "a", "bbox": ["x", 0, 40, 10]}]), "objects[0].bbox"),
-    ("wrong_length", dict(objects=[{"ref": "a", "bbox": [0, 0, 40]}]), "objects[0].bbox"),
-    ("unknown_format", dict(bbox_format="yxyx"), "bbox_format"),
-    ("no_objects", dict(objects=[]), "objects"),
-    ("no_objects", dict(objects=None), "objects"),
-    ("bad_ref", dict(objects=[{"ref": "", "bbox": [0, 0, 4, 4]}]), "objects[0].ref"),
-    ("missing_image", dict(images=["nope.png"]), "images"),
-    ("missing_image", dict(images=[]), "images"),
-    ("corrupt_image", dict(images=["corrupt.png"]), "images"),
-    ("image_count", dict(images=["ok.png", "ok.png"]), "images"),
-    ("unknown_task", dict(task="caption"), "task"),
+    ("outside_image", {"objects": [{"ref": "a", "bbox": [0, 0, W + 1, 10]}]}, "objects[0].bbox"),
+    ("outside_image", {"objects": [{"ref": "a", "bbox": [-1, 0, 10, 10]}]}, "objects[0].bbox"),
+    ("degenerate", {"objects": [{"ref": "a", "bbox": [50, 0, 40, 10]}]}, "objects[0].bbox"),
+    ("not_finite", {"objects": [{"ref": "a", "bbox": [math.nan, 0, 40, 10]}]}, "objects[0].bbox"),
+    ("not_finite", {"objects": [{"ref": "a", "bbox": [0, 0, math.inf, 10]}]}, "objects[0].bbox"),
+    ("not_numeric", {"objects": [{"ref": "a", "bbox": ["x", 0, 40, 10]}]}, "objects[0].bbox"),
+    ("wrong_length", {"objects": [{"ref": "a", "bbox": [0, 0, 40]}]}, "objects[0].bbox"),
+    ("unknown_format", {"bbox_format": "yxyx"}, "bbox_format"),
+    ("no_objects", {"objects": []}, "objects"),
+    ("no_objects", {"objects": None}, "objects"),
+    ("bad_ref", {"objects": [{"ref": "", "bbox": [0, 0, 4, 4]}]}, "objects[0].ref"),
+    ("missing_image", {"images": ["nope.png"]}, "images"),
+    ("missing_image", {"images": []}, "images"),
+    ("corrupt_image", {"images": ["corrupt.png"]}, "images"),
+    ("image_count", {"images": ["ok.png", "ok.png"]}, "images"),
+    ("unknown_task", {"task": "caption"}, "task"),
 ]
 
 

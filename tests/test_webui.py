@@ -72,7 +72,8 @@ def test_disabled_ui_is_stock_and_ours_only_adds(ui_trees):
         assert mine == config, elem_id
     added = {i.split(".", 1)[1] for i in set(ours) - set(stock)}
     expected = {o.name for o in train_options()} | {"image_max_pixels", "image_min_pixels"}
-    expected |= {"grounding_preview_btn", "grounding_preview", "prediction_gallery", "grounding_answer"}
+    expected |= {"grounding_preview_btn", "grounding_preview", "prediction_gallery", "edit_gallery"}
+    expected.add("grounding_answer")
     expected |= {f"vision_{g}_tab" for g in {o.group for o in train_options()}}
     assert added == expected
     assert "qwen2_vl_ground" in str(ours["top.template"][1]["choices"])
@@ -262,3 +263,214 @@ def test_chat_answer_boxes_drawn_on_the_input_image():
     assert image.getpixel((90, 50)) == (128, 128, 128)  # the input is not modified
     assert answer_picture(image, "I cannot see it", "qwen2_vl_ground", processor=None) is None
     assert answer_picture(image, "(1,1),(2,2)", "qwen2_vl", processor=None) is None  # not a grounding template
+
+
+# --- edit models (llava_edit): Evaluate & Predict, the edit gallery, the chat -----------------------------------
+
+
+def _edit_run_files(tmp_path: Path, n: int) -> tuple[Path, Path, list[dict]]:
+    """A dataset dir with n source/target pairs and an output dir as an edit predict run leaves it (predictions
+    naming the images as the run read them, edited/{i:05d}.png), every image one distinct flat colour."""
+    from PIL import Image
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    (data / "images").mkdir(parents=True)
+    (out / "edited").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        for kind, shade in (("src", 10), ("tgt", 20), ("out", 30)):
+            folder = out / "edited" if kind == "out" else data / "images"
+            name = f"{i:05d}.png" if kind == "out" else f"{kind}{i}.png"
+            Image.new("RGB", (16, 12), (shade + i, 0, 0)).save(folder / name)
+        rows.append({"source": str(data / "images" / f"src{i}.png"), "target": str(data / "images" / f"tgt{i}.png"),
+                     "instruction": f"make it red {i}", "predict": f"a redder picture {i}"})  # fmt: skip
+    (out / "generated_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data, out, rows
+
+
+def test_edit_gallery_shows_source_output_target_per_row(tmp_path, monkeypatch):
+    """Oracle: the colour each file was written with, in source / output / target order, for the first rows."""
+    from llamafactory_vision.webui.pictures import edit_pictures
+
+    data, out, rows = _edit_run_files(tmp_path, 3)
+    monkeypatch.chdir(tmp_path)  # a run given a relative dataset_dir names its images relative to LLaMA Board's cwd
+    rows[1]["source"] = "data/images/src1.png"
+    (out / "generated_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shown = edit_pictures(str(out), "data", "llava_edit", limit=2)
+    assert [picture.getpixel((0, 0))[0] for picture, _ in shown] == [10, 30, 20, 11, 31, 21]
+    assert [caption for _, caption in shown][:3] == ["#0 source: make it red 0", "#0 output: a redder picture 0",
+                                                     "#0 target"]  # fmt: skip
+    assert len(edit_pictures(str(out), str(data), "llava_edit")) == 9
+    assert edit_pictures(str(out), str(data), "qwen2_vl_ground") == []  # not an edit template
+    assert edit_pictures(str(tmp_path / "empty"), str(data), "llava_edit") == []  # no predict run yet
+
+
+@pytest.mark.parametrize("bad", ["dotdot", "absolute", "symlink_in_data", "edited_symlink"])
+def test_edit_gallery_refuses_files_outside_the_dataset_and_output_dirs(tmp_path, bad):
+    from llamafactory_vision.webui.pictures import edit_pictures
+    from llamafactory_vision.webui.safe_paths import OutsideError
+    from PIL import Image
+
+    data, out, rows = _edit_run_files(tmp_path, 1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (4, 4)).save(elsewhere / "secret.png")
+    if bad == "dotdot":
+        rows[0]["target"] = str(data / ".." / "elsewhere" / "secret.png")
+    elif bad == "absolute":
+        rows[0]["source"] = str(elsewhere / "secret.png")
+    elif bad == "symlink_in_data":
+        os.symlink(elsewhere, data / "link")
+        rows[0]["source"] = str(data / "link" / "secret.png")
+    else:
+        (out / "edited" / "00000.png").unlink()
+        os.symlink(elsewhere / "secret.png", out / "edited" / "00000.png")
+    (out / "generated_predictions.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(OutsideError, match="outside"):
+        edit_pictures(str(out), str(data), "llava_edit")
+
+
+def test_edit_gallery_names_a_row_without_its_images(tmp_path):
+    from llamafactory_vision.webui.pictures import edit_pictures
+
+    data, out, rows = _edit_run_files(tmp_path, 2)
+    del rows[1]["target"]
+    (out / "generated_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(TypeError, match=r"row 1, field `target`"):
+        edit_pictures(str(out), str(data), "llava_edit")
+
+
+def _eval_board(tmp_path, monkeypatch):
+    """LLaMA Board's top bar and Evaluate tab, built in-process (our wrappers included), with every value at its
+    default; returns (engine, data)."""
+    import gradio as gr
+    from llamafactory.webui import interface
+    from llamafactory.webui.components import create_top
+    from llamafactory.webui.engine import Engine
+
+    monkeypatch.chdir(tmp_path)
+    with gr.Blocks():
+        engine = Engine()
+        engine.manager.add_elems("top", create_top())
+        with gr.Tab("Evaluate"):
+            engine.manager.add_elems("eval", interface.create_eval_tab(engine))
+    manager = engine.manager
+    inputs = manager.get_base_elems() | {e for i, e in manager._id_to_elem.items() if i.startswith("eval.")}
+    return engine, {e: e.value for e in inputs if hasattr(e, "value")}
+
+
+def test_evaluate_tab_runs_the_edit_stage_with_the_recorded_settings(tmp_path, monkeypatch):
+    """An llava_edit checkpoint predicts through `stage: edit` with the settings its run recorded, unless the UI sets
+    one; the CLIP model set in the tab reaches the command. Other templates keep the host's `stage: sft`."""
+    import gradio as gr
+    from llamafactory.webui import common
+    from llamafactory_vision.editing.parts import EditRecord
+
+    engine, data = _eval_board(tmp_path, monkeypatch)
+    manager, runner = engine.manager, engine.runner
+    run = tmp_path / "saves" / "LLaVA-1.5-7B-Chat-Edit" / "lora" / "edit_run"
+    run.mkdir(parents=True)
+    EditRecord("diff/ip2p", "llava_edit", 32, 3, 7.5, 1.5, 6).save(run)
+    data.update({manager.get_elem_by_id(k): v for k, v in {
+        "top.lang": "en", "top.model_name": "LLaVA-1.5-7B-Chat-Edit", "top.model_path": "m",
+        "top.finetuning_type": "lora", "top.template": "llava_edit", "top.checkpoint_path": ["edit_run"],
+        "eval.dataset": ["synth_edit_val"], "eval.output_dir": "pred", "eval.predict": True,
+        "eval.edit_clip_model": "clip", "eval.edit_num_inference_steps": 5,
+    }.items()})  # fmt: skip
+    args = runner._parse_eval_args(data)
+    assert args["stage"] == "edit" and args["do_predict"] is True
+    assert "predict_with_generate" not in args  # the host allows it with `stage: sft` only
+    assert args["adapter_name_or_path"] == str(Path("saves/LLaVA-1.5-7B-Chat-Edit/lora/edit_run"))
+    assert (args["diffusion_model_name_or_path"], args["edit_resolution"]) == ("diff/ip2p", 32)  # recorded
+    assert (args["edit_image_guidance"], args["edit_max_new_tokens"]) == (1.5, 6)
+    assert args["edit_num_inference_steps"] == 5 and args["edit_clip_model"] == "clip"  # set in the tab
+    assert "--stage edit" in common.gen_cmd(args) and "--edit_clip_model clip" in common.gen_cmd(args)
+
+    (run / "edit_config.json").unlink()  # not an edit run: said before anything starts
+    with pytest.raises(gr.Error, match="edit_config.json"):
+        runner._parse_eval_args(data)
+    data[manager.get_elem_by_id("top.template")] = "llava"
+    assert runner._parse_eval_args(data)["stage"] == "sft"
+
+
+def test_chat_loads_an_edit_template_with_its_img_tokens():
+    from llamafactory_vision.editing.tokens import IMG_TOKENS
+    from llamafactory_vision.webui.edit_runs import with_img_token_args
+
+    stock = '{"vllm_enforce_eager": true}'
+    assert with_img_token_args("llava", stock) == stock
+    assert json.loads(with_img_token_args("llava_edit", stock)) == {
+        "vllm_enforce_eager": True, "add_special_tokens": ",".join(IMG_TOKENS)
+    }  # fmt: skip
+    mine = json.loads(with_img_token_args("llava_edit", '{"add_special_tokens": "<a>,[IMG0]"}'))
+    assert mine["add_special_tokens"].split(",") == ["<a>", *IMG_TOKENS]  # the user's first, as with_img_tokens
+    assert with_img_token_args("llava_edit", "{not json") == "{not json"  # the host reports bad JSON itself
+
+
+def test_chat_shows_the_image_edited_from_the_answer(edit_models, edit_data, tmp_path, monkeypatch):
+    """The Chat tab loads an edit run's checkpoint through the host's loader (with its [IMG] tokens), answers, and the
+    image edited from that answer joins the chat. Oracle: ``EditPipeline.from_training`` on the same run, given the
+    same answer, settings and seed (the CLI's path, not the chat engine's model)."""
+    import gradio as gr
+    import numpy as np
+    import torch
+    from conftest import edit_config, read_jsonl, run_cli, write_yaml
+    from llamafactory.webui import interface
+    from llamafactory.webui.components import create_top
+    from llamafactory.webui.engine import Engine
+    from llamafactory_vision.editing.pipeline import EditPipeline
+    from PIL import Image
+
+    run = tmp_path / "run"
+    config = edit_config(edit_models, edit_data, run, max_steps=1, edit_num_inference_steps=2, edit_max_new_tokens=4)
+    run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "edit.yaml", config))], cwd=tmp_path)
+
+    monkeypatch.chdir(tmp_path)
+    with gr.Blocks():
+        engine = Engine()
+        engine.manager.add_elems("top", create_top())
+        with gr.Tab("Chat"):
+            engine.manager.add_elems("infer", interface.create_infer_tab(engine))
+    manager, chatter = engine.manager, engine.chatter
+    data = {e: e.value for e in manager.get_base_elems() | set(manager._id_to_elem.values()) if hasattr(e, "value")}
+    data.update({manager.get_elem_by_id(k): v for k, v in {
+        "top.lang": "en", "top.model_name": "LLaVA-1.5-7B-Chat-Edit", "top.model_path": str(edit_models["llava"]),
+        "top.finetuning_type": "lora", "top.template": "llava_edit", "top.checkpoint_path": [str(run)],
+        "infer.infer_dtype": "float32",
+    }.items()})  # fmt: skip
+    assert list(chatter.load_model(data))[-1].startswith("Model loaded")
+    row = read_jsonl(edit_data / "edit_val.jsonl")[0]
+    image = Image.open(edit_data / row["source"]).convert("RGB")
+    chatbot, messages, _ = chatter.append([], [], "user", row["instruction"], True)
+    # host inputs after messages: lang, system, tools, image, video, audio, max_new_tokens, top_p, temperature,
+    # skip_special_tokens, escape_html, enable_thinking
+    *_, (shown, conversation) = chatter.stream(chatbot, messages, "en", "", "", image, None, None, 4, 0.7, 0.95, True,
+                                              True, True)  # fmt: skip
+    assert [m["role"] for m in conversation] == ["user", "assistant"]  # the model's next turn sees text only
+    assert len(shown) == 3 and isinstance(shown[-1]["content"], gr.Image)
+    picture = np.asarray(Image.open(shown[-1]["content"].value["path"]).convert("RGB"), dtype=np.int16)
+
+    oracle = EditPipeline.from_training(str(edit_models["llava"]), str(run))
+    expected = oracle(
+        image, row["instruction"], num_inference_steps=2, resolution=32, max_new_tokens=4,
+        generator=torch.Generator().manual_seed(0), expressive=conversation[-1]["content"],
+    ).images[0]  # fmt: skip
+    assert picture.shape == (32, 32, 3)
+    assert np.abs(picture - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+def test_chat_edit_image_only_for_an_edit_run_on_the_huggingface_backend(tmp_path):
+    from llamafactory_vision.editing.parts import EditRecord
+    from llamafactory_vision.webui.edit_runs import chat_edit_image, register_chat_engine
+
+    class Engine:  # the host's vLLM/SGLang engines hold no in-process model
+        name = "vllm"
+
+    EditRecord("diff", "llava_edit", 32, 2, 7.5, 1.5, 4).save(tmp_path)
+    engine = Engine()
+    assert register_chat_engine(engine, "llava", tmp_path) is False  # not the edit template
+    assert register_chat_engine(engine, "llava_edit", tmp_path / "elsewhere") is False  # not an edit run's output
+    with pytest.raises(ValueError, match="huggingface backend"):
+        register_chat_engine(engine, "llava_edit", tmp_path)
+    turn = [{"role": "user", "content": "make it red"}, {"role": "assistant", "content": "a red picture"}]
+    assert chat_edit_image(engine, object(), turn) is None  # never registered: the chat stays text only

@@ -2,7 +2,9 @@
 
 One run of the user's path: tiny grounding model, grounding template, synthetic dataset, bbox head on; preview the
 command; grounding preview of the dataset; train; predict with the bbox head; the IoU metrics and the box gallery
-appear. Screenshots go to ``$LFV_SCREENSHOTS`` (default: pytest's tmp dir); README's copies are in docs/webui/.
+appear. Then an edit run (trained by the CLI into LLaMA Board's save dir): predict from the Evaluate tab runs the
+edit stage; the CLIP metrics and the source / output / target gallery appear. Screenshots go to
+``$LFV_SCREENSHOTS`` (default: pytest's tmp dir); README's copies are in docs/webui/.
 
 The browser comes from ``make install`` (apt-get install chromium, as root). The test skips, saying why, only where
 no chromium binary exists (a machine without root/apt); under CI (``$CI`` set) a missing browser fails instead.
@@ -10,17 +12,20 @@ no chromium binary exists (a machine without root/apt); under CI (``$CI`` set) a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, cli_env
+from conftest import BIN, REPO, cli_env, edit_config, read_jsonl, run_cli, write_yaml
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -33,6 +38,8 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 MODEL_NAME = "Qwen2-VL-2B-Instruct-Grounding"  # the twin our registry adds beside the host's Qwen2-VL-2B-Instruct
+EDIT_MODEL_NAME = "LLaVA-1.5-7B-Chat-Edit"  # the llava_edit twin of the host's LLaVA-1.5-7B-Chat
+EDIT_RUN = "edit_run"
 TRAIN_EXTRA = {  # the host's extra-args JSON: a few CPU steps
     "optim": "adamw_torch",
     "max_steps": 4,
@@ -131,22 +138,29 @@ def choose(page, locator, text: str) -> None:
     page.wait_for_timeout(300)
 
 
-def test_train_predict_and_pictures_in_browser(board, browser_path, shots):
+@contextlib.contextmanager
+def browser_page(browser_path: str, profile: Path) -> Iterator:
+    """A page of a headless chromium with a fresh user-data-dir ``profile``."""
     from playwright.sync_api import sync_playwright
 
-    started = time.time()
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(board["work"] / "profile"),  # a fresh user-data-dir
+            str(profile),
             executable_path=browser_path,
             args=CHROMIUM_FLAGS,
             headless=True,
             viewport={"width": 1400, "height": 1000},
         )
         try:
-            drive(context.new_page(), board, shots)
+            yield context.new_page()
         finally:
             context.close()
+
+
+def test_train_predict_and_pictures_in_browser(board, browser_path, shots):
+    started = time.time()
+    with browser_page(browser_path, board["work"] / "profile") as page:
+        drive(page, board, shots)
     # no listener beyond LLaMA Board's own port
     assert listeners(board["proc"].pid) <= {board["port"]}
     print(f"browser test took {time.time() - started:.0f} s; screenshots in {shots}")
@@ -216,3 +230,64 @@ def drive(page, board: dict, shots: Path) -> None:
     gallery.scroll_into_view_if_needed()
     gallery.screenshot(path=str(shots / "webui_prediction_gallery.png"))
     metrics.locator("pre").first.screenshot(path=str(shots / "webui_metrics.png"))  # the metrics JSON block
+
+
+@pytest.fixture(scope="module")
+def edit_run(board, edit_models, edit_data) -> Path:
+    """A tiny edit run (1 step, 2 denoising steps recorded for predict) where LLaMA Board lists checkpoints."""
+    work = board["work"]
+    out = work / "saves" / EDIT_MODEL_NAME / "lora" / EDIT_RUN
+    config = edit_config(edit_models, edit_data, out, max_steps=1, edit_num_inference_steps=2, edit_max_new_tokens=4)
+    run_cli(["llamafactory-cli", "train", str(write_yaml(work / "edit_train.yaml", config))], cwd=work)
+    return out
+
+
+def test_edit_predict_metrics_and_gallery_in_browser(board, edit_run, edit_models, edit_data, browser_path, shots):
+    from playwright.sync_api import expect
+
+    started = time.time()
+    n_rows = len(read_jsonl(edit_data / "edit_val.jsonl"))
+    with browser_page(browser_path, board["work"] / "profile_edit") as page:
+        page.set_default_timeout(60_000)
+        page.goto(board["url"], timeout=120_000)
+        panel = page.locator("div[role=tabpanel]:visible")
+        choose(page, page.get_by_label(label("Model name")), EDIT_MODEL_NAME)
+        expect(page.get_by_label(label("Chat template"))).to_have_value("llava_edit")
+        page.get_by_label(label("Model path")).fill(str(edit_models["llava"]))
+
+        page.get_by_role("tab", name="Evaluate & Predict").click()
+        choose(page, page.get_by_label(label("Checkpoint path")), EDIT_RUN)
+        panel.get_by_label(label("Data dir")).fill(str(edit_data))
+        choose(page, panel.get_by_label(label("Dataset")), "synth_edit_val")
+        panel.get_by_text("Image editing (llamafactory-vision)").click()
+        panel.locator("#lfv-eval-edit_clip_model").get_by_role("textbox").fill(str(edit_models["clip"]))
+        panel.get_by_role("button", name="Preview command").click()
+        preview = panel.locator("div.prose").filter(has_text="llamafactory-cli train")
+        expect(preview).to_contain_text("--stage edit")
+        expect(preview).to_contain_text("--edit_num_inference_steps 2")  # recorded by the run
+        expect(preview).to_contain_text(f"--edit_clip_model {edit_models['clip']}")
+
+        panel.get_by_role("button", name="Start").click()
+        metrics = panel.locator("div.prose").filter(has_text="predict_clip_i")
+        expect(metrics).to_be_visible(timeout=300_000)
+        expect(metrics).to_contain_text("predict_clip_t")
+        expect(metrics).to_contain_text("predict_l1")
+        gallery = page.locator("#lfv-eval-edits")
+        expect(gallery.locator("img").first).to_be_visible(timeout=60_000)
+        assert gallery.locator("img").count() == 3 * n_rows  # source, output, target per row of synth_edit_val
+        expect(gallery).to_contain_text("#0 source")
+        gallery.scroll_into_view_if_needed()
+        gallery.screenshot(path=str(shots / "webui_edit_gallery.png"))
+        metrics.locator("pre").first.screenshot(path=str(shots / "webui_edit_metrics.png"))  # the metrics JSON block
+        shown = json.loads(metrics.locator("pre").first.inner_text())
+        run_name = panel.get_by_label(label("Output dir")).input_value()
+    out = board["work"] / "saves" / EDIT_MODEL_NAME / "lora" / run_name
+    # oracle: eval/edit_eval.py (the metric CLI) on the images the run wrote and the dataset's targets
+    result = run_cli([sys.executable, str(REPO / "eval" / "edit_eval.py"), "--outputs", str(out / "edited"),
+                      "--dataset", str(edit_data / "edit_val.jsonl"), "--clip_model", str(edit_models["clip"])],
+                     cwd=board["work"])  # fmt: skip
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert shown["predict_n"] == scores["n"] == n_rows
+    for key in ("clip_i", "clip_t", "l1", "l2"):
+        assert shown[f"predict_{key}"] == pytest.approx(scores[key], rel=1e-4), key
+    print(f"edit browser test took {time.time() - started:.0f} s; screenshots in {shots}")

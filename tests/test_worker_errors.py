@@ -87,8 +87,10 @@ def _data_with_bad_row(root: Path) -> Path:
     return root
 
 
-def _command(kind: str, model: Path, data: Path, work: Path, workers: int) -> list[str]:
-    config = train_config(model, data, work / "out", "qwen2_vl_ground", preprocessing_num_workers=workers)
+def _command(kind: str, model: Path, data: Path, work: Path, workers: int | None) -> list[str]:
+    """The command line of ``kind``; ``workers`` None leaves ``preprocessing_num_workers`` unset (host default)."""
+    extra = {} if workers is None else {"preprocessing_num_workers": workers}
+    config = train_config(model, data, work / "out", "qwen2_vl_ground", **extra)
     if kind == "predict":
         config.update(do_train=False, do_predict=True, predict_with_generate=True, max_new_tokens=8)
         config["eval_dataset"] = config.pop("dataset")
@@ -101,8 +103,10 @@ def _command(kind: str, model: Path, data: Path, work: Path, workers: int) -> li
 @pytest.mark.e2e
 @pytest.mark.parametrize(
     ("kind", "workers"),
-    # One worker converts in-process for every kind alike (the same call); it is run once, for training.
-    [("train", 1), ("train", 2), ("predict", 2), ("preview", 2)],
+    # One worker (1, or unset: the host's default, the same in-process path) converts in the main process, 2 in a
+    # pool of worker processes; each kind builds its dataset its own way (predict: generation prompts of the eval set;
+    # preview: our pipeline loader), so every kind runs both ways.
+    [("train", 1), ("train", 2), ("predict", 1), ("predict", 2), ("preview", None), ("preview", 2)],
 )
 def test_bad_row_stops_the_run_with_the_row_named(kind, workers, tiny_models, tmp_path):
     data = _data_with_bad_row(tmp_path / "data")

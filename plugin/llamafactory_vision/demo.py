@@ -11,120 +11,43 @@ Every step is what a user would run by hand; the YAMLs are in ``yaml_examples/de
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from llamafactory_vision.demo_common import DEMO_YAMLS, cli_train, prepare_out, run_eval, write_resolved
 from llamafactory_vision.grounding.bbox_head import BBoxHead, BBoxHeadConfig, save_head
 from llamafactory_vision.grounding.preview import preview
 from llamafactory_vision.synth import generate_grounding
 from llamafactory_vision.tiny import build_tiny
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO_YAMLS = REPO / "yaml_examples" / "demo"
 DEFAULT_OUT = "out/demo"
 
 # Sizes chosen so that training fits in a few minutes on 2 CPU cores (see README for the measured figures).
-MODEL_SIZE = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, vision_hidden_size=64, vision_depth=2)
+MODEL_SIZE = {
+    "hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "vision_hidden_size": 64, "vision_depth": 2,
+}  # fmt: skip
 DEMO_ROWS = 4000  # 90% train, 10% val
 SEED = 0
 
 
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
-
-
-# A tqdm bar as the host prints it: "Running tokenizer on dataset (num_proc=2):  40%|####  | 1440/3600 [00:02<00:03]"
-# (the training bar has no description); and the host's loss log lines: "{'loss': 1.2345, ...}".
-_PROGRESS = re.compile(r"(?:(?P<desc>[^\r\n:|]+): *)?\d+%\|[^|]*\| *(?P<n>\d+)/(?P<total>\d+) \[(?P<time>[^\],]*)")
-_LOSS = re.compile(r"'loss': '?(?P<loss>[0-9.]+)")
-
-
-class _Progress:
-    """One short status line per progress step on the terminal, while the whole output goes to the log: without it,
-    ~10 minutes of training on 2 cores show nothing. On a terminal the line is rewritten in place; otherwise (a pipe,
-    a CI log) a line is printed at every tenth of each bar."""
-
-    def __init__(self, stream=sys.stdout):
-        self.stream = stream
-        self.in_place = stream.isatty()
-        self.loss: str | None = None
-        self._printed: dict[str, int] = {}
-        self._width = 0
-
-    def feed(self, line: str) -> None:
-        if match := _LOSS.search(line):
-            self.loss = match.group("loss")
-        match = _PROGRESS.search(line)
-        if match is None:
-            return
-        desc = (match.group("desc") or "training steps").strip()
-        n, total = int(match.group("n")), int(match.group("total"))
-        tenth = 10 * n // max(total, 1)
-        if not self.in_place and self._printed.get(desc) == tenth:
-            return
-        self._printed[desc] = tenth
-        status = f"    {desc}: {n}/{total} [{match.group('time')}]" + (f" loss {self.loss}" if self.loss else "")
-        if self.in_place:
-            self.stream.write("\r" + status.ljust(self._width))
-            self._width = len(status)
-        else:
-            self.stream.write(status + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.in_place and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _run(cmd: list[str], log: Path) -> None:
-    """Run ``cmd`` with its whole output in ``log`` and its progress bars summarised on the terminal."""
-    print(f"$ {' '.join(cmd)}   (log: {log})", flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "PYTHONUNBUFFERED": "1"}
-    progress = _Progress()
-    with open(log, "w") as f:
-        # Text mode reads tqdm's "\r" refreshes as lines of their own, so each refresh reaches `progress` at once.
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO, text=True,
-                              bufsize=1) as process:  # fmt: skip
-            for line in process.stdout:
-                f.write(line)
-                progress.feed(line)
-        progress.close()
-    if process.returncode != 0:
-        tail = log.read_text().splitlines()[-30:]
-        message = f"command failed with exit code {process.returncode}; last lines of {log}:\n" + "\n".join(tail)
-        raise RuntimeError(message)
-
-
-def _overrides(out: Path, **extra: str) -> list[str]:
-    """OmegaConf ``key=value`` overrides for ``llamafactory-cli train demo.yaml``: point the YAML at ``out``."""
-    values = {"model_name_or_path": out / "models" / "qwen2_vl", "dataset_dir": out / "data", **extra}
-    return [f"{k}={v}" for k, v in values.items()]
+def _overrides(out: Path, **extra: Any) -> dict[str, Any]:
+    """Overrides for ``llamafactory-cli train demo.yaml``: point the YAML at ``out``."""
+    return {"model_name_or_path": out / "models" / "qwen2_vl", "dataset_dir": out / "data", **extra}
 
 
 def _evaluate(predictions_dir: Path, data_dir: Path, model_dir: Path, vis_dir: Path) -> dict:
-    metrics_path = predictions_dir / "ground_metrics.json"
-    cmd = [
-        sys.executable, str(REPO / "eval" / "ground_eval.py"),
-        "--predictions", str(predictions_dir / "generated_predictions.jsonl"),
-        "--out", str(metrics_path), "--family", "qwen2_vl",
+    args = [
+        "--predictions", str(predictions_dir / "generated_predictions.jsonl"), "--family", "qwen2_vl",
         "--visualize", str(vis_dir), "--images", str(data_dir / "ground_val.jsonl"),
         "--dataset-dir", str(data_dir), "--model", str(model_dir),
     ]  # fmt: skip
-    _run(cmd, predictions_dir / "ground_eval.log")
-    return json.loads(metrics_path.read_text())
+    return run_eval("ground_eval.py", args, predictions_dir / "ground_metrics.json", predictions_dir / "ground_eval.log")
 
 
 def run_demo(out_dir: str = DEFAULT_OUT, quick: bool = False) -> int:
     start = time.time()
-    out = Path(out_dir).resolve()
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    out, logs = prepare_out(out_dir)
 
     print("1/5 building the tiny Qwen2-VL and the synthetic grounding set", flush=True)
     model_dir = build_tiny("qwen2_vl", out / "models" / "qwen2_vl", seed=SEED, **MODEL_SIZE)
@@ -141,37 +64,28 @@ def run_demo(out_dir: str = DEFAULT_OUT, quick: bool = False) -> int:
         train_extra["max_steps"] = 5
     # preview reads the same YAML as training; overrides are applied by writing a resolved copy
     resolved = out / "qwen2vl_ground_train.resolved.yaml"
-    _write_resolved(train_yaml, resolved, _overrides(out, **train_extra))
+    write_resolved(train_yaml, resolved, _overrides(out, **train_extra))
     preview(str(resolved), str(preview_dir), n=8)
 
-    predict_yaml = str(DEMO_YAMLS / "qwen2vl_ground_predict.yaml")
+    predict_yaml = DEMO_YAMLS / "qwen2vl_ground_predict.yaml"
     print("3/5 predict before training", flush=True)
     before_dir = out / "predict_before"
-    _run([_bin("llamafactory-cli"), "train", predict_yaml, *_overrides(out, output_dir=before_dir)],
-         logs / "predict_before.log")  # fmt: skip
+    cli_train(predict_yaml, _overrides(out, output_dir=before_dir), logs / "predict_before.log")
 
     print("4/5 training through llamafactory-cli", flush=True)
     t0 = time.time()
-    _run([_bin("llamafactory-cli"), "train", str(resolved)], logs / "train.log")
+    cli_train(resolved, {}, logs / "train.log")
     train_seconds = time.time() - t0
 
     print("5/5 predict after training and evaluate", flush=True)
     after_dir = out / "predict_after"
     trained = out / "train"
-    _run([_bin("llamafactory-cli"), "train", predict_yaml,
-          *_overrides(out, output_dir=after_dir, model_name_or_path=trained)], logs / "predict_after.log")  # fmt: skip
+    cli_train(predict_yaml, _overrides(out, output_dir=after_dir, model_name_or_path=trained), logs / "predict_after.log")
 
     before = _evaluate(before_dir, data_dir, model_dir, out / "vis_before")
     after = _evaluate(after_dir, data_dir, trained, out / "vis_after")
     _report(before, after, train_seconds, time.time() - start, out)
     return 0
-
-
-def _write_resolved(src: Path, dst: Path, overrides: list[str]) -> None:
-    from omegaconf import OmegaConf
-
-    merged = OmegaConf.merge(OmegaConf.load(src), OmegaConf.from_dotlist(overrides))
-    dst.write_text(OmegaConf.to_yaml(merged))
 
 
 def _report(before: dict, after: dict, train_seconds: float, total_seconds: float, out: Path) -> None:

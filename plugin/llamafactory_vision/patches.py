@@ -124,8 +124,9 @@ def wrap_align_dataset(loader: ModuleType) -> None:
 
 def select_dataset_processor(loader: ModuleType) -> None:
     """``data.loader._get_dataset_processor``: the bbox head needs box targets beside the tokens, which the host's
-    supervised processor drops. Our workflow asks ``get_dataset`` for stage ``BBOX_STAGE`` and gets our processor;
-    every other stage reaches the host's choice. ``stage: edit`` gets the edit processor (target image columns). With
+    supervised processor drops. Our workflow asks ``get_dataset`` for stage ``BBOX_STAGE`` and gets our processor
+    (for generation, the host's prompt-only one plus the dataset's label boxes, which predict scores against); every
+    other stage reaches the host's choice. ``stage: edit`` gets the edit processor (target image columns). With
     ``grounding_fast_tokenize`` a grounding template's processor gets a copy of the template whose plugin counts image
     tokens from headers (the shared template is untouched)."""
     head_data = _ours("llamafactory_vision.grounding.head_data")
@@ -142,8 +143,10 @@ def select_dataset_processor(loader: ModuleType) -> None:
         template = with_fast_tokenize(template, getattr(data_args, "grounding_fast_tokenize", False))
         if stage != head_data.BBOX_STAGE:
             return host_get(data_args, stage, template, tokenizer, processor, do_generate)
-        if do_generate:  # generation needs prompts only, as for plain SFT
-            return host_get(data_args, "sft", template, tokenizer, processor, do_generate)
+        if do_generate:  # prompts only, as the host's; plus the label boxes predict scores against
+            return head_data.GroundingGenerationDatasetProcessor(
+                template=template, tokenizer=tokenizer, processor=processor, data_args=data_args
+            )
         return head_data.GroundingBBoxDatasetProcessor(
             template=template, tokenizer=tokenizer, processor=processor, data_args=data_args
         )
@@ -337,14 +340,15 @@ def add_train_args(runner: ModuleType) -> None:
 
 def add_eval_args(runner: ModuleType) -> None:
     """``webui.runner.Runner._parse_eval_args``: the Evaluate tab passes no image size limits (predict would see
-    other sizes than training) and none of our keys (e.g. ``bbox_head`` for head boxes); add both."""
+    other sizes than training) and none of our keys (e.g. ``bbox_head`` for head boxes); add both. It always runs
+    ``stage: sft``: an edit template's run becomes the edit stage's (its predict edits images and scores them)."""
     components = _ours("llamafactory_vision.webui.components")
     host_parse = runner.Runner._parse_eval_args
 
     @functools.wraps(host_parse)
     def _parse_eval_args(self, data):
         args = components.add_eval_pixels(self.manager, data, host_parse(self, data))
-        return components.add_options_to_args(self.manager, "eval", data, args)
+        return components.add_edit_stage(components.add_options_to_args(self.manager, "eval", data, args))
 
     runner.Runner._parse_eval_args = _parse_eval_args
 
@@ -365,7 +369,7 @@ def wrap_train_tab(interface: ModuleType) -> None:
 
 def wrap_eval_tab(interface: ModuleType) -> None:
     """``webui.interface.create_eval_tab``: image size limits, our options, the grounding preview and the
-    prediction gallery."""
+    prediction galleries (boxes; source / output / target of edits)."""
     components = _ours("llamafactory_vision.webui.components")
     host_create = interface.create_eval_tab
 
@@ -373,7 +377,8 @@ def wrap_eval_tab(interface: ModuleType) -> None:
     def create_eval_tab(engine):
         elem_dict = components.create_options_tab(host_create, engine, "eval", components.eval_pixel_controls())
         elem_dict.update(components.add_grounding_preview(engine, "eval", elem_dict))
-        return {**elem_dict, **components.add_prediction_gallery(engine, elem_dict)}
+        elem_dict.update(components.add_prediction_gallery(engine, elem_dict))
+        return {**elem_dict, **components.add_edit_gallery(engine, elem_dict)}
 
     interface.create_eval_tab = create_eval_tab
 
@@ -389,6 +394,34 @@ def wrap_infer_tab(interface: ModuleType) -> None:
         return {**elem_dict, **components.add_answer_boxes(engine, elem_dict)}
 
     interface.create_infer_tab = create_infer_tab
+
+
+def load_edit_chat(chatter: ModuleType) -> None:
+    """``webui.chatter.WebChatModel.load_model``: an edit checkpoint (``llava_edit``) needs its [IMG] tokens in the
+    tokenizer (else its resized embeddings do not load); add them to the args the host builds, and remember the loaded
+    engine as an edit model so the chat can show its edited image."""
+    components = _ours("llamafactory_vision.webui.components")
+    host_load = chatter.WebChatModel.load_model
+
+    @functools.wraps(host_load)
+    def load_model(self, data):
+        yield from components.load_chat_model(host_load, self, data)
+
+    chatter.WebChatModel.load_model = load_model
+
+
+def show_edited_image(chatter: ModuleType) -> None:
+    """``webui.chatter.WebChatModel.stream``: the host's chat engine writes an edit model's expressive instruction
+    but has no edit head or UNet; once the answer is complete, our pipeline edits the input image from it and the
+    picture joins the chat."""
+    components = _ours("llamafactory_vision.webui.components")
+    host_stream = chatter.WebChatModel.stream
+
+    @functools.wraps(host_stream)
+    def stream(self, chatbot, messages, *inputs):
+        yield from components.stream_with_edit(host_stream, self, chatbot, messages, *inputs)
+
+    chatter.WebChatModel.stream = stream
 
 
 def attach_mg_llava(loader: ModuleType) -> None:
@@ -436,6 +469,7 @@ HOOKS: dict[str, tuple[Callable[[ModuleType], None], ...]] = {
     "llamafactory.webui.locales": (extend_locales,),
     "llamafactory.webui.manager": (include_pending_inputs,),
     "llamafactory.webui.runner": (add_train_args, add_eval_args),
+    "llamafactory.webui.chatter": (load_edit_chat, show_edited_image),
     "llamafactory.webui.interface": (wrap_train_tab, wrap_eval_tab, wrap_infer_tab),
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llamafactory_vision.grounding.dataset_attr import GroundingDatasetAttr
+from llamafactory_vision.grounding.dataset_attr import GroundingDatasetAttr, join_columns
 
 EDIT_COLUMNS = ("source", "instruction", "target", "expressive", "target_caption")
 
@@ -26,8 +26,5 @@ class EditDatasetAttr(GroundingDatasetAttr):
 
     def join(self, attr: dict[str, Any]) -> None:
         super().join(attr)
-        if self.formatting != "edit":
-            return
-        columns = attr.get("columns", {})
-        for name in EDIT_COLUMNS:
-            setattr(self, name, columns.get(name, name))
+        if self.formatting == "edit":
+            join_columns(self, attr, {name: name for name in EDIT_COLUMNS})

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from llamafactory_vision.demo import DEMO_YAMLS, REPO, _bin, _run, _write_resolved
+import torch
+
+from llamafactory_vision.demo_common import DEMO_YAMLS, cli_train, prepare_out, run_eval, write_resolved
 from llamafactory_vision.editing.diffusion import load_diffusion
 from llamafactory_vision.editing.edit_head import EditHead
 from llamafactory_vision.editing.parts import HEAD_DIR, UNET_DIR, EditRecord
@@ -38,6 +39,8 @@ def _untrained_parts(model_dir: Path, diffusion_dir: Path, train_yaml: Path) -> 
 
     config = OmegaConf.load(train_yaml)
     parts = load_diffusion(diffusion_dir)
+    # Seeded as the training run seeds its own fresh head, so the "before" figures repeat from run to run.
+    torch.manual_seed(config.get("seed", 42))
     head = EditHead(
         llm_hidden_size=json.loads((model_dir / "config.json").read_text())["text_config"]["hidden_size"],
         cross_attention_dim=parts.unet.config.cross_attention_dim,
@@ -53,18 +56,14 @@ def _untrained_parts(model_dir: Path, diffusion_dir: Path, train_yaml: Path) -> 
 
 
 def _evaluate(predict_dir: Path, data_dir: Path, clip_dir: Path) -> dict:
-    metrics_path = predict_dir / "edit_metrics.json"
-    cmd = [sys.executable, str(REPO / "eval" / "edit_eval.py"), "--outputs", str(predict_dir / "edited"),
-           "--dataset", str(data_dir / "edit_val.jsonl"), "--clip_model", str(clip_dir), "--out", str(metrics_path)]
-    _run(cmd, predict_dir / "edit_eval.log")  # fmt: skip
-    return json.loads(metrics_path.read_text())
+    args = ["--outputs", str(predict_dir / "edited"), "--dataset", str(data_dir / "edit_val.jsonl"),
+            "--clip_model", str(clip_dir)]  # fmt: skip
+    return run_eval("edit_eval.py", args, predict_dir / "edit_metrics.json", predict_dir / "edit_eval.log")
 
 
 def run_edit_demo(out_dir: str = DEFAULT_OUT, quick: bool = False) -> int:
     start = time.time()
-    out = Path(out_dir).resolve()
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    out, logs = prepare_out(out_dir)
     models = out / "models"
 
     print("1/4 building the tiny LLaVA-1.5, UNet/VAE, CLIP and the synthetic edit set", flush=True)
@@ -80,26 +79,25 @@ def run_edit_demo(out_dir: str = DEFAULT_OUT, quick: bool = False) -> int:
     train_extra = {**common, "output_dir": out / "train"}
     if quick:
         train_extra["max_steps"] = 5
-    _write_resolved(DEMO_YAMLS / TRAIN_YAML, train_yaml, [f"{k}={v}" for k, v in train_extra.items()])
+    write_resolved(DEMO_YAMLS / TRAIN_YAML, train_yaml, train_extra)
     _untrained_parts(llava, ip2p, train_yaml)
 
-    predict = [f"{k}={v}" for k, v in {**common, "edit_clip_model": clip}.items()]
+    predict = {**common, "edit_clip_model": clip}
     if quick:
-        predict.append("edit_num_inference_steps=3")
+        predict["edit_num_inference_steps"] = 3
     print("2/4 edit the val images before training", flush=True)
     before_dir = out / "predict_before"
-    _run([_bin("llamafactory-cli"), "train", str(DEMO_YAMLS / PREDICT_YAML), *predict, f"output_dir={before_dir}"],
-         logs / "predict_before.log")  # fmt: skip
+    cli_train(DEMO_YAMLS / PREDICT_YAML, {**predict, "output_dir": before_dir}, logs / "predict_before.log")
 
     print("3/4 training through llamafactory-cli (stage: edit)", flush=True)
     t0 = time.time()
-    _run([_bin("llamafactory-cli"), "train", str(train_yaml)], logs / "train.log")
+    cli_train(train_yaml, {}, logs / "train.log")
     train_seconds = time.time() - t0
 
     print("4/4 edit after training and evaluate", flush=True)
     after_dir = out / "predict_after"
-    _run([_bin("llamafactory-cli"), "train", str(DEMO_YAMLS / PREDICT_YAML), *predict, f"output_dir={after_dir}",
-          f"adapter_name_or_path={out / 'train'}"], logs / "predict_after.log")  # fmt: skip
+    cli_train(DEMO_YAMLS / PREDICT_YAML, {**predict, "output_dir": after_dir, "adapter_name_or_path": out / "train"},
+              logs / "predict_after.log")  # fmt: skip
     before, after = _evaluate(before_dir, data, clip), _evaluate(after_dir, data, clip)
     _report(before, after, out, train_seconds, time.time() - start)
     return 0

@@ -4,11 +4,12 @@ They become submodules ``edit_head``, ``edit_unet``, ``edit_vae`` of the model t
 applied, so LoRA never targets them), so that DDP, the optimizer and ``.to()`` see them. A checkpoint (or the output
 dir) holds, beside the adapter or model::
 
-    edit_head/   config.json + diffusion_pytorch_model.safetensors   (EditHead.save_pretrained)
+    edit_head/   config.json + diffusion_pytorch_model.safetensors   (what EditHead.save_pretrained writes)
     unet/        config.json + diffusion_pytorch_model.safetensors   (diffusers layout)
     edit_config.json                                                 (diffusion folder + edit settings)
 
-The VAE and scheduler are never saved: they are read from ``diffusion_model_name_or_path``.
+The VAE and scheduler are never saved: they are read from ``diffusion_model_name_or_path``. Under DeepSpeed ZeRO-3
+the parts are partitioned like the host's model: their weights are gathered before they are written (zero3.py).
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llamafactory_vision.editing.diffusion import DiffusionParts, load_diffusion
 from llamafactory_vision.editing.edit_head import EditHead
 from llamafactory_vision.editing.tokens import IMG_TOKENS
+from llamafactory_vision.zero3 import gathered_state_dict, require_full
 
 HEAD_ATTR, UNET_ATTR, VAE_ATTR = "edit_head", "edit_unet", "edit_vae"
 PART_PREFIXES = tuple(f"{name}." for name in (HEAD_ATTR, UNET_ATTR, VAE_ATTR))
 HEAD_DIR, UNET_DIR = "edit_head", "unet"
+SAVED_PARTS = ((HEAD_ATTR, HEAD_DIR), (UNET_ATTR, UNET_DIR))  # (attribute, folder); the VAE is never saved
 EDIT_CONFIG = "edit_config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -114,18 +117,37 @@ def without_parts(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {k: v for k, v in state_dict.items() if not k.startswith(PART_PREFIXES)}
 
 
-def save_parts(model: nn.Module, directory: str | Path) -> None:
-    """Write ``edit_head/`` and ``unet/`` (safetensors, diffusers layout) into ``directory``."""
+def part_states(model: nn.Module, keep: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """Full CPU weights of the saved parts (edit head, UNet), keyed by attribute, gathered first under DeepSpeed
+    ZeRO-3 (a collective: every rank calls this; ``keep=False`` on ranks that save nothing, which get ``{}`` each)."""
+    return {attr: gathered_state_dict(getattr(model, attr), keep=keep) for attr, _ in SAVED_PARTS}
+
+
+def save_parts(
+    model: nn.Module, directory: str | Path, states: dict[str, dict[str, torch.Tensor]] | None = None
+) -> None:
+    """Write ``edit_head/`` and ``unet/`` (config + one safetensors file each, the diffusers layout that
+    ``from_pretrained`` reads) into ``directory``. ``states``: weights gathered beforehand by :func:`part_states`
+    (required under ZeRO-3, where only the main rank writes), else read from the model.
+
+    Raises:
+        ValueError: a part's weights are ZeRO-3 placeholders (not gathered).
+    """
     directory = Path(directory)
-    getattr(model, HEAD_ATTR).save_pretrained(directory / HEAD_DIR)
-    getattr(model, UNET_ATTR).save_pretrained(directory / UNET_DIR)
+    states = part_states(model) if states is None else states
+    for attr, sub in SAVED_PARTS:
+        require_full(states[attr], f"edit part {sub}/")
+    for attr, sub in SAVED_PARTS:
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+        getattr(model, attr).save_config(directory / sub)  # what ModelMixin.save_pretrained writes as config.json
+        save_file(states[attr], str(directory / sub / WEIGHTS), metadata={"format": "pt"})
 
 
 def load_parts_into(model: nn.Module, directory: str | Path) -> None:
     """Restore the head and UNet weights saved by :func:`save_parts` into the attached modules, in place (so the
     optimizer keeps pointing at the same parameters). Safetensors only: nothing is unpickled."""
     directory = Path(directory)
-    for attr, sub in ((HEAD_ATTR, HEAD_DIR), (UNET_ATTR, UNET_DIR)):
+    for attr, sub in SAVED_PARTS:
         path = directory / sub / WEIGHTS
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {directory} was not saved by an edit training run.")

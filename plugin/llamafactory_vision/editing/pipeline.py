@@ -82,22 +82,40 @@ class EditPipeline(DiffusionPipeline):
             model_name_or_path=model_name_or_path, adapter_name_or_path=adapter_name_or_path, infer_dtype="float32"
         )
         trained = parts_dir(model_args)
-        record = EditRecord.load(trained)
+        EditRecord.load(trained)  # not an edit run's output: say so before loading the model
         model_args = with_img_tokens(model_args)
         tokenizer_module = load_tokenizer(model_args)
         finetuning_args = FinetuningArguments(finetuning_type="lora" if adapter_name_or_path else "full")
         mllm = load_model(tokenizer_module["tokenizer"], model_args, finetuning_args, is_trainable=False)
+        return cls.from_mllm(
+            mllm.to(torch_dtype), tokenizer_module["processor"], trained, diffusion_model_name_or_path
+        )
+
+    @classmethod
+    def from_mllm(
+        cls,
+        mllm: PreTrainedModel,
+        processor: ProcessorMixin,
+        trained_dir: str | Path,
+        diffusion_model_name_or_path: str | None = None,
+    ) -> EditPipeline:
+        """Build the pipeline around an MLLM already loaded with its [IMG] tokens (e.g. by LLaMA-Board's chat
+        engine): the edit head and UNet from ``trained_dir`` (an edit run's output), in the MLLM's dtype and on its
+        device; the VAE and scheduler from the diffusion folder recorded there unless ``diffusion_model_name_or_path``
+        is given."""
+        trained = Path(trained_dir)
+        record = EditRecord.load(trained)
         diffusion = Path(diffusion_model_name_or_path or record.diffusion_model_name_or_path)
-        pipe = cls(
-            mllm=mllm.to(torch_dtype),
-            processor=tokenizer_module["processor"],
-            edit_head=EditHead.from_pretrained(trained / HEAD_DIR, torch_dtype=torch_dtype),
-            unet=UNet2DConditionModel.from_pretrained(trained / UNET_DIR, torch_dtype=torch_dtype),
-            vae=AutoencoderKL.from_pretrained(diffusion / "vae", torch_dtype=torch_dtype),
+        dtype, device = mllm.dtype, mllm.device
+        return cls(
+            mllm=mllm,
+            processor=processor,
+            edit_head=EditHead.from_pretrained(trained / HEAD_DIR, torch_dtype=dtype).to(device),
+            unet=UNet2DConditionModel.from_pretrained(trained / UNET_DIR, torch_dtype=dtype).to(device),
+            vae=AutoencoderKL.from_pretrained(diffusion / "vae", torch_dtype=dtype).to(device),
             scheduler=EulerAncestralDiscreteScheduler.from_pretrained(diffusion / "scheduler"),
             template=record.template,
         )
-        return pipe
 
     # 0. Check inputs
     def check_inputs(self, image, instruction, num_inference_steps, text_guidance_scale, image_guidance_scale):
@@ -169,6 +187,7 @@ class EditPipeline(DiffusionPipeline):
         max_new_tokens: int = 96,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
+        expressive: str | None = None,
     ) -> EditPipelineOutput:
         """Args:
         image (PIL.Image): the source image; resized to a multiple of 8 (or covered and centre-cropped to
@@ -179,6 +198,8 @@ class EditPipeline(DiffusionPipeline):
         max_new_tokens (int, default 96): longest expressive instruction.
         generator (torch.Generator, optional): the same generator state gives the same image.
         output_type (str, default "pil"): "pil", "np" or "pt".
+        expressive (str, optional): an expressive instruction this MLLM already wrote for ``image`` and
+            ``instruction`` (a chat answer); used instead of generating one in step 2.
         """
         # 0. Check inputs
         self.check_inputs(image, instruction, num_inference_steps, text_guidance_scale, image_guidance_scale)
@@ -187,9 +208,14 @@ class EditPipeline(DiffusionPipeline):
             image = ImageOps.fit(image, (resolution, resolution), method=PIL.Image.Resampling.BICUBIC)
         # 1. Encode the MLLM prompt
         inputs = self.encode_prompt(image, instruction)
-        # 2. Generate the expressive instruction
-        text_ids = self.generate_expressive(inputs, max_new_tokens)
-        expressive = self.processor.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
+        # 2. Generate the expressive instruction (or tokenize the given one)
+        if expressive is None:
+            text_ids = self.generate_expressive(inputs, max_new_tokens)
+            expressive = self.processor.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
+        else:
+            expressive = expressive.strip()
+            given = self.processor.tokenizer.encode(expressive, add_special_tokens=False)
+            text_ids = torch.tensor(given, dtype=torch.long, device=self.mllm.device)
         # 3. Read the [IMG] hidden states
         img_hidden, img_embeds = self.img_hidden_states(inputs, text_ids)
         # 4. Edit head: condition, null condition; order [text+image, image only, neither] as InstructPix2Pix

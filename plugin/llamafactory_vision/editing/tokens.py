@@ -9,7 +9,8 @@ embeddings (``resize_vocab``) and, under LoRA, trains and saves ``embed_tokens``
 from __future__ import annotations
 
 import copy
-import dataclasses
+
+from llamafactory_vision.template_specs import add_derived_template
 
 NUM_IMG_TOKENS = 8
 IMG_TOKENS: tuple[str, ...] = tuple(f"[IMG{i}]" for i in range(NUM_IMG_TOKENS))
@@ -42,8 +43,4 @@ def img_token_ids(tokenizer) -> list[int]:
 def register_edit_template(templates: dict, get_mm_plugin) -> None:
     """Register ``llava_edit``: LLaVA v1.5's conversation (the host's ``llava`` template) with its own plugin
     instance. Refuses to overwrite a template of that name."""
-    if EDIT_TEMPLATE in templates:
-        raise ValueError(f"a template named {EDIT_TEMPLATE!r} is already registered.")
-    templates[EDIT_TEMPLATE] = dataclasses.replace(
-        templates[BASE_TEMPLATE], mm_plugin=get_mm_plugin(name="llava", image_token="<image>")
-    )
+    add_derived_template(templates, EDIT_TEMPLATE, BASE_TEMPLATE, get_mm_plugin(name="llava", image_token="<image>"))

@@ -3,7 +3,7 @@
 Total loss = LM cross-entropy (the expressive instruction and the [IMG] tokens) + ``edit_diffusion_weight`` *
 noise MSE of the UNet conditioned on the edit head's reading of the [IMG] hidden states. ``lm_loss`` and
 ``diffusion_loss`` are logged beside ``loss``. The edit head and UNet are saved beside the adapter in every
-checkpoint, restored on resume and by ``load_best_model_at_end``.
+checkpoint (gathered first under DeepSpeed ZeRO-3), restored on resume and by ``load_best_model_at_end``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ from typing_extensions import override
 
 from llamafactory_vision.editing.diffusion import sample_generators
 from llamafactory_vision.editing.loss import EditLossConfig, edit_loss
-from llamafactory_vision.editing.parts import EditRecord, get_parts, load_parts_into, save_parts, without_parts
+from llamafactory_vision.editing.parts import (
+    EditRecord,
+    get_parts,
+    load_parts_into,
+    part_states,
+    save_parts,
+    without_parts,
+)
 
 EDIT_INPUTS = ("edit_source_pixels", "edit_target_pixels", "edit_positions", "edit_keys")  # from EditCollator
 LOG_KEYS = ("lm_loss", "diffusion_loss")
@@ -31,6 +38,7 @@ class EditTrainer(CustomSeq2SeqTrainer):
         self.noise_scheduler = scheduler
         self.record = record
         self._stored_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self._gathered_parts: dict[str, dict[str, torch.Tensor]] | None = None
 
     def _unwrapped(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
@@ -81,12 +89,22 @@ class EditTrainer(CustomSeq2SeqTrainer):
         super().log(logs, *args, **kwargs)
 
     @override
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Every process runs save_model (only the main one runs _save): gather the parts here, where a ZeRO-3
+        # collective can run, keep the copy on the saving process only, and hand it to _save.
+        self._gathered_parts = part_states(self._unwrapped(self.model), keep=self.args.should_save)
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._gathered_parts = None
+
+    @override
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         if state_dict is None:
             state_dict = self._unwrapped(self.model).state_dict()
         super()._save(output_dir, state_dict=without_parts(state_dict))
-        save_parts(self._unwrapped(self.model), output_dir)
+        save_parts(self._unwrapped(self.model), output_dir, states=self._gathered_parts)
         self.record.save(output_dir)
 
     @override
@@ -96,8 +114,12 @@ class EditTrainer(CustomSeq2SeqTrainer):
 
     @override
     def _load_best_model(self) -> None:
+        """The best checkpoint's parts come back with its adapter or model. Under DeepSpeed the host restores the
+        whole engine from its own checkpoint, parts included (and ZeRO-3 parameters are placeholders that
+        ``load_state_dict`` cannot fill)."""
         super()._load_best_model()
-        load_parts_into(self._unwrapped(self.model), self.state.best_model_checkpoint)
+        if not self.is_deepspeed_enabled:
+            load_parts_into(self._unwrapped(self.model), self.state.best_model_checkpoint)
 
     @override
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):

@@ -18,6 +18,7 @@ from llamafactory.model import load_model, load_tokenizer
 from llamafactory.train.callbacks import LogCallback, ReporterCallback
 from llamafactory.train.trainer_utils import create_modelcard_and_push
 from transformers import EarlyStoppingCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from llamafactory_vision.editing.args import EDIT_STAGE
 from llamafactory_vision.editing.data import EditCollator
@@ -42,7 +43,24 @@ def run_edit_stage(config: dict[str, Any]) -> None:
         dist.destroy_process_group()
 
 
+def check_edit_predict(training_args) -> None:
+    """Refuse ``do_predict`` under DeepSpeed ZeRO-3 at start-up: every forward pass of a partitioned model is a
+    collective, which the processes' edits (generations of different lengths, different row counts) cannot keep in
+    step, so prediction would hang instead of failing.
+
+    Raises:
+        ValueError: naming the setting and the separate predict run to use instead.
+    """
+    if training_args.do_predict and is_deepspeed_zero3_enabled():
+        raise ValueError(
+            "`stage: edit` cannot `do_predict` under DeepSpeed ZeRO-3 (`deepspeed` points at a stage-3 config): "
+            "train with it, then predict in a separate run with `deepspeed: null` and `adapter_name_or_path` (or "
+            "`model_name_or_path` after full fine-tuning) set to the training output_dir."
+        )
+
+
 def run_edit(model_args, data_args, training_args, finetuning_args, generating_args, callbacks=None):
+    check_edit_predict(training_args)
     trainer, dataset_module, tokenizer_module, parts, record = build_edit_trainer(
         model_args, data_args, training_args, finetuning_args, callbacks
     )

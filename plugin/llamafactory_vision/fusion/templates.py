@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
+
+from llamafactory_vision.template_specs import add_derived_template
 
 MG_TEMPLATE = "llava_mg"
 # Key beside "path"/"bytes" in an image entry written by the mg_llava converter: the image's boxes as JSON. Defined
@@ -12,8 +13,5 @@ BOXES_KEY = "mg_boxes"
 
 
 def register_mg_template(templates: dict, get_mm_plugin: Callable) -> None:
-    if MG_TEMPLATE in templates:
-        raise ValueError(f"Template {MG_TEMPLATE} already exists.")
-    base = templates["llava"]
-    plugin = get_mm_plugin("llava_mg", image_token=base.mm_plugin.image_token)
-    templates[MG_TEMPLATE] = dataclasses.replace(base, mm_plugin=plugin)
+    plugin = get_mm_plugin("llava_mg", image_token=templates["llava"].mm_plugin.image_token)
+    add_derived_template(templates, MG_TEMPLATE, "llava", plugin)

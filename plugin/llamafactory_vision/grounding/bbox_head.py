@@ -11,7 +11,6 @@ Saved as ``bbox_head.safetensors`` + ``bbox_head_config.json`` beside the adapte
 from __future__ import annotations
 
 import bisect
-import contextlib
 import json
 import re
 import shutil
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from llamafactory_vision.log import get_logger
+from llamafactory_vision.zero3 import gathered_state_dict, require_full
 
 logger = get_logger(__name__)
 
@@ -76,33 +76,14 @@ class BBoxHead(nn.Module):
         return torch.sigmoid(x)
 
 
-def gathered_parameters(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
-    """DeepSpeed's read-only gather of ZeRO-3 partitioned ``params`` (only a ZeRO-3 run has them, and deepspeed)."""
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-def head_state_dict(head: BBoxHead) -> dict[str, Tensor]:
-    """Full CPU copies of the head's weights.
-
-    Under DeepSpeed ZeRO-3 each rank holds an empty placeholder per parameter (marked by ``ds_id``); they are gathered
-    first, as the host's ZeRO-3 save gathers the model's: a collective that every rank must enter.
-    """
-    partitioned = [p for p in head.parameters() if hasattr(p, "ds_id")]
-    with gathered_parameters(partitioned) if partitioned else contextlib.nullcontext():
-        return {k: v.detach().cpu().clone().contiguous() for k, v in head.state_dict().items()}
-
-
 def save_head(head: BBoxHead, directory: str | Path, state: Mapping[str, Tensor] | None = None) -> None:
     """Write ``bbox_head.safetensors`` and ``bbox_head_config.json``; ``state``: weights gathered beforehand by
-    :func:`head_state_dict` (required under ZeRO-3, where only some ranks write), else read from ``head``."""
+    :func:`~llamafactory_vision.zero3.gathered_state_dict` (required under ZeRO-3, where only some ranks write), else
+    read from ``head``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = head_state_dict(head) if state is None else state
-    empty = [key for key, value in state.items() if value.numel() == 0]
-    if empty:  # ZeRO-3 placeholders: saving them would write a head that loads nothing
-        raise ValueError(f"bbox head weights {empty} are empty: gather them (head_state_dict) before saving.")
+    state = gathered_state_dict(head) if state is None else state
+    require_full(state, "bbox head")
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(directory / HEAD_WEIGHTS))
     (directory / HEAD_CONFIG).write_text(json.dumps(asdict(head.config), indent=2))
 

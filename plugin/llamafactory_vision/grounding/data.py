@@ -130,7 +130,8 @@ class GroundingDatasetConverter(DatasetConverter):
         ref_text = " and ".join(refs)
         prompt = self._column(example, self.dataset_attr.grounding_prompt)
         if not prompt:
-            prompt = self.spec.pick_prompt(task, f"{path}|{ref_text}|{task}")
+            # The file name, not the resolved path: the same row gets the same wording wherever the dataset lies.
+            prompt = self.spec.pick_prompt(task, f"{os.path.basename(path)}|{ref_text}|{task}")
         prompt = prompt.replace("{ref}", ref_text).replace("{region}", region)
         if IMAGE_PLACEHOLDER not in prompt:
             prompt = IMAGE_PLACEHOLDER + prompt

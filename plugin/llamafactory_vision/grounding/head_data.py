@@ -7,6 +7,10 @@ in the target text:
 - ``bbox_targets``: ``[[cx, cy, w, h], ...]`` in [0, 1] of the image (model view and original alike).
 
 Boxes cut off by ``cutoff_len`` have no span and are dropped from both lists; ``bbox_cut`` counts them per row.
+
+For generation (predict) the rows are prompts only, as the host writes them, plus ``lfv_label_boxes``: the row's label
+boxes as the dataset gives them (``xyxy`` floats in [0, 1] of the image, not the label text rounded to the family's
+grid), which predict scores against.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from typing import Any
 import torch
 from llamafactory.data.collator import SFTDataCollatorWith4DAttentionMask
 from llamafactory.data.processor.supervised import SupervisedDatasetProcessor
+from llamafactory.data.processor.unsupervised import UnsupervisedDatasetProcessor
 from llamafactory.extras.constants import IGNORE_INDEX
 
 from llamafactory_vision.boxes import from_xyxy
 from llamafactory_vision.grounding.bbox_head import find_box_spans
 from llamafactory_vision.grounding.formats import get_codec
-from llamafactory_vision.grounding.head_rows import ROW_COLUMN
+from llamafactory_vision.grounding.head_rows import LABEL_BOXES_COLUMN, ROW_COLUMN
 from llamafactory_vision.grounding.markers import marker_objects
 
 BBOX_COLUMNS = ("bbox_spans", "bbox_targets", "bbox_cut")
@@ -60,17 +65,45 @@ class GroundingBBoxDatasetProcessor(SupervisedDatasetProcessor):
         return outputs
 
 
+class GroundingGenerationDatasetProcessor(UnsupervisedDatasetProcessor):
+    """The host's generation (prompt-only) processor, row by row, plus the ``lfv_label_boxes`` column."""
+
+    def preprocess_dataset(self, examples: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        outputs: dict[str, list[Any]] = {}
+        for i in range(len(examples["_prompt"])):
+            row = super().preprocess_dataset({key: values[i : i + 1] for key, values in examples.items()})
+            if not row.get("input_ids"):
+                continue  # the host dropped it (and said why)
+            response = examples["_response"][i]
+            # a reg row's answer is its phrase: no marker, no label box
+            objects = marker_objects(response[0]["content"]) if len(response) == 1 else []
+            row[LABEL_BOXES_COLUMN] = [[list(o.box) for o in objects]]
+            for key, values in row.items():
+                outputs.setdefault(key, []).extend(values)
+        return outputs
+
+
 @dataclass
 class GroundingBBoxCollator(SFTDataCollatorWith4DAttentionMask):
     """The host's SFT collator plus padded ``bbox_spans`` (``LongTensor[B, K, 2]``, -1 = none) and ``bbox_targets``
     (``FloatTensor[B, K, 4]``). Rows for generation (prompt only, no targets) are collated as the host does, plus
-    their dataset row index (``lfv_row``, ``LongTensor[B]``) when the dataset has that column."""
+    their dataset row index (``lfv_row``, ``LongTensor[B]``) and label boxes (``lfv_label_boxes``,
+    ``Float64Tensor[B, M, 4]``, NaN past a row's boxes) when the dataset has those columns."""
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        extra = {}
         if ROW_COLUMN in features[0]:
-            rows = torch.tensor([f[ROW_COLUMN] for f in features], dtype=torch.long)
-            batch = self([{k: v for k, v in f.items() if k != ROW_COLUMN} for f in features])
-            return {**batch, ROW_COLUMN: rows}
+            extra[ROW_COLUMN] = torch.tensor([f[ROW_COLUMN] for f in features], dtype=torch.long)
+        if LABEL_BOXES_COLUMN in features[0]:
+            labels = [f[LABEL_BOXES_COLUMN] for f in features]
+            boxes = torch.full((len(features), max(map(len, labels), default=0), 4), torch.nan, dtype=torch.float64)
+            for i, row_boxes in enumerate(labels):
+                if row_boxes:
+                    boxes[i, : len(row_boxes)] = torch.tensor(row_boxes, dtype=torch.float64)
+            extra[LABEL_BOXES_COLUMN] = boxes
+        if extra:
+            batch = self([{k: v for k, v in f.items() if k not in extra} for f in features])
+            return {**batch, **extra}
         if "bbox_spans" not in features[0]:
             return super().__call__(features)
         spans = [f["bbox_spans"] for f in features]

@@ -29,7 +29,9 @@ Reported keys (:func:`summarize`; the trainer prefixes them, e.g. ``predict_acc@
   none; they are left out of every other key. Without the dataset a box-less label is a reg row, so this is 0.
 - ``head_n``, ``head_acc@0.5``, ``head_acc@0.75``, ``head_miou``, ``head_precision@0.5`` and ``head_detect_*``: the
   same definitions for the boxes a bbox regression head wrote, over the rows that carry head boxes; present only when
-  some rec/detect row does.
+  some rec/detect row does. ``head_failures``: rows for which the head could not run (logged with their row index);
+  they carry no head box, so they score 0 in the head keys, as an answer without a box does. Reported with the head
+  keys.
 - ``coord_space_suspect``: 1 when the predicted boxes look like another coordinate space than the labels' (see
   :func:`check_coordinate_space`; a warning says why), else 0. ``pred_out_of_range``: fraction of predicted boxes
   outside the family's coordinate range, present when that range is known.
@@ -224,6 +226,7 @@ class RowScore:
         pred_failed: a box row whose answer holds no readable box.
         reg_exact, reg_match: reg rows: the answer equals the label phrase as is / once normalised.
         head: box rows with head boxes: their score; ``None`` otherwise.
+        head_failed: the head could not run for this row (it then carries no head box).
         pred_boxes, label_boxes: the boxes scored, kept for :func:`check_coordinate_space`.
     """
 
@@ -233,6 +236,7 @@ class RowScore:
     reg_exact: bool = False
     reg_match: bool = False
     head: BoxScore | None = None
+    head_failed: bool = False
     pred_boxes: tuple[Box, ...] = ()
     label_boxes: tuple[Box, ...] = ()
 
@@ -244,6 +248,7 @@ def score_row(
     task: str | None = None,
     pred_boxes: Sequence[Sequence[float]] | None = None,
     label_boxes: Sequence[Sequence[float]] | None = None,
+    head_failed: bool = False,
 ) -> RowScore:
     """Score one row from its decoded prediction and label texts (same family, same coordinate space).
 
@@ -256,8 +261,9 @@ def score_row(
         pred_boxes: the answer's boxes already read (e.g. decoded to ``[0, 1]``); default: parsed from ``predict``.
         label_boxes: the label boxes from the dataset (floats, not the rounded label text), in the same space as
             ``pred_boxes``; default: parsed from ``label``.
+        head_failed: the head could not run for this row; ``head_boxes`` is then taken as none (scores 0).
     """
-    return score_rows([predict], [label], [head_boxes], [task], [pred_boxes], [label_boxes])[0]
+    return score_rows([predict], [label], [head_boxes], [task], [pred_boxes], [label_boxes], [head_failed])[0]
 
 
 def score_rows(
@@ -267,13 +273,19 @@ def score_rows(
     tasks: Sequence[str | None] | None = None,
     pred_boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
     label_boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
+    head_failed: Sequence[bool] | None = None,
 ) -> list[RowScore]:
     """:func:`score_row` of many rows (its arguments as per-row lists, ``None`` for all-default), with the IoUs of
     all rec rows computed in one vectorised call instead of one small tensor computation per row."""
     n = len(predicts)
-    head_boxes, tasks = head_boxes or [None] * n, tasks or [None] * n
+    tasks, head_failed = tasks or [None] * n, head_failed or [False] * n
     pred_boxes, label_boxes = pred_boxes or [None] * n, label_boxes or [None] * n
-    rows = [_unscored_row(*args) for args in zip(predicts, labels, tasks, pred_boxes, label_boxes, strict=True)]
+    # A row whose head could not run is scored as one without a head box (0), so failures never raise accuracy.
+    head_boxes = [[] if failed else boxes for boxes, failed in zip(head_boxes or [None] * n, head_failed, strict=True)]
+    rows = [
+        _unscored_row(*args)
+        for args in zip(predicts, labels, tasks, pred_boxes, label_boxes, head_failed, strict=True)
+    ]
     box_rows = [i for i, row in enumerate(rows) if row.kind in ("rec", "detect")]
     text = score_many_boxes([(rows[i].pred_boxes, rows[i].label_boxes) for i in box_rows])
     with_head = [i for i in box_rows if head_boxes[i] is not None]
@@ -289,6 +301,7 @@ def _unscored_row(
     task: str | None,
     pred_boxes: Sequence[Sequence[float]] | None,
     label_boxes: Sequence[Sequence[float]] | None,
+    head_failed: bool,
 ) -> RowScore:
     """:func:`score_row` without the box scores (``text``/``head`` left ``None``): kind, text match, boxes."""
     if task is not None and task not in KINDS:
@@ -301,15 +314,17 @@ def _unscored_row(
             kind="reg",
             reg_exact=predict.strip() == label.strip(),
             reg_match=normalize_phrase(predict) == normalize_phrase(label),
+            head_failed=head_failed,
         )
     if not label_boxes:
-        return RowScore(kind="label_failed")
+        return RowScore(kind="label_failed", head_failed=head_failed)
     if pred_boxes is None:
         parsed_pred = parse_answer(predict)
         pred_boxes = parsed_pred.boxes
     return RowScore(
         kind="rec" if len(label_boxes) == 1 else "detect",
         pred_failed=not pred_boxes,
+        head_failed=head_failed,
         pred_boxes=tuple(tuple(b) for b in pred_boxes),
         label_boxes=tuple(tuple(b) for b in label_boxes),
     )
@@ -446,9 +461,11 @@ def summarize(rows: Sequence[RowScore], check: CoordinateCheck | None = None) ->
     out["label_parse_failures"] = len(by_kind["label_failed"])
     head_rec = [r.head for r in by_kind["rec"] if r.head is not None]
     head_detect = [r.head for r in by_kind["detect"] if r.head is not None]
-    if head_rec or head_detect:
+    head_failures = sum(r.head_failed for r in rows)
+    if head_rec or head_detect or head_failures:
         out.update(_rec_summary(head_rec, "head_"))
         out.update(_detect_summary(head_detect, "head_"))
+        out["head_failures"] = head_failures
     out.update((check or check_coordinate_space(rows)).metrics)
     return out
 
@@ -476,6 +493,7 @@ class GroundingMetricAccumulator:
         labels: Sequence[str],
         head_boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
         tasks: Sequence[str | None] | None = None,
+        head_failed: Sequence[bool] | None = None,
     ) -> None:
         """Score a batch.
 
@@ -485,15 +503,16 @@ class GroundingMetricAccumulator:
             head_boxes: optional, per row the head's boxes in the label text's space, or ``None`` for a row
                 without them.
             tasks: optional, per row the dataset's task (``rec``/``reg``/``detect``) or ``None``.
+            head_failed: optional, per row whether the head could not run for it.
         """
         if len(preds) != len(labels):
             raise ValueError(f"preds has {len(preds)} rows but labels has {len(labels)}")
-        for name, values in (("head_boxes", head_boxes), ("tasks", tasks)):
+        for name, values in (("head_boxes", head_boxes), ("tasks", tasks), ("head_failed", head_failed)):
             if values is not None and len(values) != len(preds):
                 raise ValueError(f"{name} has {len(values)} rows but preds has {len(preds)}")
         head_boxes = head_boxes if head_boxes is not None else [None] * len(preds)
         tasks = tasks if tasks is not None else [None] * len(preds)
-        self._rows.extend(score_rows(preds, labels, head_boxes, tasks))
+        self._rows.extend(score_rows(preds, labels, head_boxes, tasks, head_failed=head_failed))
 
     def add(self, row: RowScore) -> None:
         """Add one row scored by :func:`score_row`."""

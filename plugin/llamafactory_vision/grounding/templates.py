@@ -12,7 +12,7 @@ import importlib.resources
 import zlib
 from collections.abc import Callable, Mapping
 
-import yaml
+from llamafactory_vision.template_specs import add_derived_template, load_specs
 
 TASKS = ("rec", "reg", "detect")
 
@@ -40,26 +40,7 @@ class GroundingTemplateSpec:
 @functools.cache
 def load_grounding_specs() -> dict[str, GroundingTemplateSpec]:
     """Read every spec shipped in the ``llamafactory_vision.templates`` data package, keyed by template name."""
-    specs = {}
-    for entry in sorted(importlib.resources.files("llamafactory_vision.templates").iterdir(), key=lambda p: p.name):
-        if not entry.name.endswith(".yaml"):
-            continue
-        raw = yaml.safe_load(entry.read_text(encoding="utf-8"))
-        unknown = set(raw) - {f.name for f in dataclasses.fields(GroundingTemplateSpec)}
-        if unknown:
-            raise ValueError(f"grounding template spec {entry.name}: unknown keys {sorted(unknown)}.")
-        spec = GroundingTemplateSpec(
-            name=raw["name"],
-            base_template=raw["base_template"],
-            mm_plugin=raw["mm_plugin"],
-            box_family=raw["box_family"],
-            model_types=tuple(raw["model_types"]),
-            prompts={task: tuple(p) for task, p in raw["prompts"].items()},
-        )
-        if spec.name in specs:
-            raise ValueError(f"grounding template {spec.name!r} is defined twice (second in {entry.name}).")
-        specs[spec.name] = spec
-    return specs
+    return load_specs(importlib.resources.files("llamafactory_vision.templates"), GroundingTemplateSpec, "grounding")
 
 
 def get_grounding_spec(template_name: str | None) -> GroundingTemplateSpec | None:
@@ -76,8 +57,6 @@ def register_grounding_templates(templates: dict, get_mm_plugin: Callable) -> No
     Each template gets its own plugin instance (no plugin object shared between templates).
     """
     for spec in load_grounding_specs().values():
-        if spec.name in templates:
-            raise ValueError(f"Template {spec.name} already exists.")
         base = templates[spec.base_template]
         plugin = get_mm_plugin(
             spec.mm_plugin,
@@ -85,4 +64,4 @@ def register_grounding_templates(templates: dict, get_mm_plugin: Callable) -> No
             video_token=base.mm_plugin.video_token,
             box_family=spec.box_family,
         )
-        templates[spec.name] = dataclasses.replace(base, mm_plugin=plugin)
+        add_derived_template(templates, spec.name, spec.base_template, plugin)

@@ -10,6 +10,7 @@ processes. With the head off this class is never used: the workflow builds the h
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -24,19 +25,35 @@ from llamafactory_vision.grounding.bbox_head import (
     HEAD_WEIGHTS,
     BBoxHead,
     find_box_spans,
-    head_state_dict,
     save_head,
     select_anchor,
 )
 from llamafactory_vision.grounding.formats import RELATIVE_SCALE
 from llamafactory_vision.grounding.head_data import BBOX_COLUMNS
-from llamafactory_vision.grounding.head_rows import ROW_COLUMN, first_occurrences, pack_head_rows, unpack_head_rows
+from llamafactory_vision.grounding.head_rows import (
+    LABEL_BOXES_COLUMN,
+    ROW_COLUMN,
+    HeadBox,
+    PredictRow,
+    first_occurrences,
+    pack_head_rows,
+    unpack_head_rows,
+)
+from llamafactory_vision.log import get_logger
+from llamafactory_vision.zero3 import gathered_state_dict
+
+logger = get_logger(__name__)
 
 # Sums kept per split between two logs, reduced across processes in one collective: the LM term (see compute_loss)
 # and its count, then the head's L1 and 1 - GIoU summed over boxes, and the number of boxes.
 _LM_SUM, _LM_COUNT, _L1_SUM, _GIOU_SUM, _BOXES = range(5)
 # Token ids a Qwen-VL model reads as vision input; generated ones are masked before the head's forward pass.
 _VISION_TOKEN_ATTRS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+# What the head's forward pass over prompt + generated text raises for a row it cannot read: transformers checks the
+# image tokens against the image features (and other inputs) with ValueError. Such a row loses its head boxes only.
+_HEAD_ROW_ERRORS = (ValueError,)
+# Batch inputs with one entry per row (sliced to run one row alone); the image inputs are sliced per image.
+_PER_ROW_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
 @dataclass(frozen=True)
@@ -176,7 +193,7 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Every process runs save_model (only the main one runs _save): gather the head here, where a ZeRO-3
         # collective can run, and hand the full weights to _save.
-        self._gathered_head = head_state_dict(self._head(self.model))
+        self._gathered_head = gathered_state_dict(self._head(self.model))
         try:
             super().save_model(output_dir, _internal_call)
         finally:
@@ -214,20 +231,24 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
 
     @override
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-        """With generation, the predictions are ``(generated tokens, packed head rows)`` (see head_rows.py): the
-        host's loop gathers both alike, so each row's head boxes and index stay with its text."""
-        row_ids = inputs.get(ROW_COLUMN)
-        inputs = {k: v for k, v in inputs.items() if k != ROW_COLUMN}
+        """With generation, the predictions are ``(generated tokens, packed rows)`` (see head_rows.py): the host's
+        loop gathers both alike, so each row's head boxes, index, model-view size and dataset label boxes stay with
+        its text."""
+        row_ids, label_boxes = inputs.get(ROW_COLUMN), inputs.get(LABEL_BOXES_COLUMN)
+        inputs = {k: v for k, v in inputs.items() if k not in (ROW_COLUMN, LABEL_BOXES_COLUMN)}
         if self.args.predict_with_generate:  # generation takes prompts only; the eval loss keeps the box targets
             inputs = {k: v for k, v in inputs.items() if k not in BBOX_COLUMNS}
         loss, generated, labels = super().prediction_step(
             model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
         )
         if generated is not None and self.args.predict_with_generate:
-            if row_ids is None:  # a dataset built without the workflow's row column: rows in loader order
-                row_ids = torch.full((generated.size(0),), -1)
-            packed = pack_head_rows(row_ids.tolist(), self._head_boxes(model, inputs, generated))
-            generated = (generated, packed.to(generated.device))
+            size = generated.size(0)
+            # a dataset built without the workflow's columns: rows in loader order, scored on the label text
+            row_ids = row_ids.tolist() if row_ids is not None else [-1] * size
+            labels_of = _label_boxes(label_boxes) if label_boxes is not None else [None] * size
+            heads = self._head_boxes(model, inputs, generated, row_ids)
+            rows = [PredictRow(*values) for values in zip(row_ids, heads, self._model_sizes(inputs), labels_of)]
+            generated = (generated, pack_head_rows(rows).to(generated.device))
         return loss, generated, labels
 
     def _generated_for_head(self, new_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,13 +261,62 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         keep = (new_tokens != pad) & ~torch.isin(new_tokens, torch.tensor(vision_ids, device=new_tokens.device))
         return torch.where(keep, new_tokens, pad), keep.long()
 
+    def _image_ranges(self, input_ids: torch.Tensor) -> list[range]:
+        """Per row of the batch, the indices of its images in ``image_grid_thw`` (each image is one run of image
+        tokens in the prompt; images are listed row by row)."""
+        image = input_ids == self.accelerator.unwrap_model(self.model).config.image_token_id
+        starts = image & ~torch.nn.functional.pad(image[:, :-1], (1, 0), value=False)
+        ranges, first = [], 0
+        for count in starts.sum(dim=1).tolist():
+            ranges.append(range(first, first + count))
+            first += count
+        return ranges
+
+    def _model_sizes(self, inputs) -> list[tuple[int, int]]:
+        """Per row, ``(width, height)`` in pixels of its (first) image as the model sees it; ``(0, 0)`` without one."""
+        grid, patch = inputs["image_grid_thw"], self.mm_processor.image_processor.patch_size
+        return [
+            (int(grid[r[0], 2]) * patch, int(grid[r[0], 1]) * patch) if r else (0, 0)
+            for r in self._image_ranges(inputs["input_ids"])
+        ]
+
+    def _row_inputs(self, inputs, row: int, images: range) -> dict[str, torch.Tensor]:
+        """The batch inputs of one row (its left padding kept, so positions are unchanged) and of its images."""
+        out = {k: v[row : row + 1] for k, v in inputs.items() if k in _PER_ROW_INPUTS}
+        grid = inputs["image_grid_thw"]
+        patches = grid.prod(dim=-1).tolist()  # pixel_values has one line per patch, image after image
+        start = sum(patches[: images.start])
+        out["pixel_values"] = inputs["pixel_values"][start : start + sum(patches[images.start : images.stop])]
+        out["image_grid_thw"] = grid[images.start : images.stop]
+        return out
+
     @torch.no_grad()
-    def _head_boxes(self, model, inputs, generated) -> list[list[dict[str, list[float]]]]:
+    def _head_boxes(self, model, inputs, generated, row_ids=None) -> list[list[HeadBox] | None]:
         """Run the head at every box the model generated: one forward pass over prompt + generated tokens.
 
         Returns per row a list of ``{"xyxy_1000": [4 ints], "xyxy_model": [4 floats]}`` (0-1000 of the image, and
-        pixels of the model-view image).
+        pixels of the model-view image), or ``None`` for a row the forward pass cannot read (one of
+        :data:`_HEAD_ROW_ERRORS`): the batch then runs again row by row, so that one bad row loses only its own head
+        boxes (logged with its ``row_ids`` entry, the dataset row) and the predict run goes on.
         """
+        try:
+            return self._head_boxes_of(model, inputs, generated)
+        except _HEAD_ROW_ERRORS as err:
+            logger.warning(f"bbox head: the forward pass failed for a batch ({err}); running its rows one by one.")
+        row_ids = row_ids if row_ids is not None else [-1] * generated.size(0)
+        rows = []
+        for i, images in enumerate(self._image_ranges(inputs["input_ids"])):
+            try:
+                (boxes,) = self._head_boxes_of(model, self._row_inputs(inputs, i, images), generated[i : i + 1])
+            except _HEAD_ROW_ERRORS as err:
+                where = f"row {row_ids[i]} (counting from 0)" if row_ids[i] >= 0 else "a row of unknown index"
+                logger.warning(f"bbox head: no head boxes for {where}: {err}")
+                boxes = None
+            rows.append(boxes)
+        return rows
+
+    def _head_boxes_of(self, model, inputs, generated) -> list[list[HeadBox]]:
+        """:meth:`_head_boxes` for a batch every row of which the forward pass reads."""
         prompt_len = inputs["input_ids"].size(1)
         new_tokens = generated[:, prompt_len:]
         read_tokens, read_mask = self._generated_for_head(new_tokens)
@@ -258,8 +328,7 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
             full["mm_token_type_ids"] = torch.tensor(type_ids, device=full["input_ids"].device)
         hidden = model(**full, output_hidden_states=True).hidden_states[-1]
         head = self._head(model)
-        grid = inputs["image_grid_thw"]
-        patch = self.mm_processor.image_processor.patch_size
+        sizes = self._model_sizes(inputs)
         rows = []
         for i in range(new_tokens.size(0)):
             # every generated position, pads included, so that span indices stay positions in `hidden`
@@ -270,7 +339,7 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
                 continue
             anchors = select_anchor(torch.tensor(spans), self.bbox_loss.source) + prompt_len
             boxes = box_convert(head(hidden[i, anchors]).float(), "cxcywh", "xyxy").clamp(0, 1).cpu()
-            width, height = (grid[i, 2] * patch).item(), (grid[i, 1] * patch).item()
+            width, height = sizes[i]
             scale = torch.tensor([width, height, width, height], dtype=boxes.dtype)
             rows.append(
                 [
@@ -283,11 +352,12 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
     @override
     def save_predictions(self, dataset, predict_results, skip_special_tokens=True) -> None:
         """The host's ``generated_predictions.jsonl``, each row then given its dataset ``row`` index (from 0), its
-        ``image`` and ``predict_boxes_head``, all gathered with its generated text."""
+        ``image`` and ``predict_boxes_head``, all gathered with its generated text; a row for which the head could not
+        run has no head boxes and ``bbox_head_failed: true``."""
         tokens, packed = predict_results.predictions
-        row_ids, head_boxes = unpack_head_rows(packed)
-        keep = first_occurrences(row_ids)  # the rows the sampler repeated to even out the processes go
-        row_ids, head_boxes = [row_ids[i] for i in keep], [head_boxes[i] for i in keep]
+        predicted = unpack_head_rows(packed)
+        keep = first_occurrences([r.row for r in predicted])  # the sampler's repeats (to even out processes) go
+        kept_rows = [predicted[i] for i in keep]
         kept = predict_results._replace(predictions=tokens[keep], label_ids=predict_results.label_ids[keep])
         super().save_predictions(dataset, kept, skip_special_tokens)
         if not self.is_world_process_zero():
@@ -297,7 +367,15 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         with open(path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
         with open(path, "w", encoding="utf-8") as f:
-            for row, row_id, boxes in zip(rows, row_ids, head_boxes, strict=True):
+            for row, predicted in zip(rows, kept_rows, strict=True):
+                row_id = predicted.row
                 image = images[row_id][0] if row_id >= 0 and images[row_id] else None
-                traced = {"row": row_id, "image": image, **row, "predict_boxes_head": boxes}
+                traced = {"row": row_id, "image": image, **row, "predict_boxes_head": predicted.head or []}
+                if predicted.head is None:  # the head could not run for this row (logged at predict)
+                    traced["bbox_head_failed"] = True
                 f.write(json.dumps(traced, ensure_ascii=False) + "\n")
+
+
+def _label_boxes(boxes: torch.Tensor) -> list[list[tuple[float, float, float, float]]]:
+    """``Float64Tensor[B, M, 4]`` NaN-padded label boxes (see ``GroundingBBoxCollator``) -> per row its boxes."""
+    return [[tuple(box) for box in row.tolist() if not any(math.isnan(v) for v in box)] for row in boxes.cpu()]

@@ -25,6 +25,7 @@ from llamafactory_vision.grounding.formats import get_codec
 from llamafactory_vision.grounding.head_data import BBOX_COLUMNS, BBOX_STAGE, GroundingBBoxCollator
 from llamafactory_vision.grounding.head_rows import ROW_COLUMN, first_occurrences, unpack_head_rows
 from llamafactory_vision.grounding.metrics import GroundingMetricAccumulator, head_boxes_for_family
+from llamafactory_vision.grounding.predictions import NORMALIZED_BOUNDS, normalize_row_boxes, score_normalized_row
 from llamafactory_vision.grounding.templates import get_grounding_spec
 from llamafactory_vision.grounding.trainer import BBoxLossConfig, GroundingTrainer
 from llamafactory_vision.log import get_logger
@@ -53,39 +54,55 @@ def decoding_settings(gen_kwargs: dict) -> dict[str, float | int]:
 @dataclass
 class ComputeGroundingMetrics:
     """ROUGE/BLEU from the host's ``ComputeSimilarity`` plus the box metrics of
-    :mod:`llamafactory_vision.grounding.metrics` on the decoded texts (and on the head's boxes when the predictions
-    carry the head's rows: ``(tokens, packed rows)`` from ``GroundingTrainer.prediction_step``, gathered with the
-    tokens), and the decoding settings used (``decoding``, see :func:`decoding_settings`). A coordinate-space warning
-    is logged when the answers look like another space."""
+    :mod:`llamafactory_vision.grounding.metrics`, and the decoding settings used (``decoding``, see
+    :func:`decoding_settings`). A coordinate-space warning is logged when the answers look like another space.
+
+    Box metrics are computed one of two ways:
+
+    - ``predict_rows`` (the bbox head's trainer): the predictions are ``(tokens, packed rows)`` from
+      ``GroundingTrainer.prediction_step``, gathered with the tokens (see head_rows.py). Each row is scored as
+      ``eval/ground_eval.py --images`` scores it (``predictions.score_normalized_row``): boxes in ``[0, 1]`` of the
+      image, against the dataset's float label boxes (not the label text rounded to the family's grid), with the
+      head's boxes, and ``head_failures`` for rows the head could not run for.
+    - otherwise: on the decoded texts alone, label boxes read from the label text, in the family's coordinates.
+    """
 
     tokenizer: object
     family: str
     decoding: dict[str, float | int] = field(default_factory=dict)
+    predict_rows: bool = False
     similarity: ComputeSimilarity = field(init=False)
     boxes: GroundingMetricAccumulator = field(init=False)
     _seen_rows: set[int] = field(init=False, default_factory=set)
 
     def __post_init__(self):
         self.similarity = ComputeSimilarity(tokenizer=self.tokenizer)
-        self.boxes = GroundingMetricAccumulator(self.family)
+        self.boxes = GroundingMetricAccumulator(self.family, NORMALIZED_BOUNDS if self.predict_rows else None)
 
     def __call__(self, eval_preds, compute_result: bool = True) -> dict[str, float] | None:
-        predictions, head = eval_preds.predictions, None
-        if isinstance(predictions, tuple):  # each row once: the sampler's repeats of an uneven split go
+        predictions, rows = eval_preds.predictions, None
+        if isinstance(predictions, tuple) != self.predict_rows:
+            raise ValueError(f"predict_rows={self.predict_rows} but the predictions are a {type(predictions)}")
+        if self.predict_rows:  # each row once: the sampler's repeats of an uneven split go
             predictions, packed = predictions
-            row_ids, head_rows = unpack_head_rows(packed)
-            keep = first_occurrences(row_ids, self._seen_rows)
-            head = [head_boxes_for_family(head_rows[i], self.family) for i in keep]
+            rows = unpack_head_rows(packed)
+            keep = first_occurrences([r.row for r in rows], self._seen_rows)
+            rows = [rows[i] for i in keep]
             predictions = predictions[keep]
             eval_preds = EvalPrediction(predictions=predictions, label_ids=eval_preds.label_ids[keep])
         pad = self.tokenizer.pad_token_id
         preds = np.where(predictions != IGNORE_INDEX, predictions, pad)
         labels = np.where(eval_preds.label_ids != IGNORE_INDEX, eval_preds.label_ids, pad)
-        self.boxes.update(
-            self.tokenizer.batch_decode(preds, skip_special_tokens=True),
-            self.tokenizer.batch_decode(labels, skip_special_tokens=True),
-            head_boxes=head,
-        )
+        preds = self.tokenizer.batch_decode(preds, skip_special_tokens=True)
+        labels = self.tokenizer.batch_decode(labels, skip_special_tokens=True)
+        if rows is None:
+            self.boxes.update(preds, labels)
+        else:
+            codec = get_codec(self.family)
+            for pred, label, row in zip(preds, labels, rows, strict=True):
+                head = None if row.head is None else head_boxes_for_family(row.head, self.family)
+                boxes = normalize_row_boxes(pred, label, codec, row.model_size, row.label, head)
+                self.boxes.add(score_normalized_row(pred, label, boxes, head_failed=row.head is None))
         text_scores = self.similarity(eval_preds, compute_result=compute_result)
         if compute_result:
             self._seen_rows.clear()
@@ -162,7 +179,8 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
             raise NotImplementedError("`compute_accuracy` is not supported in KTransformers SFT yet.")
 
     if training_args.predict_with_generate:
-        metric_module["compute_metrics"] = ComputeGroundingMetrics(tokenizer, family)  # grounding: IoU metrics
+        # grounding: IoU metrics
+        metric_module["compute_metrics"] = ComputeGroundingMetrics(tokenizer, family, predict_rows=head_on)
     elif finetuning_args.compute_accuracy:
         metric_module["compute_metrics"] = ComputeAccuracy()
         metric_module["preprocess_logits_for_metrics"] = eval_logit_processor

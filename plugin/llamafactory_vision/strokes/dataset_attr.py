@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llamafactory_vision.grounding.dataset_attr import GroundingDatasetAttr
+from llamafactory_vision.grounding.dataset_attr import GroundingDatasetAttr, join_columns
 
 STROKE_FORMATTING = "stroke_guess"
+STROKE_COLUMNS = ("images", "image", "task", "strokes", "stroke_mask", "answer", "stroke_width")
 
 
 @dataclass(repr=False)
@@ -25,9 +26,5 @@ class StrokeDatasetAttr(GroundingDatasetAttr):
 
     def join(self, attr: dict[str, Any]) -> None:
         super().join(attr)
-        if self.formatting != STROKE_FORMATTING:
-            return
-        columns = attr.get("columns", {})
-        self.images = columns.get("images", "images")
-        for name in ("image", "task", "strokes", "stroke_mask", "answer", "stroke_width"):
-            setattr(self, name, columns.get(name, getattr(self, name)))
+        if self.formatting == STROKE_FORMATTING:
+            join_columns(self, attr, {name: name for name in STROKE_COLUMNS})

@@ -9,9 +9,8 @@ import importlib.resources
 import zlib
 from collections.abc import Callable, Mapping
 
-import yaml
-
 from llamafactory_vision.strokes.render import TASKS
+from llamafactory_vision.template_specs import add_derived_template, load_specs
 
 SPEC_FOLDER = "strokes"
 CORNER_FIELDS = ("{x1}", "{y1}", "{x2}", "{y2}")
@@ -46,26 +45,8 @@ class StrokeTemplateSpec:
 @functools.cache
 def load_stroke_specs() -> dict[str, StrokeTemplateSpec]:
     """Read every spec in the ``strokes/`` folder of the ``llamafactory_vision.templates`` data package."""
-    specs = {}
     folder = importlib.resources.files("llamafactory_vision.templates") / SPEC_FOLDER
-    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-        if not entry.name.endswith(".yaml"):
-            continue
-        raw = yaml.safe_load(entry.read_text(encoding="utf-8"))
-        unknown = set(raw) - {f.name for f in dataclasses.fields(StrokeTemplateSpec)}
-        if unknown:
-            raise ValueError(f"stroke template spec {entry.name}: unknown keys {sorted(unknown)}.")
-        spec = StrokeTemplateSpec(
-            name=raw["name"],
-            base_template=raw["base_template"],
-            mm_plugin=raw["mm_plugin"],
-            model_types=tuple(raw["model_types"]),
-            prompts={task: tuple(p) for task, p in raw["prompts"].items()},
-        )
-        if spec.name in specs:
-            raise ValueError(f"stroke template {spec.name!r} is defined twice (second in {entry.name}).")
-        specs[spec.name] = spec
-    return specs
+    return load_specs(folder, StrokeTemplateSpec, "stroke")
 
 
 def get_stroke_spec(template_name: str | None) -> StrokeTemplateSpec | None:
@@ -75,8 +56,5 @@ def get_stroke_spec(template_name: str | None) -> StrokeTemplateSpec | None:
 def register_stroke_templates(templates: dict, get_mm_plugin: Callable) -> None:
     """Add one host ``Template`` per spec: a copy of its base template with its own stroke plugin instance."""
     for spec in load_stroke_specs().values():
-        if spec.name in templates:
-            raise ValueError(f"Template {spec.name} already exists.")
-        base = templates[spec.base_template]
-        plugin = get_mm_plugin(spec.mm_plugin, image_token=base.mm_plugin.image_token)
-        templates[spec.name] = dataclasses.replace(base, mm_plugin=plugin)
+        plugin = get_mm_plugin(spec.mm_plugin, image_token=templates[spec.base_template].mm_plugin.image_token)
+        add_derived_template(templates, spec.name, spec.base_template, plugin)

@@ -5,6 +5,8 @@
 - :mod:`.stroke_guess`: objects sketched as strokes over shapes (``stroke_guess`` format, MagicQuill Draw&Guess).
 - :mod:`.edit`: recolour/move edits of one shape with exact targets (``edit`` format).
 
+They share :mod:`.common`: argument checks, the train/val split files, ``dataset_info.json`` and ``--out/--n/...``.
+
 ``python -m llamafactory_vision.synth <capability> --out DIR ...`` writes one (see :func:`main`).
 """
 

@@ -13,14 +13,14 @@ in ``DIR/dataset_info.json`` (use ``dataset_dir: DIR``).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from llamafactory_vision.synth.grounding import COLOURS, merge_dataset_info, shape_mask
+from llamafactory_vision.synth.common import add_common_arguments, check_size, write_split
+from llamafactory_vision.synth.grounding import COLOURS, shape_mask
 
 EDIT_SHAPES = ("circle", "square")
 EDIT_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -28,6 +28,8 @@ DIRECTIONS = {"left": -1, "right": 1}
 IMAGE_SIDE = 64
 TRAIN_FILE = "edit_train.jsonl"
 VAL_FILE = "edit_val.jsonl"
+TRAIN_DATASET = "synth_edit_train"
+VAL_DATASET = "synth_edit_val"
 
 
 def edit_dataset_entry(file_name: str) -> dict[str, Any]:
@@ -78,10 +80,7 @@ def make_edit_pair(rng: np.random.Generator) -> tuple[Image.Image, Image.Image, 
 def generate_edit(out_dir: str | Path, n: int, seed: int = 0, val_frac: float = 0.2) -> dict[str, Any]:
     """Write ``n`` edit pairs (same seed, same bytes) and register them; returns a summary (files, datasets,
     counts per instruction kind)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not 0 <= val_frac < 1:
-        raise ValueError(f"val_frac must be in [0, 1), got {val_frac}")
+    check_size(n, val_frac)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -92,32 +91,15 @@ def generate_edit(out_dir: str | Path, n: int, seed: int = 0, val_frac: float = 
         target.save(out / "images" / f"edit_{i:05d}_1.png")
         rows.append({"source": f"images/edit_{i:05d}_0.png", "target": f"images/edit_{i:05d}_1.png", **texts})
     n_val = round(n * val_frac) if n > 1 else 0
-    splits = {TRAIN_FILE: rows[: n - n_val], VAL_FILE: rows[n - n_val :]}
-    entries = {}
-    for file_name, split_rows in splits.items():
-        if split_rows:
-            (out / file_name).write_text("".join(json.dumps(r) + "\n" for r in split_rows))
-            entries[f"synth_edit_{file_name.split('_')[1].split('.')[0]}"] = edit_dataset_entry(file_name)
-    merge_dataset_info(out / "dataset_info.json", entries)
+    files, datasets = (TRAIN_FILE, VAL_FILE), (TRAIN_DATASET, VAL_DATASET)
+    summary = write_split(out, rows[: n - n_val], rows[n - n_val :], files, datasets, edit_dataset_entry)
     kinds = {"recolour": sum(r["instruction"].startswith("make") for r in rows)}
     kinds["move"] = n - kinds["recolour"]
-    return {
-        "out_dir": str(out),
-        "train_file": str(out / TRAIN_FILE),
-        "val_file": str(out / VAL_FILE) if n_val else None,
-        "dataset_info": str(out / "dataset_info.json"),
-        "datasets": list(entries),
-        "n_train": n - n_val,
-        "n_val": n_val,
-        "kinds": kinds,
-    }
+    return {**summary, "kinds": kinds}
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """The ``edit`` sub-command of ``python -m llamafactory_vision.synth``."""
     parser = commands.add_parser("edit", help="shape recolour/move edits -> edit jsonl + dataset_info")
-    parser.add_argument("--out", required=True, help="output folder (use it as dataset_dir)")
-    parser.add_argument("--n", type=int, required=True, help="number of pairs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val-frac", type=float, default=0.2, help="fraction of pairs for validation")
+    add_common_arguments(parser, "pairs")
     parser.set_defaults(generate=lambda args: generate_edit(args.out, args.n, args.seed, args.val_frac))

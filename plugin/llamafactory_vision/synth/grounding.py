@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from llamafactory_vision.boxes import BOX_FORMATS, from_xyxy
+from llamafactory_vision.synth.common import add_common_arguments, check_size, val_indices, write_split
 
 # Saturated colours: each has a channel outside 60..210, the range of every plain/gradient/stripes/checker
 # background pixel (see `_muted_colour`), so on those backgrounds a pixel of an exact shape colour belongs to a
@@ -508,39 +508,6 @@ def dataset_entry(file_name: str) -> dict[str, Any]:
     return {"file_name": file_name, "formatting": "grounding", "columns": {"images": "images", "objects": "objects"}}
 
 
-def merge_dataset_info(path: str | Path, entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Add or replace ``entries`` in the ``dataset_info.json`` at ``path``, keeping every other entry.
-
-    Returns:
-        dict: the merged content, also written to ``path``.
-    """
-    path = Path(path)
-    info: dict[str, Any] = {}
-    if path.exists():
-        try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err}); fix or remove it before merging") from err
-        if not isinstance(info, dict):
-            raise ValueError(f"{path}: expected a JSON object of dataset entries, got {type(info).__name__}")
-    info.update(entries)
-    path.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return info
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _val_count(n: int, val_frac: float) -> int:
-    # At least one validation and one training sample whenever a split is asked for and possible.
-    if val_frac == 0 or n < 2:
-        return 0
-    return min(max(1, round(n * val_frac)), n - 1)
-
-
 def generate_grounding(
     out_dir: str | Path,
     n: int,
@@ -565,10 +532,7 @@ def generate_grounding(
         registered), ``n_train``, ``n_val``, ``n_objects`` and counts per ``tasks``, ``bbox_formats`` and
         ``size_classes``.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not 0 <= val_frac < 1:
-        raise ValueError(f"val_frac must be in [0, 1), got {val_frac}")
+    check_size(n, val_frac)
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"preset={preset!r}: expected one of {tuple(PRESETS)}")
@@ -578,7 +542,7 @@ def generate_grounding(
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    val_indices = set(np.random.default_rng(seed).permutation(n)[: _val_count(n, val_frac)].tolist())
+    validation = val_indices(n, val_frac, seed)
     train_rows, val_rows = [], []
     tasks, formats, size_classes = Counter(), Counter(), Counter()
     n_objects = 0
@@ -591,26 +555,15 @@ def generate_grounding(
         image_path = f"images/{index:06d}.png"
         scene.image.save(out / image_path)
         row = make_row(scene, image_path, task, bbox_format, rng)
-        (val_rows if index in val_indices else train_rows).append(row)
+        (val_rows if index in validation else train_rows).append(row)
         tasks[task] += 1
         formats[bbox_format] += 1
         size_classes[size_class] += 1
         n_objects += len(row["objects"])
 
-    entries = {TRAIN_DATASET: dataset_entry(TRAIN_FILE)}
-    _write_jsonl(out / TRAIN_FILE, train_rows)
-    if val_rows:
-        _write_jsonl(out / VAL_FILE, val_rows)
-        entries[VAL_DATASET] = dataset_entry(VAL_FILE)
-    merge_dataset_info(out / "dataset_info.json", entries)
+    files, datasets = (TRAIN_FILE, VAL_FILE), (TRAIN_DATASET, VAL_DATASET)
     return {
-        "out_dir": str(out),
-        "train_file": str(out / TRAIN_FILE),
-        "val_file": str(out / VAL_FILE) if val_rows else None,
-        "dataset_info": str(out / "dataset_info.json"),
-        "datasets": list(entries),
-        "n_train": len(train_rows),
-        "n_val": len(val_rows),
+        **write_split(out, train_rows, val_rows, files, datasets, dataset_entry),
         "n_objects": n_objects,
         "tasks": dict(tasks),
         "bbox_formats": dict(formats),
@@ -621,10 +574,7 @@ def generate_grounding(
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """The ``grounding`` sub-command of ``python -m llamafactory_vision.synth``."""
     parser = commands.add_parser("grounding", help="shapes with known boxes -> grounding jsonl + dataset_info")
-    parser.add_argument("--out", required=True, help="output folder (use it as dataset_dir)")
-    parser.add_argument("--n", type=int, required=True, help="number of scenes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val-frac", type=float, default=0.2, help="fraction of scenes for validation")
+    add_common_arguments(parser, "scenes")
     parser.add_argument("--preset", choices=tuple(PRESETS), default="varied")
     parser.add_argument("--max-objects", type=int, default=None, help="override the preset's objects per scene")
     parser.set_defaults(

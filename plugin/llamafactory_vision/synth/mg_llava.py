@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from llamafactory_vision.synth.grounding import PRESETS, _val_count, _write_jsonl, make_scene, merge_dataset_info
+from llamafactory_vision.synth.common import add_common_arguments, check_size, val_indices, write_split
+from llamafactory_vision.synth.grounding import PRESETS, make_scene
 
 TRAIN_FILE = "mg_train.jsonl"
 VAL_FILE = "mg_val.jsonl"
@@ -45,30 +46,18 @@ def dataset_entry(file_name: str) -> dict[str, Any]:
 
 def generate_mg_llava(out_dir: str | Path, n: int, seed: int = 0, val_frac: float = 0.2) -> dict[str, Any]:
     """Write a synthetic ``mg_llava`` dataset (same seed, same bytes); returns a summary like the other generators."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not 0 <= val_frac < 1:
-        raise ValueError(f"val_frac must be in [0, 1), got {val_frac}")
+    check_size(n, val_frac)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    val_indices = set(np.random.default_rng(seed).permutation(n)[: _val_count(n, val_frac)].tolist())
+    validation = val_indices(n, val_frac, seed)
     train_rows, val_rows = [], []
     for index in range(n):
         row = make_row(np.random.default_rng([seed, index]), out, index)
-        (val_rows if index in val_indices else train_rows).append(row)
-    entries = {TRAIN_DATASET: dataset_entry(TRAIN_FILE)}
-    _write_jsonl(out / TRAIN_FILE, train_rows)
-    if val_rows:
-        _write_jsonl(out / VAL_FILE, val_rows)
-        entries[VAL_DATASET] = dataset_entry(VAL_FILE)
-    merge_dataset_info(out / "dataset_info.json", entries)
+        (val_rows if index in validation else train_rows).append(row)
+    files, datasets = (TRAIN_FILE, VAL_FILE), (TRAIN_DATASET, VAL_DATASET)
     rows = train_rows + val_rows
     return {
-        "out_dir": str(out),
-        "dataset_info": str(out / "dataset_info.json"),
-        "datasets": list(entries),
-        "n_train": len(train_rows),
-        "n_val": len(val_rows),
+        **write_split(out, train_rows, val_rows, files, datasets, dataset_entry),
         "n_objects": sum(len(r.get("objects", [])) for r in rows),
         "rows_without_objects": sum("objects" not in r for r in rows),
     }
@@ -77,8 +66,5 @@ def generate_mg_llava(out_dir: str | Path, n: int, seed: int = 0, val_frac: floa
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """The ``mg_llava`` sub-command of ``python -m llamafactory_vision.synth``."""
     parser = commands.add_parser("mg_llava", help="shape scenes as conversations + object boxes -> mg_llava jsonl")
-    parser.add_argument("--out", required=True, help="output folder (use it as dataset_dir)")
-    parser.add_argument("--n", type=int, required=True, help="number of rows")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val-frac", type=float, default=0.2, help="fraction of rows for validation")
+    add_common_arguments(parser, "rows")
     parser.set_defaults(generate=lambda args: generate_mg_llava(args.out, args.n, args.seed, args.val_frac))

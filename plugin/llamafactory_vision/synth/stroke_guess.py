@@ -17,14 +17,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from llamafactory_vision.synth.common import add_common_arguments, check_size, val_indices, write_split
 from llamafactory_vision.synth.grounding import (
     BACKGROUNDS,
     COLOURS,
     SHAPES,
-    _val_count,
-    _write_jsonl,
     draw_background,
-    merge_dataset_info,
     shape_mask,
 )
 
@@ -119,36 +117,22 @@ def generate_stroke_guess(out_dir: str | Path, n: int, seed: int = 0, val_frac: 
         dict: ``out_dir``, ``train_file``, ``val_file`` (None when empty), ``dataset_info``, ``datasets``,
         ``n_train``, ``n_val`` and counts per ``tasks`` and ``answers``.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not 0 <= val_frac < 1:
-        raise ValueError(f"val_frac must be in [0, 1), got {val_frac}")
+    check_size(n, val_frac)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    val_indices = set(np.random.default_rng(seed).permutation(n)[: _val_count(n, val_frac)].tolist())
+    validation = val_indices(n, val_frac, seed)
     tasks, weights = list(TASK_WEIGHTS), list(TASK_WEIGHTS.values())
     train_rows, val_rows, task_counts, answers = [], [], Counter(), Counter()
     for index in range(n):
         rng = np.random.default_rng([seed, index])
         task = tasks[int(rng.choice(len(tasks), p=weights))]
         row = make_row(rng, out, index, task)
-        (val_rows if index in val_indices else train_rows).append(row)
+        (val_rows if index in validation else train_rows).append(row)
         task_counts[task] += 1
         answers[row["answer"]] += 1
-    entries = {TRAIN_DATASET: dataset_entry(TRAIN_FILE)}
-    _write_jsonl(out / TRAIN_FILE, train_rows)
-    if val_rows:
-        _write_jsonl(out / VAL_FILE, val_rows)
-        entries[VAL_DATASET] = dataset_entry(VAL_FILE)
-    merge_dataset_info(out / "dataset_info.json", entries)
+    files, datasets = (TRAIN_FILE, VAL_FILE), (TRAIN_DATASET, VAL_DATASET)
     return {
-        "out_dir": str(out),
-        "train_file": str(out / TRAIN_FILE),
-        "val_file": str(out / VAL_FILE) if val_rows else None,
-        "dataset_info": str(out / "dataset_info.json"),
-        "datasets": list(entries),
-        "n_train": len(train_rows),
-        "n_val": len(val_rows),
+        **write_split(out, train_rows, val_rows, files, datasets, dataset_entry),
         "tasks": dict(task_counts),
         "answers": dict(answers),
     }
@@ -157,8 +141,5 @@ def generate_stroke_guess(out_dir: str | Path, n: int, seed: int = 0, val_frac: 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """The ``stroke_guess`` sub-command of ``python -m llamafactory_vision.synth``."""
     parser = commands.add_parser("stroke_guess", help="sketches over shapes -> stroke_guess jsonl + dataset_info")
-    parser.add_argument("--out", required=True, help="output folder (use it as dataset_dir)")
-    parser.add_argument("--n", type=int, required=True, help="number of rows")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val-frac", type=float, default=0.2, help="fraction of rows for validation")
+    add_common_arguments(parser, "rows")
     parser.set_defaults(generate=lambda args: generate_stroke_guess(args.out, args.n, args.seed, args.val_frac))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from llamafactory_vision.webui import pictures
+from llamafactory_vision.webui import edit_runs, pictures
 from llamafactory_vision.webui.locales import group_tab_name, label_of
 from llamafactory_vision.webui.options import Option, to_args, train_options
 from llamafactory_vision.webui.safe_paths import OutsideError
@@ -177,32 +177,32 @@ def add_grounding_preview(engine: Any, tab: str, elem_dict: dict[str, Component]
     return {"grounding_preview_btn": preview_btn, "grounding_preview": gallery}
 
 
-def add_prediction_gallery(engine: Any, elem_dict: dict[str, Component]) -> dict[str, Component]:
-    """After a predict run, a gallery of label (green) / predicted (red) / head (blue) boxes under the metrics."""
+GALLERY_TOP = ("model_name", "finetuning_type", "model_path", "template")
+GALLERY_EVAL = ("output_dir", "dataset_dir", "dataset", "max_samples", "image_max_pixels", "image_min_pixels")
+
+
+def _fill_after_predict(engine: Any, elem_dict: dict[str, Component], gallery: Any, build: Callable) -> None:
+    """Fill ``gallery`` with ``build(output_dir, values)`` (``values``: the names in :data:`GALLERY_TOP` and
+    :data:`GALLERY_EVAL` -> UI value) once a predict run's ``generated_predictions.jsonl`` exists, and again when it
+    changes: the host rewrites the output box while it monitors a run and once when the run ends."""
     from llamafactory.webui.common import get_save_dir
 
     manager = engine.manager
-    gallery = gr.Gallery(label="Predictions", columns=4, height="auto", visible=False, elem_id="lfv-eval-predictions")
+    inputs = [manager.get_elem_by_id(f"top.{n}") for n in GALLERY_TOP] + [elem_dict[n] for n in GALLERY_EVAL]
     shown: dict[str, Any] = {}
-    top = [manager.get_elem_by_id(f"top.{n}") for n in ("model_name", "finetuning_type", "model_path", "template")]
-    names = ("output_dir", "dataset_dir", "dataset", "max_samples", "image_max_pixels", "image_min_pixels")
-    inputs = top + [elem_dict[n] for n in names]
 
-    def refresh(model_name, finetuning_type, model_path, template, output_dir, dataset_dir, dataset, max_samples,
-                max_pixels, min_pixels):  # fmt: skip
-        if engine.runner.running or not (model_name and output_dir and dataset):
+    def refresh(*ui_values):
+        values = dict(zip(GALLERY_TOP + GALLERY_EVAL, ui_values))
+        if engine.runner.running or not (values["model_name"] and values["output_dir"] and values["dataset"]):
             return gr.Gallery()
-        out = get_save_dir(model_name, finetuning_type, output_dir)
+        out = get_save_dir(values["model_name"], values["finetuning_type"], values["output_dir"])
         predictions = os.path.join(out, pictures.PREDICTIONS)
         if not os.path.isfile(predictions):
             return gr.Gallery(visible=False)
-        key = f"{predictions}:{os.path.getmtime(predictions)}"
+        key = f"{predictions}:{os.path.getmtime(predictions)}:{values['template']}"
         if shown.get("key") != key:
             try:
-                shown["value"] = pictures.prediction_pictures(
-                    out, dataset_dir, dataset, int(max_samples), template, model_path,
-                    _pixels(max_pixels), _pixels(min_pixels),
-                )  # fmt: skip
+                shown["value"] = build(out, values)
             except (OutsideError, TypeError, ValueError, OSError) as err:
                 gr.Warning(str(err))
                 return gr.Gallery(visible=False)
@@ -210,7 +210,37 @@ def add_prediction_gallery(engine: Any, elem_dict: dict[str, Component]) -> dict
         return gr.Gallery(value=shown["value"], visible=bool(shown["value"]))
 
     elem_dict["output_box"].change(refresh, inputs, [gallery])
+
+
+def add_prediction_gallery(engine: Any, elem_dict: dict[str, Component]) -> dict[str, Component]:
+    """After a predict run, a gallery of label (green) / predicted (red) / head (blue) boxes under the metrics."""
+    gallery = gr.Gallery(label="Predictions", columns=4, height="auto", visible=False, elem_id="lfv-eval-predictions")
+
+    def build(out: str, v: dict[str, Any]) -> list:
+        return pictures.prediction_pictures(
+            out, v["dataset_dir"], v["dataset"], int(v["max_samples"]), v["template"], v["model_path"],
+            _pixels(v["image_max_pixels"]), _pixels(v["image_min_pixels"]),
+        )  # fmt: skip
+
+    _fill_after_predict(engine, elem_dict, gallery, build)
     return {"prediction_gallery": gallery}
+
+
+def add_edit_gallery(engine: Any, elem_dict: dict[str, Component]) -> dict[str, Component]:
+    """After an edit predict run, a gallery of source / output / target, one row of three per example."""
+    gallery = gr.Gallery(label="Edits", columns=3, height="auto", visible=False, elem_id="lfv-eval-edits")
+    _fill_after_predict(
+        engine, elem_dict, gallery, lambda out, v: pictures.edit_pictures(out, v["dataset_dir"], v["template"])
+    )
+    return {"edit_gallery": gallery}
+
+
+def add_edit_stage(args: dict[str, Any]) -> dict[str, Any]:
+    """The Evaluate tab's args for an edit template: the edit stage with the checkpoint's recorded settings."""
+    try:
+        return edit_runs.edit_eval_args(args)
+    except ValueError as err:
+        raise gr.Error(str(err)) from err
 
 
 def add_answer_boxes(engine: Any, elem_dict: dict[str, Component]) -> dict[str, Component]:
@@ -232,6 +262,49 @@ def add_answer_boxes(engine: Any, elem_dict: dict[str, Component]) -> dict[str, 
 
     messages.change(draw, [messages, elem_dict["image"], template], [picture])
     return {"grounding_answer": picture}
+
+
+def load_chat_model(host_load: Callable, chatter: Any, data: dict[Component, Any]) -> Iterator[str]:
+    """The host's ``WebChatModel.load_model`` for ``data``; an edit template loads with its [IMG] tokens (added to the
+    extra-args JSON the host merges) and, once loaded from an edit run's output, is remembered as an edit model."""
+    from llamafactory.extras.constants import PEFT_METHODS
+    from llamafactory.webui.common import get_save_dir
+
+    manager = chatter.manager
+    get = lambda elem_id: data[manager.get_elem_by_id(elem_id)]
+    template = get("top.template")
+    extra = manager.get_elem_by_id("infer.extra_args")
+    yield from host_load(chatter, {**data, extra: edit_runs.with_img_token_args(template, data[extra])})
+    if not chatter.loaded:
+        return
+    model_name, finetuning_type = get("top.model_name"), get("top.finetuning_type")
+    checkpoint, model_path, adapters = get("top.checkpoint_path"), get("top.model_path"), None
+    if checkpoint and finetuning_type in PEFT_METHODS:  # as the host's load_model builds its args
+        adapters = ",".join(str(get_save_dir(model_name, finetuning_type, a)) for a in checkpoint)
+    elif checkpoint:
+        model_path = str(get_save_dir(model_name, finetuning_type, checkpoint))
+    try:
+        edit_runs.register_chat_engine(chatter.engine, template, edit_runs.trained_dir(model_path, adapters))
+    except ValueError as err:
+        gr.Warning(str(err))
+
+
+def stream_with_edit(host_stream: Callable, chatter: Any, chatbot: list, messages: list, *inputs: Any) -> Iterator:
+    """The host's ``WebChatModel.stream``; then, for an edit model, the image edited from the answer joins the chat
+    (the conversation state keeps text only). ``inputs``: the host's, from ``lang`` on (the image is the fourth)."""
+    last = None
+    for last in host_stream(chatter, chatbot, messages, *inputs):
+        yield last
+    if last is None:
+        return
+    try:
+        edited = edit_runs.chat_edit_image(chatter.engine, inputs[3], last[1])
+    except (OSError, ValueError) as err:
+        gr.Warning(f"edited image: {err}")
+        return
+    if edited is not None:
+        picture = gr.Image(value=edited, type="pil", format="png", label="Edited image")
+        yield last[0] + [{"role": "assistant", "content": picture}], last[1]
 
 
 def _descendants(block: Any) -> Iterator[Any]:

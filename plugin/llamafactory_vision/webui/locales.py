@@ -53,6 +53,10 @@ FIXED: dict[str, dict[str, dict[str, Any]]] = {
         "en": {"label": "Predictions: label boxes green, predicted red, bbox head blue"},
         "zh": {"label": "预测结果：标注框绿色，预测框红色，回归头蓝色"},
     },
+    "edit_gallery": {
+        "en": {"label": "Edits: source, output, target"},
+        "zh": {"label": "编辑结果：原图、输出、目标"},
+    },
     "grounding_answer": {
         "en": {"label": "Answer boxes on the input image"},
         "zh": {"label": "回答中的框（画在输入图像上）"},

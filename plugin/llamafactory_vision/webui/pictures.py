@@ -1,4 +1,4 @@
-"""Pictures for LLaMA Board: the grounding preview, the prediction gallery, boxes of a chat answer.
+"""Pictures for LLaMA Board: the grounding preview, the prediction galleries (boxes, edits), boxes of a chat answer.
 
 Every file read here is checked to lie inside the dataset directory chosen in the UI (dataset files and the images
 their rows name) or the run's output directory (predictions); see :mod:`.safe_paths`. Images go to gradio as PIL
@@ -8,6 +8,7 @@ objects, so gradio serves copies from its own cache and no path of ours is expos
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from llamafactory_vision.webui.safe_paths import resolve_under
 DATA_CONFIG = "dataset_info.json"
 PREDICTIONS = "generated_predictions.jsonl"
 MAX_PICTURES = 16
+EDITED_DIR = "edited"  # editing/predict.py: edited/{i:05d}.png is the output of row i
+MAX_EDIT_ROWS = 8
 
 
 def dataset_file(dataset_dir: str, name: str) -> Path:
@@ -109,6 +112,46 @@ def prediction_pictures(
             head_boxes,
         )
         pictures.append((picture, f"{name} #{row_index}: {obj['predict'][:80]}"))
+    return pictures
+
+
+def edit_pictures(
+    output_dir: str, dataset_dir: str, template: str, limit: int = MAX_EDIT_ROWS
+) -> list[tuple[Image.Image, str]]:
+    """Source / output / target of the first ``limit`` rows of an edit predict run: three pictures per row.
+
+    The edit stage's ``generated_predictions.jsonl`` names each row's source and target image as the run read them
+    (paths relative to the working directory LLaMA Board and its runs share); they must lie inside ``dataset_dir``,
+    and the output ``edited/{i:05d}.png`` inside ``output_dir``. Empty when ``template`` is not the edit template or
+    the run wrote no predictions.
+
+    Raises:
+        OutsideError: a file outside its directory. TypeError: a predictions row without ``source``/``target``.
+    """
+    from llamafactory_vision.editing.tokens import EDIT_TEMPLATE
+
+    predictions = resolve_under(output_dir, PREDICTIONS, "predictions")
+    if template != EDIT_TEMPLATE or not predictions.is_file():
+        return []
+    pictures = []
+    lines = [line for line in predictions.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, line in enumerate(lines[:limit]):
+        row = json.loads(line)
+        where = f"{predictions}, row {i}"
+        files = {}
+        for field in ("source", "target"):
+            if not isinstance(row.get(field), str):
+                raise TypeError(f"{where}, field `{field}`: expected an image path, got {row.get(field)!r}.")
+            files[field] = resolve_under(dataset_dir, os.path.abspath(row[field]), f"{where} {field}")
+        files["output"] = resolve_under(output_dir, f"{EDITED_DIR}/{i:05d}.png", f"{where} edited image")
+        captions = {
+            "source": f"#{i} source: {row.get('instruction', '')}",
+            "output": f"#{i} output: {row.get('predict', '')}",
+            "target": f"#{i} target",
+        }
+        for field in ("source", "output", "target"):
+            with Image.open(files[field]) as opened:
+                pictures.append((opened.convert("RGB"), captions[field][:120]))
     return pictures
 
 

@@ -1,0 +1,230 @@
+"""Predict with the bbox head, in process, through ``run_grounding_sft`` with only ``generate`` replaced by fixed
+answers (so the boxes scored are known): predict's metrics score against the dataset's float boxes (not the label text
+rounded to the family's grid), exactly as ``eval/ground_eval.py --images`` does, and one row whose head forward pass
+fails loses only its own head boxes.
+
+Oracle: torchvision's ``box_iou`` on boxes computed by hand from the dataset file and the fixed answers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import GROUND_TEMPLATE, REPO, read_jsonl, train_config
+from llamafactory_vision.grounding.bbox_head import DEFAULT_LAYERS, BBoxHead, BBoxHeadConfig, save_head
+from PIL import Image
+from torchvision.ops import box_iou
+
+FAMILY = "qwen2_vl"
+W, H = 200, 100
+# Float pixel boxes of the dataset; Qwen2-VL's label text rounds them to 0-1000, which moves each edge by up to
+# 0.1 px here: on the small first box (4.32 px square) that changes the IoU by about 0.045.
+REC_BOXES = [(20.34, 20.34, 24.66, 24.66), (33.3, 10.7, 150.9, 88.1)]
+DETECT_BOXES = [(10.4, 10.6, 50.2, 50.8), (120.6, 40.4, 180.2, 90.6)]
+# What the model "generates": row 0 answers its label text exactly (20.34 / 200 * 1000 = 101.7 -> 102, 203.4 -> 203,
+# 123.3 -> 123, 246.6 -> 247), so the label text would score it 1.0 and the float box does not.
+ANSWERS_1000 = [(102, 203, 123, 247), (180, 120, 760, 870), (52, 106, 251, 508)]
+FAILING_ROW = 1  # its answer carries <|quad_start|>, which the failing forward pass below refuses
+
+
+def answer(ref: str, box: tuple[int, int, int, int], extra: str = "") -> str:
+    coords = "({},{}),({},{})".format(*box)
+    return f"{extra}<|object_ref_start|>{ref}<|object_ref_end|><|box_start|>{coords}<|box_end|>"
+
+
+ANSWERS = [
+    answer("a", ANSWERS_1000[0]),
+    answer("b", ANSWERS_1000[1], extra="<|quad_start|>"),
+    answer("c", ANSWERS_1000[2]),
+    "The red car.",
+]
+
+
+def tv_iou(pred_1000: tuple[int, ...], label_px: tuple[float, ...]) -> float:
+    """torchvision IoU of a 0-1000 answer box (as pixels of the W x H image) with a pixel box."""
+    pred = [pred_1000[0] * W / 1000, pred_1000[1] * H / 1000, pred_1000[2] * W / 1000, pred_1000[3] * H / 1000]
+    return float(box_iou(torch.tensor([pred], dtype=torch.float64), torch.tensor([label_px], dtype=torch.float64)))
+
+
+def rounded_1000(box_px: tuple[float, ...]) -> tuple[float, ...]:
+    """A pixel box as Qwen2-VL's label text writes it (rounded to 0-1000), back in pixels."""
+    return tuple(round(v / s * 1000) * s / 1000 for v, s in zip(box_px, (W, H, W, H)))
+
+
+@pytest.fixture(scope="module")
+def predict_setup(tmp_path_factory, tiny_models) -> tuple[Path, Path]:
+    """A copy of the tiny Qwen2-VL with a random (so row-dependent) bbox head saved beside it, and the dataset."""
+    root = tmp_path_factory.mktemp("predict_rows")
+    model_dir = root / "model"
+    shutil.copytree(tiny_models[FAMILY], model_dir)
+    with open(model_dir / "config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    hidden = config.get("text_config", config).get("hidden_size", config.get("hidden_size"))
+    head = BBoxHead(BBoxHeadConfig(hidden, DEFAULT_LAYERS))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in head.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) / hidden**0.5)
+    save_head(head, model_dir)
+
+    data = root / "data"
+    data.mkdir()
+    Image.new("RGB", (W, H), (120, 120, 120)).save(data / "w.png")
+    rows = [
+        {"images": ["w.png"], "objects": [{"ref": "a", "bbox": list(REC_BOXES[0])}]},
+        {"images": ["w.png"], "objects": [{"ref": "b", "bbox": list(REC_BOXES[1])}], "task": "rec"},
+        {"images": ["w.png"], "objects": [{"ref": "c", "bbox": list(b)} for b in DETECT_BOXES], "task": "detect"},
+        {"images": ["w.png"], "objects": [{"ref": "red car", "bbox": [0, 0, 10, 10]}], "task": "reg"},
+    ]
+    (data / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    info = {"ground_float": {"file_name": "rows.jsonl", "formatting": "grounding"}}
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    return model_dir, data
+
+
+@dataclass(frozen=True)
+class PredictRun:
+    output_dir: Path
+    results: dict[str, Any]
+    rows: list[dict[str, Any]]
+    log: list[str]
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def predict(model_dir: Path, data: Path, output_dir: Path, fail_row: bool) -> PredictRun:
+    """``run_grounding_sft`` on the predict config; ``generate`` answers :data:`ANSWERS` (row i of the one batch gets
+    answer i) and, with ``fail_row``, the model's forward pass raises for any batch holding :data:`FAILING_ROW`'s
+    answer (as transformers does for image tokens that do not match the image features)."""
+    from llamafactory.hparams import get_train_args
+    from llamafactory_vision.grounding import workflow
+
+    config = train_config(
+        model_dir, data, output_dir, GROUND_TEMPLATE[FAMILY], do_train=False, do_predict=True,
+        predict_with_generate=True, eval_dataset="ground_float", per_device_eval_batch_size=len(ANSWERS),
+        max_new_tokens=64, bbox_head=True, overwrite_cache=True,
+    )  # fmt: skip
+    del config["dataset"]
+
+    class FixedAnswers(workflow.GroundingTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            tokenizer, model = self.processing_class, self.model
+            answers = [tokenizer.encode(a, add_special_tokens=False) for a in ANSWERS]
+            quad = tokenizer.convert_tokens_to_ids("<|quad_start|>")
+
+            def generate(input_ids, **_):
+                width = max(len(a) for a in answers)
+                new = torch.tensor([a + [tokenizer.pad_token_id] * (width - len(a)) for a in answers])
+                return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+
+            forward = model.forward
+
+            def failing_forward(*args, **kwargs):
+                if (kwargs["input_ids"] == quad).any():
+                    raise ValueError("Image features and image tokens do not match: tokens: 64, features 60")
+                return forward(*args, **kwargs)
+
+            model.generate = generate
+            if fail_row:
+                model.forward = failing_forward
+
+    handler = _Lines()
+    vision_logger = logging.getLogger("llamafactory.vision.grounding.trainer")
+    vision_logger.addHandler(handler)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(workflow, "GroundingTrainer", FixedAnswers)
+            args = get_train_args({k: str(v) if isinstance(v, Path) else v for k, v in config.items()})
+            workflow.run_grounding_sft(*args)
+    finally:
+        vision_logger.removeHandler(handler)
+    results = json.loads((output_dir / "predict_results.json").read_text())
+    return PredictRun(output_dir, results, read_jsonl(output_dir / "generated_predictions.jsonl"), handler.lines)
+
+
+@pytest.fixture(scope="module")
+def runs(predict_setup, tmp_path_factory) -> dict[str, PredictRun]:
+    model_dir, data = predict_setup
+    root = tmp_path_factory.mktemp("predict_runs")
+    return {kind: predict(model_dir, data, root / kind, kind == "failing") for kind in ("clean", "failing")}
+
+
+def test_predict_metrics_score_against_the_dataset_float_boxes(runs):
+    m = runs["clean"].results
+    rec = [tv_iou(ANSWERS_1000[i], REC_BOXES[i]) for i in range(2)]
+    detect = tv_iou(ANSWERS_1000[2], DETECT_BOXES[0])  # the one answer box matches the first label box
+    # What the rounded label text would give instead: measurably different, so the test can tell them apart.
+    rec_text = [tv_iou(ANSWERS_1000[i], rounded_1000(REC_BOXES[i])) for i in range(2)]
+    assert "(102,203),(123,247)" in runs["clean"].rows[0]["label"]  # the label text row 0 answers
+    assert rec_text[0] == pytest.approx(1.0) and rec[0] < 0.96
+    assert abs(sum(rec) - sum(rec_text)) / 2 > 0.02
+
+    assert (m["predict_rows"], m["predict_n"], m["predict_detect_rows"], m["predict_reg_rows"]) == (4, 2, 1, 1)
+    assert m["predict_miou"] == pytest.approx(sum(rec) / 2, abs=1e-9)
+    assert m["predict_acc@0.5"] == sum(v >= 0.5 for v in rec) / 2
+    assert m["predict_acc@0.75"] == sum(v >= 0.75 for v in rec) / 2
+    assert m["predict_detect_n"] == 2
+    assert m["predict_detect_miou"] == pytest.approx(detect / 2, abs=1e-9)
+    assert m["predict_reg_match"] == 1.0 and m["predict_parse_failures"] == 0
+    assert m["predict_head_failures"] == 0 and m["predict_head_n"] == 2
+    assert all(len(r["predict_boxes_head"]) == (1 if i < 3 else 0) for i, r in enumerate(runs["clean"].rows))
+
+
+@pytest.mark.parametrize("kind", ["clean", "failing"])
+def test_ground_eval_with_the_dataset_gives_the_same_metrics(kind, runs, predict_setup):
+    """Same definitions in predict_results.json and eval/ground_eval.py --images (the shared scoring code), head
+    failures included."""
+    _, data = predict_setup
+    run = runs[kind]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "eval" / "ground_eval.py"), "--family", FAMILY,
+         "--predictions", str(run.output_dir / "generated_predictions.jsonl"), "--images", str(data / "rows.jsonl")],
+        capture_output=True, text=True, check=False, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO / "plugin"), "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    evaluated = json.loads(proc.stdout)
+    compared = [k.removeprefix("predict_") for k in run.results if k.removeprefix("predict_") in evaluated]
+    assert {"miou", "acc@0.5", "detect_miou", "head_miou", "head_failures", "pred_out_of_range"} <= set(compared)
+    for key in compared:
+        assert evaluated[key] == pytest.approx(run.results[f"predict_{key}"], abs=1e-9), key
+
+
+def test_one_failing_row_loses_only_its_head_boxes(runs):
+    clean, failing = runs["clean"], runs["failing"]
+    assert [r["predict"] for r in failing.rows] == [r["predict"] for r in clean.rows]  # the run completed
+    assert failing.rows[FAILING_ROW]["predict_boxes_head"] == []
+    assert failing.rows[FAILING_ROW]["bbox_head_failed"] is True
+    assert not any("bbox_head_failed" in r for r in clean.rows)
+    for i, (a, b) in enumerate(zip(clean.rows, failing.rows)):
+        if i == FAILING_ROW:
+            continue
+        assert "bbox_head_failed" not in b and len(a["predict_boxes_head"]) == len(b["predict_boxes_head"])
+        for box_a, box_b in zip(a["predict_boxes_head"], b["predict_boxes_head"]):
+            # run alone instead of in the batch: the same positions and mask, so the same boxes up to float noise
+            torch.testing.assert_close(torch.tensor(box_b["xyxy_model"]), torch.tensor(box_a["xyxy_model"]),
+                                       atol=1e-4, rtol=0)  # fmt: skip
+            assert max(abs(x - y) for x, y in zip(box_a["xyxy_1000"], box_b["xyxy_1000"])) <= 1
+    assert len({json.dumps(r["predict_boxes_head"]) for r in clean.rows[:3]}) == 3  # the head's boxes differ per row
+
+    assert failing.results["predict_head_failures"] == 1
+    # the failed row scores 0 in the head keys, as a row whose answer has no box
+    assert failing.results["predict_head_n"] == 2 and clean.results["predict_miou"] == failing.results["predict_miou"]
+    assert any(f"no head boxes for row {FAILING_ROW} (counting from 0)" in line for line in failing.log), failing.log
