@@ -93,9 +93,12 @@ def test_train_then_predict_then_ground_eval(trained, tmp_path):
     for key in ("acc@0.5", "acc@0.75", "miou"):
         assert 0.0 <= results[f"predict_{key}"] <= 1.0
 
-    # One prediction per val row, in order; each label is that row's boxes in the family's text.
+    # One prediction per val row, in order, naming its row and image; each label is that row's boxes in the family's
+    # text.
     predictions = read_jsonl(predict_dir / "generated_predictions.jsonl")
     assert len(predictions) == len(val_rows)
+    assert [p["row"] for p in predictions] == list(range(len(val_rows)))
+    assert [Path(p["image"]) for p in predictions] == [run.data / row["images"][0] for row in val_rows]
     view = model_view_oracle(run)
     for row, prediction in zip(val_rows, predictions):
         label = parse_answer(prediction["label"])
@@ -103,11 +106,11 @@ def test_train_then_predict_then_ground_eval(trained, tmp_path):
         assert label.refs == [obj["ref"] for obj in row["objects"]], prediction["label"]
         assert isinstance(prediction["predict"], str)
 
-    # The eval CLI scores the same file the same way the predict stage did.
+    # The eval CLI scores the same file the same way the predict stage did: against the dataset's float boxes.
     args = [sys.executable, str(GROUND_EVAL), "--predictions", str(predict_dir / "generated_predictions.jsonl"),
-            "--out", "m.json", "--family", run.family]  # fmt: skip
+            "--out", "m.json", "--family", run.family, "--images", str(run.data / "ground_val.jsonl")]  # fmt: skip
     if run.family == "qwen2_5_vl":  # model-view pixels: drawing them needs the processor
-        args += ["--model", str(run.model), "--visualize", "vis", "--images", str(run.data / "ground_val.jsonl")]
+        args += ["--model", str(run.model), "--visualize", "vis"]
     run_cli(args, tmp_path)
     metrics = json.loads((tmp_path / "m.json").read_text())
     for key in ("n", "acc@0.5", "miou", "parse_failures"):

@@ -1,9 +1,11 @@
-"""Predict with the bbox head, in process, through ``run_grounding_sft`` with only ``generate`` replaced by fixed
-answers (so the boxes scored are known): predict's metrics score against the dataset's float boxes (not the label text
-rounded to the family's grid), exactly as ``eval/ground_eval.py --images`` does, and one row whose head forward pass
-fails loses only its own head boxes.
+"""Predict with and without the bbox head, in process, through ``run_grounding_sft`` with only ``generate`` replaced
+by fixed answers (so the boxes scored are known): predict's metrics score against the dataset's float boxes (not the
+label text rounded to the family's grid), exactly as ``eval/ground_eval.py --images`` does, each row of
+generated_predictions.jsonl names its dataset row and image, and one row whose head forward pass fails loses only its
+own head boxes. Without the head, 2 processes on an uneven split write the same rows and metrics as 1.
 
-Oracle: torchvision's ``box_iou`` on boxes computed by hand from the dataset file and the fixed answers."""
+Oracle: torchvision's ``box_iou`` on boxes computed by hand from the dataset file and the fixed answers; the dataset
+file for rows and images; the 1-process run for 2 processes."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import GROUND_TEMPLATE, REPO, read_jsonl, train_config
+from conftest import GROUND_TEMPLATE, REPO, read_jsonl, run_cli, train_config, write_yaml
 from llamafactory_vision.grounding.bbox_head import DEFAULT_LAYERS, BBoxHead, BBoxHeadConfig, save_head
 from PIL import Image
 from torchvision.ops import box_iou
@@ -108,21 +110,23 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def predict(model_dir: Path, data: Path, output_dir: Path, fail_row: bool) -> PredictRun:
-    """``run_grounding_sft`` on the predict config; ``generate`` answers :data:`ANSWERS` (row i of the one batch gets
-    answer i) and, with ``fail_row``, the model's forward pass raises for any batch holding :data:`FAILING_ROW`'s
-    answer (as transformers does for image tokens that do not match the image features)."""
+def predict(model_dir: Path, data: Path, output_dir: Path, fail_row: bool, head: bool = True) -> PredictRun:
+    """``run_grounding_sft`` on the predict config (``bbox_head: head``); ``generate`` answers :data:`ANSWERS` (row i
+    of the one batch gets answer i) and, with ``fail_row``, the model's forward pass raises for any batch holding
+    :data:`FAILING_ROW`'s answer (as transformers does for image tokens that do not match the image features)."""
     from llamafactory.hparams import get_train_args
     from llamafactory_vision.grounding import workflow
 
     config = train_config(
         model_dir, data, output_dir, GROUND_TEMPLATE[FAMILY], do_train=False, do_predict=True,
         predict_with_generate=True, eval_dataset="ground_float", per_device_eval_batch_size=len(ANSWERS),
-        max_new_tokens=64, bbox_head=True, overwrite_cache=True,
+        max_new_tokens=64, bbox_head=head, overwrite_cache=True,
     )  # fmt: skip
     del config["dataset"]
 
-    class FixedAnswers(workflow.GroundingTrainer):
+    trainer_name = "GroundingTrainer" if head else "GroundingPredictTrainer"
+
+    class FixedAnswers(getattr(workflow, trainer_name)):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             tokenizer, model = self.processing_class, self.model
@@ -150,7 +154,7 @@ def predict(model_dir: Path, data: Path, output_dir: Path, fail_row: bool) -> Pr
     vision_logger.addHandler(handler)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(workflow, "GroundingTrainer", FixedAnswers)
+            patch.setattr(workflow, trainer_name, FixedAnswers)
             args = get_train_args({k: str(v) if isinstance(v, Path) else v for k, v in config.items()})
             workflow.run_grounding_sft(*args)
     finally:
@@ -163,7 +167,10 @@ def predict(model_dir: Path, data: Path, output_dir: Path, fail_row: bool) -> Pr
 def runs(predict_setup, tmp_path_factory) -> dict[str, PredictRun]:
     model_dir, data = predict_setup
     root = tmp_path_factory.mktemp("predict_runs")
-    return {kind: predict(model_dir, data, root / kind, kind == "failing") for kind in ("clean", "failing")}
+    return {
+        kind: predict(model_dir, data, root / kind, kind == "failing", head=kind != "no_head")
+        for kind in ("clean", "failing", "no_head")
+    }
 
 
 def test_predict_metrics_score_against_the_dataset_float_boxes(runs):
@@ -187,7 +194,28 @@ def test_predict_metrics_score_against_the_dataset_float_boxes(runs):
     assert all(len(r["predict_boxes_head"]) == (1 if i < 3 else 0) for i, r in enumerate(runs["clean"].rows))
 
 
-@pytest.mark.parametrize("kind", ["clean", "failing"])
+def test_predict_without_the_head_scores_the_float_boxes_and_names_rows(runs, predict_setup):
+    """The common case (no head): the same scores as with the head from the same answers, against the float boxes,
+    and each row names its dataset row and image."""
+    _, data = predict_setup
+    m, rows = runs["no_head"].results, runs["no_head"].rows
+    rec = [tv_iou(ANSWERS_1000[i], REC_BOXES[i]) for i in range(2)]
+    assert rec[0] < 0.96  # the rounded label text would score row 0 exactly 1.0
+    assert (m["predict_rows"], m["predict_n"], m["predict_detect_rows"], m["predict_reg_rows"]) == (4, 2, 1, 1)
+    assert m["predict_miou"] == pytest.approx(sum(rec) / 2, abs=1e-9)
+    assert m["predict_acc@0.5"] == sum(v >= 0.5 for v in rec) / 2
+    assert m["predict_acc@0.75"] == sum(v >= 0.75 for v in rec) / 2
+    assert m["predict_detect_miou"] == pytest.approx(tv_iou(ANSWERS_1000[2], DETECT_BOXES[0]) / 2, abs=1e-9)
+    assert m["predict_reg_match"] == 1.0 and m["predict_parse_failures"] == 0
+    assert not any(key.startswith("predict_head_") for key in m), m  # no head, no head keys
+    assert [r["row"] for r in rows] == [0, 1, 2, 3]
+    assert all(Path(r["image"]) == (data / "w.png") for r in rows)
+    assert not any("predict_boxes_head" in r or "bbox_head_failed" in r for r in rows)
+    assert [r["predict"] for r in rows] == [r["predict"] for r in runs["clean"].rows]
+    assert [r["label"] for r in rows] == [r["label"] for r in runs["clean"].rows]
+
+
+@pytest.mark.parametrize("kind", ["clean", "failing", "no_head"])
 def test_ground_eval_with_the_dataset_gives_the_same_metrics(kind, runs, predict_setup):
     """Same definitions in predict_results.json and eval/ground_eval.py --images (the shared scoring code), head
     failures included."""
@@ -202,7 +230,10 @@ def test_ground_eval_with_the_dataset_gives_the_same_metrics(kind, runs, predict
     assert proc.returncode == 0, proc.stderr
     evaluated = json.loads(proc.stdout)
     compared = [k.removeprefix("predict_") for k in run.results if k.removeprefix("predict_") in evaluated]
-    assert {"miou", "acc@0.5", "detect_miou", "head_miou", "head_failures", "pred_out_of_range"} <= set(compared)
+    expected = {"miou", "acc@0.5", "detect_miou", "pred_out_of_range"}
+    if kind != "no_head":
+        expected |= {"head_miou", "head_failures"}
+    assert expected <= set(compared)
     for key in compared:
         assert evaluated[key] == pytest.approx(run.results[f"predict_{key}"], abs=1e-9), key
 
@@ -228,3 +259,51 @@ def test_one_failing_row_loses_only_its_head_boxes(runs):
     # the failed row scores 0 in the head keys, as a row whose answer has no box
     assert failing.results["predict_head_n"] == 2 and clean.results["predict_miou"] == failing.results["predict_miou"]
     assert any(f"no head boxes for row {FAILING_ROW} (counting from 0)" in line for line in failing.log), failing.log
+
+
+# Five rows, distinct images and phrases, 2 per batch: 3 batches, so with 2 processes the sampler repeats a batch to
+# give the second process as many as the first.
+UNEVEN_SIZES = [(200, 100), (100, 200), (160, 160), (120, 90), (90, 120)]
+
+
+@pytest.mark.e2e
+def test_two_process_predict_without_the_head_equals_one(tiny_models, tmp_path):
+    """``llamafactory-cli train`` predict, no head, on the tiny Qwen2-VL (greedy): 2 processes on an uneven split
+    write the same generated_predictions.jsonl rows (row, image, prompt, predict, label) and the same metrics as 1
+    process, and row i is dataset row i (its image and phrase)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i, (w, h) in enumerate(UNEVEN_SIZES):
+        Image.new("RGB", (w, h), (40 * i, 100, 200 - 30 * i)).save(data / f"img{i}.png")
+        box = [w * 0.1 + i * 0.37, h * 0.2 + 0.13, w * 0.6 - 0.21, h * 0.9 - i * 0.11]
+        rows.append({"images": [f"img{i}.png"], "objects": [{"ref": f"thing{i}", "bbox": box}], "task": "rec"})
+    (data / "uneven.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (data / "dataset_info.json").write_text(
+        json.dumps({"uneven": {"file_name": "uneven.jsonl", "formatting": "grounding"}})
+    )
+
+    outputs = {}
+    for procs in ("1", "2"):
+        config = train_config(
+            tiny_models[FAMILY], data, tmp_path / procs, GROUND_TEMPLATE[FAMILY], do_train=False, do_predict=True,
+            predict_with_generate=True, eval_dataset="uneven", per_device_eval_batch_size=2, max_new_tokens=12,
+            do_sample=False, ddp_timeout=120,
+        )  # fmt: skip
+        del config["dataset"]
+        env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"} if procs == "2" else {}
+        run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / f"predict{procs}.yaml", config))], tmp_path,
+                **env)  # fmt: skip
+        outputs[procs] = (
+            read_jsonl(tmp_path / procs / "generated_predictions.jsonl"),
+            json.loads((tmp_path / procs / "predict_results.json").read_text()),
+        )
+    (rows1, results1), (rows2, results2) = outputs["1"], outputs["2"]
+    assert [r["row"] for r in rows1] == list(range(len(rows)))
+    assert [Path(r["image"]).name for r in rows1] == [f"img{i}.png" for i in range(len(rows))]
+    assert all(f"thing{i}" in r["prompt"] for i, r in enumerate(rows1))
+    assert rows2 == rows1
+    assert results1["predict_rows"] == len(rows)
+    for key, value in results1.items():
+        if not any(timing in key for timing in ("runtime", "per_second", "preparation_time")):
+            assert results2[key] == value, key

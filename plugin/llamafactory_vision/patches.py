@@ -125,8 +125,9 @@ def wrap_align_dataset(loader: ModuleType) -> None:
 def select_dataset_processor(loader: ModuleType) -> None:
     """``data.loader._get_dataset_processor``: the bbox head needs box targets beside the tokens, which the host's
     supervised processor drops. Our workflow asks ``get_dataset`` for stage ``BBOX_STAGE`` and gets our processor
-    (for generation, the host's prompt-only one plus the dataset's label boxes, which predict scores against); every
-    other stage reaches the host's choice. ``stage: edit`` gets the edit processor (target image columns). With
+    (for generation, the host's prompt-only one plus the dataset's label boxes, which predict scores against); without
+    the head it asks for ``ROWS_STAGE``: the host's SFT processors, except that generation gets the label boxes too.
+    Every other stage reaches the host's choice. ``stage: edit`` gets the edit processor (target image columns). With
     ``grounding_fast_tokenize`` a grounding template's processor gets a copy of the template whose plugin counts image
     tokens from headers (the shared template is untouched)."""
     head_data = _ours("llamafactory_vision.grounding.head_data")
@@ -141,12 +142,14 @@ def select_dataset_processor(loader: ModuleType) -> None:
                 template=template, tokenizer=tokenizer, processor=processor, data_args=data_args
             )
         template = with_fast_tokenize(template, getattr(data_args, "grounding_fast_tokenize", False))
-        if stage != head_data.BBOX_STAGE:
+        if stage not in (head_data.BBOX_STAGE, head_data.ROWS_STAGE):
             return host_get(data_args, stage, template, tokenizer, processor, do_generate)
         if do_generate:  # prompts only, as the host's; plus the label boxes predict scores against
             return head_data.GroundingGenerationDatasetProcessor(
                 template=template, tokenizer=tokenizer, processor=processor, data_args=data_args
             )
+        if stage == head_data.ROWS_STAGE:
+            return host_get(data_args, "sft", template, tokenizer, processor, do_generate)
         return head_data.GroundingBBoxDatasetProcessor(
             template=template, tokenizer=tokenizer, processor=processor, data_args=data_args
         )

@@ -32,6 +32,9 @@ from llamafactory_vision.grounding.markers import marker_objects
 
 BBOX_COLUMNS = ("bbox_spans", "bbox_targets", "bbox_cut")
 BBOX_STAGE = "sft_bbox_head"  # the `stage` our workflow passes to the host's get_dataset (see patches.py)
+# The `stage` of a grounding run without the head: the host's SFT processors, and for generation
+# GroundingGenerationDatasetProcessor (the label boxes predict scores against).
+ROWS_STAGE = "sft_grounding_rows"
 
 
 @dataclass

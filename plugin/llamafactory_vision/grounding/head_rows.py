@@ -42,7 +42,7 @@ class PredictRow:
 
     Attributes:
         row: index in the evaluation dataset, from 0; -1 when unknown.
-        head: the head's boxes; ``None`` when the head failed for this row.
+        head: the head's boxes; ``None`` when the head failed for this row; empty in a run without the head.
         model_size: ``(width, height)`` in pixels of the image as the model sees it.
         label: the dataset's float label boxes, ``xyxy`` in ``[0, 1]`` of the image; ``None`` when not known.
     """

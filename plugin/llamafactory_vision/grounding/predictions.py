@@ -21,7 +21,7 @@ def read_predictions(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int]
     """``(row index, object)`` for every line that is a JSON object with string ``predict`` and ``label``.
 
     Returns those rows and the number of other non-blank lines. The row index is the object's ``row`` (the dataset
-    row our trainer records with the bbox head), else the line number counting every line (blank ones included), so
+    row our predict trainer records), else the line number counting every line (blank ones included), so
     it stays aligned with the dataset rows the predictions came from.
     """
     rows, bad = [], 0

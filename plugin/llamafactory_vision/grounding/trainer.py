@@ -4,18 +4,16 @@ Total loss = LM loss + ``bbox_loss_weight`` * (``bbox_l1_weight`` * L1 + ``bbox_
 boxes of the batch (DETR weighting), normalised like the LM loss in every path the host takes (see
 :meth:`GroundingTrainer._head_term`). ``lm_loss`` (the LM term as the host's ``loss`` averages it), ``bbox_l1`` and
 ``bbox_giou`` (means over the boxes seen since the last log) are logged beside ``loss``, from sums reduced across
-processes. With the head off this class is never used: the workflow builds the host's trainer.
+processes. Predict rows carry their dataset index and label boxes as without the head (predict_trainer.py), plus the
+head's boxes. With the head off this class is never used.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from dataclasses import dataclass
 
 import torch
-from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from safetensors.torch import load_file
 from typing_extensions import override
 
@@ -30,15 +28,8 @@ from llamafactory_vision.grounding.bbox_head import (
 )
 from llamafactory_vision.grounding.formats import RELATIVE_SCALE
 from llamafactory_vision.grounding.head_data import BBOX_COLUMNS
-from llamafactory_vision.grounding.head_rows import (
-    LABEL_BOXES_COLUMN,
-    ROW_COLUMN,
-    HeadBox,
-    PredictRow,
-    first_occurrences,
-    pack_head_rows,
-    unpack_head_rows,
-)
+from llamafactory_vision.grounding.head_rows import HeadBox, PredictRow
+from llamafactory_vision.grounding.predict_trainer import GroundingPredictTrainer
 from llamafactory_vision.log import get_logger
 from llamafactory_vision.zero3 import gathered_state_dict
 
@@ -81,9 +72,8 @@ def bbox_head_loss(
     return {**terms, "boxes": torch.tensor(len(rows), device=pred.device)}
 
 
-class GroundingTrainer(CustomSeq2SeqTrainer):
+class GroundingTrainer(GroundingPredictTrainer):
     def __init__(self, *args, bbox_loss: BBoxLossConfig, box_pattern: str, **kwargs):
-        self.mm_processor = kwargs["processor"]
         super().__init__(*args, **kwargs)
         self.bbox_loss = bbox_loss
         self.box_pattern = box_pattern
@@ -231,25 +221,9 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
 
     @override
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-        """With generation, the predictions are ``(generated tokens, packed rows)`` (see head_rows.py): the host's
-        loop gathers both alike, so each row's head boxes, index, model-view size and dataset label boxes stay with
-        its text."""
-        row_ids, label_boxes = inputs.get(ROW_COLUMN), inputs.get(LABEL_BOXES_COLUMN)
-        inputs = {k: v for k, v in inputs.items() if k not in (ROW_COLUMN, LABEL_BOXES_COLUMN)}
         if self.args.predict_with_generate:  # generation takes prompts only; the eval loss keeps the box targets
             inputs = {k: v for k, v in inputs.items() if k not in BBOX_COLUMNS}
-        loss, generated, labels = super().prediction_step(
-            model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
-        )
-        if generated is not None and self.args.predict_with_generate:
-            size = generated.size(0)
-            # a dataset built without the workflow's columns: rows in loader order, scored on the label text
-            row_ids = row_ids.tolist() if row_ids is not None else [-1] * size
-            labels_of = _label_boxes(label_boxes) if label_boxes is not None else [None] * size
-            heads = self._head_boxes(model, inputs, generated, row_ids)
-            rows = [PredictRow(*values) for values in zip(row_ids, heads, self._model_sizes(inputs), labels_of)]
-            generated = (generated, pack_head_rows(rows).to(generated.device))
-        return loss, generated, labels
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
 
     def _generated_for_head(self, new_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Generated tokens as the head's forward pass reads them, and their attention mask: padding and any vision
@@ -261,25 +235,6 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         keep = (new_tokens != pad) & ~torch.isin(new_tokens, torch.tensor(vision_ids, device=new_tokens.device))
         return torch.where(keep, new_tokens, pad), keep.long()
 
-    def _image_ranges(self, input_ids: torch.Tensor) -> list[range]:
-        """Per row of the batch, the indices of its images in ``image_grid_thw`` (each image is one run of image
-        tokens in the prompt; images are listed row by row)."""
-        image = input_ids == self.accelerator.unwrap_model(self.model).config.image_token_id
-        starts = image & ~torch.nn.functional.pad(image[:, :-1], (1, 0), value=False)
-        ranges, first = [], 0
-        for count in starts.sum(dim=1).tolist():
-            ranges.append(range(first, first + count))
-            first += count
-        return ranges
-
-    def _model_sizes(self, inputs) -> list[tuple[int, int]]:
-        """Per row, ``(width, height)`` in pixels of its (first) image as the model sees it; ``(0, 0)`` without one."""
-        grid, patch = inputs["image_grid_thw"], self.mm_processor.image_processor.patch_size
-        return [
-            (int(grid[r[0], 2]) * patch, int(grid[r[0], 1]) * patch) if r else (0, 0)
-            for r in self._image_ranges(inputs["input_ids"])
-        ]
-
     def _row_inputs(self, inputs, row: int, images: range) -> dict[str, torch.Tensor]:
         """The batch inputs of one row (its left padding kept, so positions are unchanged) and of its images."""
         out = {k: v[row : row + 1] for k, v in inputs.items() if k in _PER_ROW_INPUTS}
@@ -289,6 +244,10 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         out["pixel_values"] = inputs["pixel_values"][start : start + sum(patches[images.start : images.stop])]
         out["image_grid_thw"] = grid[images.start : images.stop]
         return out
+
+    @override
+    def _generated_head_boxes(self, model, inputs, generated, row_ids) -> list[list[HeadBox] | None]:
+        return self._head_boxes(model, inputs, generated, row_ids)
 
     @torch.no_grad()
     def _head_boxes(self, model, inputs, generated, row_ids=None) -> list[list[HeadBox] | None]:
@@ -350,32 +309,8 @@ class GroundingTrainer(CustomSeq2SeqTrainer):
         return rows
 
     @override
-    def save_predictions(self, dataset, predict_results, skip_special_tokens=True) -> None:
-        """The host's ``generated_predictions.jsonl``, each row then given its dataset ``row`` index (from 0), its
-        ``image`` and ``predict_boxes_head``, all gathered with its generated text; a row for which the head could not
-        run has no head boxes and ``bbox_head_failed: true``."""
-        tokens, packed = predict_results.predictions
-        predicted = unpack_head_rows(packed)
-        keep = first_occurrences([r.row for r in predicted])  # the sampler's repeats (to even out processes) go
-        kept_rows = [predicted[i] for i in keep]
-        kept = predict_results._replace(predictions=tokens[keep], label_ids=predict_results.label_ids[keep])
-        super().save_predictions(dataset, kept, skip_special_tokens)
-        if not self.is_world_process_zero():
-            return
-        images = dataset["images"] if "images" in dataset.column_names else [None] * len(dataset)
-        path = os.path.join(self.args.output_dir, "generated_predictions.jsonl")
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f]
-        with open(path, "w", encoding="utf-8") as f:
-            for row, predicted in zip(rows, kept_rows, strict=True):
-                row_id = predicted.row
-                image = images[row_id][0] if row_id >= 0 and images[row_id] else None
-                traced = {"row": row_id, "image": image, **row, "predict_boxes_head": predicted.head or []}
-                if predicted.head is None:  # the head could not run for this row (logged at predict)
-                    traced["bbox_head_failed"] = True
-                f.write(json.dumps(traced, ensure_ascii=False) + "\n")
-
-
-def _label_boxes(boxes: torch.Tensor) -> list[list[tuple[float, float, float, float]]]:
-    """``Float64Tensor[B, M, 4]`` NaN-padded label boxes (see ``GroundingBBoxCollator``) -> per row its boxes."""
-    return [[tuple(box) for box in row.tolist() if not any(math.isnan(v) for v in box)] for row in boxes.cpu()]
+    def _traced_fields(self, predicted: PredictRow) -> dict:
+        """``predict_boxes_head``; a row for which the head could not run has none and ``bbox_head_failed: true``."""
+        if predicted.head is None:  # the head could not run for this row (logged at predict)
+            return {"predict_boxes_head": [], "bbox_head_failed": True}
+        return {"predict_boxes_head": predicted.head}

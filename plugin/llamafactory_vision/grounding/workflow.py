@@ -1,8 +1,10 @@
 """SFT with a grounding template: the host's SFT workflow, with IoU metrics and the optional bbox head.
 
 Mirrors ``llamafactory.train.sft.workflow.run_sft`` step for step (the host offers no seam to change its metric,
-collator or trainer); what differs is marked ``# grounding:``. With ``bbox_head: false`` the dataset, collator and
-trainer are the host's own, so training is exactly the host's.
+collator or trainer); what differs is marked ``# grounding:``. With ``bbox_head: false`` training is exactly the
+host's (its dataset processor, collator and loss); generation (``predict_with_generate``) goes through
+``GroundingPredictTrainer``, so that each generated row carries its dataset row index and label boxes, with or without
+the head.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from transformers import EvalPrediction
 
 from llamafactory_vision.grounding.bbox_head import attach_head
 from llamafactory_vision.grounding.formats import get_codec
-from llamafactory_vision.grounding.head_data import BBOX_COLUMNS, BBOX_STAGE, GroundingBBoxCollator
+from llamafactory_vision.grounding.head_data import BBOX_COLUMNS, BBOX_STAGE, ROWS_STAGE, GroundingBBoxCollator
 from llamafactory_vision.grounding.head_rows import ROW_COLUMN, first_occurrences, unpack_head_rows
 from llamafactory_vision.grounding.metrics import GroundingMetricAccumulator, head_boxes_for_family
+from llamafactory_vision.grounding.predict_trainer import GroundingPredictTrainer
 from llamafactory_vision.grounding.predictions import NORMALIZED_BOUNDS, normalize_row_boxes, score_normalized_row
 from llamafactory_vision.grounding.templates import get_grounding_spec
 from llamafactory_vision.grounding.trainer import BBoxLossConfig, GroundingTrainer
@@ -59,18 +62,21 @@ class ComputeGroundingMetrics:
 
     Box metrics are computed one of two ways:
 
-    - ``predict_rows`` (the bbox head's trainer): the predictions are ``(tokens, packed rows)`` from
-      ``GroundingTrainer.prediction_step``, gathered with the tokens (see head_rows.py). Each row is scored as
-      ``eval/ground_eval.py --images`` scores it (``predictions.score_normalized_row``): boxes in ``[0, 1]`` of the
-      image, against the dataset's float label boxes (not the label text rounded to the family's grid), with the
-      head's boxes, and ``head_failures`` for rows the head could not run for.
-    - otherwise: on the decoded texts alone, label boxes read from the label text, in the family's coordinates.
+    - ``predict_rows`` (what the workflow uses, with or without the head): the predictions are
+      ``(tokens, packed rows)`` from ``GroundingPredictTrainer.prediction_step``, gathered with the tokens (see
+      head_rows.py). Each row is scored as ``eval/ground_eval.py --images`` scores it
+      (``predictions.score_normalized_row``): boxes in ``[0, 1]`` of the image, against the dataset's float label
+      boxes (not the label text rounded to the family's grid); with ``head``, also the head's boxes, and
+      ``head_failures`` for rows the head could not run for.
+    - otherwise (a caller with token ids only): on the decoded texts alone, label boxes read from the label text, in
+      the family's coordinates.
     """
 
     tokenizer: object
     family: str
     decoding: dict[str, float | int] = field(default_factory=dict)
     predict_rows: bool = False
+    head: bool = False  # the rows carry bbox head boxes (``predict_rows`` only)
     similarity: ComputeSimilarity = field(init=False)
     boxes: GroundingMetricAccumulator = field(init=False)
     _seen_rows: set[int] = field(init=False, default_factory=set)
@@ -100,9 +106,10 @@ class ComputeGroundingMetrics:
         else:
             codec = get_codec(self.family)
             for pred, label, row in zip(preds, labels, rows, strict=True):
-                head = None if row.head is None else head_boxes_for_family(row.head, self.family)
+                head_failed = self.head and row.head is None
+                head = head_boxes_for_family(row.head, self.family) if self.head and not head_failed else None
                 boxes = normalize_row_boxes(pred, label, codec, row.model_size, row.label, head)
-                self.boxes.add(score_normalized_row(pred, label, boxes, head_failed=row.head is None))
+                self.boxes.add(score_normalized_row(pred, label, boxes, head_failed=head_failed))
         text_scores = self.similarity(eval_preds, compute_result=compute_result)
         if compute_result:
             self._seen_rows.clear()
@@ -128,7 +135,7 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
     tokenizer = tokenizer_module["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     head_on = finetuning_args.bbox_head
-    stage = BBOX_STAGE if head_on else "sft"  # grounding: the head's processor keeps box targets
+    stage = BBOX_STAGE if head_on else ROWS_STAGE  # grounding: box targets (head), label boxes (generation)
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage=stage, **tokenizer_module)
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
     family = get_grounding_spec(data_args.template).box_family
@@ -146,8 +153,6 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
         if training_args.do_train:
             _check_box_columns(dataset_module["train_dataset"], data_args)
         _report_cut_boxes(dataset_module)
-        if training_args.predict_with_generate:  # each generated row carries its index through the gather
-            dataset_module["eval_dataset"] = _with_row_index(dataset_module.get("eval_dataset"))
         trainer_class, collator_class = GroundingTrainer, GroundingBBoxCollator
         trainer_extra = dict(
             bbox_loss=BBoxLossConfig(
@@ -158,6 +163,10 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
             ),
             box_pattern=get_codec(family).box_pattern,
         )
+    elif training_args.predict_with_generate:  # grounding: generated rows carry their index and label boxes
+        trainer_class, collator_class = GroundingPredictTrainer, GroundingBBoxCollator
+    if training_args.predict_with_generate:  # each generated row carries its index through the gather
+        dataset_module["eval_dataset"] = _with_row_index(dataset_module.get("eval_dataset"))
 
     data_collator = collator_class(
         template=template,
@@ -180,7 +189,7 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
 
     if training_args.predict_with_generate:
         # grounding: IoU metrics
-        metric_module["compute_metrics"] = ComputeGroundingMetrics(tokenizer, family, predict_rows=head_on)
+        metric_module["compute_metrics"] = ComputeGroundingMetrics(tokenizer, family, predict_rows=True, head=head_on)
     elif finetuning_args.compute_accuracy:
         metric_module["compute_metrics"] = ComputeAccuracy()
         metric_module["preprocess_logits_for_metrics"] = eval_logit_processor
