@@ -32,7 +32,7 @@ demo: $(STAMP)
 
 # Two workers, each test file on one of them (module fixtures such as a training run are built once)
 test: $(STAMP) browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 clean:
 	rm -rf out .pytest_cache
