@@ -54,7 +54,6 @@ def test_missing_key_is_an_error(tmp_path: Path) -> None:
 def test_derived_template_copies_its_base_with_its_own_plugin_and_refuses_a_taken_name():
     from llamafactory.data.mm_plugin import get_mm_plugin
     from llamafactory.data.template import TEMPLATES
-
     from llamafactory_vision.template_specs import add_derived_template
 
     templates = dict(TEMPLATES)
