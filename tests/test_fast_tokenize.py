@@ -4,12 +4,15 @@ family."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 from conftest import GROUND_TEMPLATE, QWEN_FAMILIES
 from llamafactory.data.mm_plugin import Qwen2VLPlugin, Qwen3VLPlugin
+from llamafactory_vision.grounding.head_data import BBOX_STAGE, ROWS_STAGE
 
 
 def _tokenize(model_dir, data_dir, out, template: str, fast: bool):
@@ -126,3 +129,141 @@ def test_header_sizes_are_read_once_per_file_version(tmp_path):
             assert plugin.original_size(f) == (50, 40)
         assert plugin.original_size(path.read_bytes()) == (50, 40)
         assert opened.call_count == 4
+
+
+# --- image-token runs written as ids (ImageRunEncoding) ---------------------------------------------------------------
+
+_VISION = {"start": "<|vision_start|>", "end": "<|vision_end|>", "pad": "<|image_pad|>"}
+
+
+@pytest.fixture(scope="module")
+def mixed_data(varied_data, tmp_path_factory) -> Path:
+    """The varied grounding set plus sharegpt rows with several images, several turns and image placeholders glued to
+    text (``multi``), the same rows as preference pairs (``multi_rank``), and a row whose text holds literal image
+    tokens; images are the varied set's."""
+    root = tmp_path_factory.mktemp("mixed")
+    (root / "images").symlink_to(varied_data / "images")
+    for name in ("ground_train.jsonl", "ground_val.jsonl"):
+        (root / name).symlink_to(varied_data / name)
+    images = sorted(f"images/{p.name}" for p in (varied_data / "images").iterdir())
+    rows = []
+    for i in range(8):
+        picked = [images[(5 * i + k) % len(images)] for k in range(3)]
+        messages = [
+            {"role": "user", "content": f"Compare<image>and<image>: which is {'larger' if i % 2 else 'brighter'}?"},
+            {"role": "assistant", "content": f"The first one, by {i} shades."},
+            {"role": "user", "content": "<image>\nAnd this one?" if i % 3 else "And this one? <image>"},
+            {"role": "assistant", "content": "It is smaller than both." * (1 + i % 3)},
+        ]
+        rows.append({"messages": messages, "images": picked})
+    literal = f"text with {_VISION['pad']}{_VISION['pad']} literal tokens {_VISION['pad']}<image>end"
+    rows.append({"messages": [{"role": "user", "content": literal}, {"role": "assistant", "content": "ok"}],
+                 "images": images[:1]})  # fmt: skip
+    (root / "multi.json").write_text(json.dumps(rows))
+    ranked = [
+        {"messages": row["messages"][:-1], "chosen": row["messages"][-1],
+         "rejected": {"role": "assistant", "content": "I cannot tell."}, "images": row["images"]}
+        for row in rows
+    ]  # fmt: skip
+    (root / "multi_rank.json").write_text(json.dumps(ranked))
+    info = json.loads((varied_data / "dataset_info.json").read_text())
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+    info["multi"] = {"file_name": "multi.json", "formatting": "sharegpt", "tags": tags,
+                     "columns": {"messages": "messages", "images": "images"}}  # fmt: skip
+    info["multi_rank"] = {"file_name": "multi_rank.json", "formatting": "sharegpt", "ranking": True, "tags": tags,
+                          "columns": {"messages": "messages", "chosen": "chosen", "rejected": "rejected",
+                                      "images": "images"}}  # fmt: skip
+    (root / "dataset_info.json").write_text(json.dumps(info))
+    return root
+
+
+def _prepared(model_dir, data_dir, out, template: str, fast: bool, stage: str, **args):
+    """The host's ``get_dataset`` for ``stage`` (train split, or the eval split where ``do_predict``)."""
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    config = {
+        "model_name_or_path": str(model_dir), "stage": "rm" if stage == "rm" else "sft", "finetuning_type": "lora",
+        "dataset_dir": str(data_dir), "template": template, "output_dir": str(out), "overwrite_output_dir": True,
+        "overwrite_cache": True, "report_to": "none", "grounding_fast_tokenize": fast, **args,
+    }  # fmt: skip
+    model_args, data_args, training_args, _, _ = get_train_args(config)
+    tokenizer_module = load_tokenizer(model_args)
+    template_obj = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    module = get_dataset(template_obj, model_args, data_args, training_args, stage=stage, **tokenizer_module)
+    return tokenizer_module["tokenizer"], module["eval_dataset" if args.get("do_predict") else "train_dataset"]
+
+
+def _cut_rows(tokenizer, dataset, cutoff_len: int) -> tuple[int, int]:
+    """(rows cut inside an image's tokens, rows cut after a whole image) among rows of exactly ``cutoff_len`` ids."""
+    start, end = (tokenizer.convert_tokens_to_ids(_VISION[k]) for k in ("start", "end"))
+    inside = after = 0
+    for row in dataset:
+        ids = row["input_ids"]
+        if len(ids) != cutoff_len or start not in ids:
+            continue
+        last_start = len(ids) - 1 - ids[::-1].index(start)
+        if end not in ids[last_start:]:
+            inside += 1
+        else:
+            after += 1
+    return inside, after
+
+
+# (stage, dataset arguments): the host's SFT processor (as our workflow asks for it without the head), ours for the
+# head, ours and the host's for generation (prompts only), the host's pairwise processor.
+_STAGES = {
+    "sft rows": (ROWS_STAGE, {"do_train": True, "dataset": "synth_ground_train,multi", "cutoff_len": 96}),
+    "sft bbox head": (BBOX_STAGE, {"do_train": True, "dataset": "synth_ground_train", "cutoff_len": 96,
+                                   "bbox_head": True}),
+    "predict rows": (ROWS_STAGE, {"do_predict": True, "predict_with_generate": True,
+                                  "eval_dataset": "synth_ground_val,multi", "cutoff_len": 96}),
+    "predict host": ("sft", {"do_predict": True, "predict_with_generate": True, "eval_dataset": "multi",
+                             "cutoff_len": 96}),
+    "pairwise": ("rm", {"do_train": True, "dataset": "multi_rank", "cutoff_len": 96}),
+    "sft no cut, multi-turn history masked": (ROWS_STAGE, {"do_train": True, "dataset": "synth_ground_train,multi",
+                                                           "cutoff_len": 4096, "mask_history": True}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_image_runs_as_ids_give_identical_datasets(family, tiny_models, mixed_data, tmp_path):
+    """Every column of every row (input_ids, labels, attention_mask, images, our box / label-box columns, pairwise
+    chosen/rejected) equals the host's path (``grounding_fast_tokenize: false``, which tokenizes the expanded image
+    tokens as text), for each processor a grounding template reaches, with ``cutoff_len`` cutting rows inside and
+    after an image, multi-image and multi-turn rows."""
+    cut_inside = cut_after = 0
+    for name, (stage, args) in _STAGES.items():
+        tokenizer, slow = _prepared(tiny_models[family], mixed_data, tmp_path / "s", GROUND_TEMPLATE[family], False,
+                                    stage, **args)  # fmt: skip
+        _, fast = _prepared(tiny_models[family], mixed_data, tmp_path / "f", GROUND_TEMPLATE[family], True, stage, **args)
+        assert fast.column_names == slow.column_names, name
+        assert len(fast) == len(slow) > 0, name
+        for i in range(len(slow)):
+            assert fast[i] == slow[i], f"{name}, row {i}"
+        if "cutoff_len" in args and args["cutoff_len"] < 4096 and stage != "rm":
+            inside, after = _cut_rows(tokenizer, slow, args["cutoff_len"])
+            cut_inside, cut_after = cut_inside + inside, cut_after + after
+    # The cutoff must reach both cases the expansion has to get right: a cut through an image's run, and a cut after.
+    assert cut_inside > 0 and cut_after > 0, (cut_inside, cut_after)
+
+
+def test_image_runs_fall_back_where_the_image_token_is_not_atomic(tiny_models):
+    """With ``split_special_tokens`` the tokenizer spells ``<|image_pad|>`` out as text: the fast template must then
+    encode exactly as the host's template does (oracle), not insert one id per image token."""
+    from llamafactory.data.template import TEMPLATES
+    from llamafactory_vision.grounding.plugin import with_fast_tokenize
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen2_vl"], split_special_tokens=True)
+    host = TEMPLATES["qwen2_vl_ground"]
+    fast = with_fast_tokenize(host, True)
+    pad = _VISION["pad"]
+    messages = [
+        {"role": "user", "content": f"{_VISION['start']}{pad * 7}{_VISION['end']}where?{pad * 3}"},
+        {"role": "assistant", "content": "there"},
+    ]
+    expected = host.encode_multiturn(tokenizer, messages)
+    assert fast.encode_multiturn(tokenizer, messages) == expected
+    assert tokenizer.convert_tokens_to_ids(pad) not in expected[0][0]  # spelt out, so the fallback was needed

@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from llamafactory_vision.boxes import model_view_size
 from llamafactory_vision.grounding.formats import get_codec
+from llamafactory_vision.grounding.image_runs import image_run_template_class
 from llamafactory_vision.grounding.markers import has_markers, render_markers
 
 
@@ -125,10 +126,13 @@ GROUNDING_PLUGINS = {
 
 
 def with_fast_tokenize(template, enabled: bool):
-    """``template`` itself, or (``enabled`` and a grounding plugin) a copy whose plugin copy has ``fast_tokenize``.
+    """``template`` itself, or (``enabled`` and a grounding plugin) a copy whose plugin copy has ``fast_tokenize`` and
+    whose class writes image-token runs as ids (:class:`~llamafactory_vision.grounding.image_runs.ImageRunEncoding`).
 
     A copy, not a flag on the registered template: run settings stay out of the host's global ``TEMPLATES``.
     """
     if not enabled or not isinstance(template.mm_plugin, GroundingPluginMixin):
         return template
-    return dataclasses.replace(template, mm_plugin=dataclasses.replace(template.mm_plugin, fast_tokenize=True))
+    fields = {field.name: getattr(template, field.name) for field in dataclasses.fields(template) if field.init}
+    fields["mm_plugin"] = dataclasses.replace(template.mm_plugin, fast_tokenize=True)
+    return image_run_template_class(type(template))(**fields)
