@@ -267,3 +267,31 @@ def test_image_runs_fall_back_where_the_image_token_is_not_atomic(tiny_models):
     expected = host.encode_multiturn(tokenizer, messages)
     assert fast.encode_multiturn(tokenizer, messages) == expected
     assert tokenizer.convert_tokens_to_ids(pad) not in expected[0][0]  # spelt out, so the fallback was needed
+
+
+def test_the_converter_hands_its_header_read_to_tokenization(tmp_path):
+    """The converter opens every image to verify it; the plugin's size look-ups then read no header again, unless the
+    file changed since (oracle: PIL opening the file)."""
+    import os
+
+    from llamafactory_vision.grounding import plugin
+    from llamafactory_vision.grounding.data import GroundingDatasetConverter
+    from llamafactory_vision.grounding.dataset_attr import GroundingDatasetAttr
+    from llamafactory_vision.hparams import VisionDataArguments
+    from PIL import Image
+
+    path = tmp_path / "scene.png"
+    Image.new("RGB", (64, 48)).save(path)
+    attr = GroundingDatasetAttr("file", dataset_name="rows.jsonl")
+    attr.join({"file_name": "rows.jsonl", "formatting": "grounding", "columns": {}})
+    converter = GroundingDatasetConverter(attr, VisionDataArguments(template="qwen2_vl_ground", dataset_dir=str(tmp_path)))
+    row = {"images": ["scene.png"], "objects": [{"ref": "a thing", "bbox": [1, 2, 30, 40]}]}
+    with mock.patch.object(plugin.Image, "open", wraps=Image.open) as opened:
+        (image,) = converter(row, 0)["_images"]
+        assert opened.call_count == 1  # the converter's own open (header + verify)
+        assert plugin.original_size(image) == (64, 48)
+        assert opened.call_count == 1
+        Image.new("RGB", (20, 10)).save(path)
+        os.utime(path, ns=(1, 1))
+        assert plugin.original_size(image) == (20, 10)  # another version of the file: read afresh
+        assert opened.call_count == 2

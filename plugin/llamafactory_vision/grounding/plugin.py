@@ -32,7 +32,7 @@ from llamafactory_vision.grounding.markers import has_markers, render_markers
 
 def original_size(image) -> tuple[int, int]:
     """(width, height) of an image input as LLaMA-Factory accepts it (path, bytes, {"path"|"bytes"} or PIL),
-    read from the header only (once per file version: see :func:`_file_header_size`)."""
+    read from the header only (once per file version: see :func:`file_header_size`)."""
     if isinstance(image, Image.Image):
         return image.size
     if isinstance(image, dict):
@@ -40,23 +40,45 @@ def original_size(image) -> tuple[int, int]:
     if isinstance(image, bytes):
         image = BytesIO(image)
     if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        stat = os.stat(path)
-        return _file_header_size(path, stat.st_mtime_ns, stat.st_size)
+        return file_header_size(os.fspath(image))
     with Image.open(image) as opened:  # a file object
         return opened.size
 
 
-@functools.lru_cache(maxsize=65536)
-def _file_header_size(path: str, mtime_ns: int, file_size: int) -> tuple[int, int]:
-    """(width, height) from the header of the file at ``path`` as it was at ``(mtime_ns, file_size)``.
+FileVersion = tuple[str, int, int]  # (path, mtime in ns, size in bytes)
+_HEADER_SIZES: dict[FileVersion, tuple[int, int]] = {}
+_HEADER_SIZES_KEPT = 65536
 
-    Tokenizing one grounding row asks for its image's size twice (box rendering in ``process_messages``, then the
-    token grid in ``_get_mm_token_metadata``), and every epoch of a cached dataset again; a header read costs far more
-    than the ``os.stat`` that keys this memo, and a file rewritten since has another key, so it is read afresh.
+
+def file_version(path: str) -> FileVersion:
+    """The key of :func:`file_header_size`'s memo for the file at ``path`` as it is now."""
+    stat = os.stat(path)
+    return path, stat.st_mtime_ns, stat.st_size
+
+
+def file_header_size(path: str) -> tuple[int, int]:
+    """(width, height) from the header of the file at ``path``, read once per file version.
+
+    Preparing one grounding row asks for its image's size three times (the converter's check, box rendering in
+    ``process_messages``, the token grid in ``_get_mm_token_metadata``), and every epoch of a cached dataset again; a
+    header read costs far more than the ``os.stat`` that keys this memo, and a file rewritten since has another key,
+    so it is read afresh.
     """
-    with Image.open(path) as opened:
-        return opened.size
+    version = file_version(path)
+    size = _HEADER_SIZES.get(version)
+    if size is None:
+        with Image.open(path) as opened:
+            size = opened.size
+        remember_header_size(version, size)
+    return size
+
+
+def remember_header_size(version: FileVersion, size: tuple[int, int]) -> None:
+    """Record ``size``, read from the header of the file at ``version`` by a caller that opened it anyway (the
+    converter, which verifies every image); the oldest entry goes once the memo holds ``_HEADER_SIZES_KEPT``."""
+    if len(_HEADER_SIZES) >= _HEADER_SIZES_KEPT:
+        del _HEADER_SIZES[next(iter(_HEADER_SIZES))]
+    _HEADER_SIZES[version] = size
 
 
 def image_grid_thw(images: list, processor) -> torch.Tensor:
