@@ -96,12 +96,19 @@ def test_fast_tokenize_gives_identical_tokens_labels_and_batches(family, tiny_mo
 
 
 def test_fast_tokenize_leaves_the_registered_template_alone():
+    import dataclasses
+
     from llamafactory.data.template import TEMPLATES
+    from llamafactory_vision.grounding.image_runs import ImageRunEncoding
     from llamafactory_vision.grounding.plugin import with_fast_tokenize
 
     registered = TEMPLATES["qwen2_vl_ground"]
     fast = with_fast_tokenize(registered, True)
     assert fast.mm_plugin.fast_tokenize and not registered.mm_plugin.fast_tokenize
+    # the copy's class adds the image-run encoding; the registered template and its host class keep theirs
+    assert isinstance(fast, type(registered)) and isinstance(fast, ImageRunEncoding)
+    assert not isinstance(registered, ImageRunEncoding)
+    assert dataclasses.asdict(fast) == dataclasses.asdict(dataclasses.replace(registered, mm_plugin=fast.mm_plugin))
     assert with_fast_tokenize(registered, False) is registered
     assert with_fast_tokenize(TEMPLATES["qwen2_vl"], True) is TEMPLATES["qwen2_vl"]  # stock templates: untouched
 

@@ -8,7 +8,8 @@ Fast tokenization (``grounding_fast_tokenize``): to expand ``<image>`` the host 
 but gets it by decoding, resizing and patchifying every image (``Qwen2VLPlugin._get_mm_token_metadata`` ->
 ``_get_mm_inputs``), and the collator does all of it again for the batch. The grid follows from the header size by
 the same arithmetic (:func:`llamafactory_vision.boxes.model_view_size`, proven equal to the host pipeline in
-tests/test_resize.py), so the fast plugin reads headers only. The collator still decodes the images it batches.
+tests/test_resize.py), so the fast plugin reads headers only. The collator still decodes the images it batches. The
+fast template copy also writes each image's run of image tokens as ids instead of tokenizing it (see image_runs.py).
 """
 
 from __future__ import annotations
