@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import subprocess
@@ -243,6 +244,47 @@ def test_missing_images_folder_or_file_is_an_error(tmp_path: Path, imgs: str) ->
     (Path(imgs) / "b.jpg").unlink()
     with pytest.raises(ValueError, match=r"images\[1\]\.file_name: image file '.*b\.jpg' not found"):
         convert_coco(instances, imgs, tmp_path / "x.jsonl")
+
+
+def _truncated_png_header() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (100, 50)).save(out, format="PNG")
+    return out.getvalue()[:20]  # cut inside IHDR
+
+
+def _jpeg_without_sof() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (100, 50)).save(out, format="JPEG")
+    data = out.getvalue()
+    return data[: data.index(b"\xff\xc0")] + b"\xff\xda\x00\x02"  # tables, then a scan without a frame header
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (lambda: b"", "cannot identify image file"),
+        (_truncated_png_header, "Truncated File Read"),
+        (_jpeg_without_sof, "cannot identify image file"),
+    ],
+    ids=["zero-byte", "truncated-png-header", "jpeg-without-sof"],
+)
+def test_unreadable_image_is_an_error_naming_the_record(tmp_path: Path, imgs: str, content, message: str) -> None:
+    (Path(imgs) / "b.jpg").write_bytes(content())
+    instances = _write(tmp_path / "instances.json", INSTANCES)
+    pattern = rf"instances\.json: images\[1\]\.file_name: cannot read image '.*b\.jpg': .*{message}"
+    with pytest.raises(ValueError, match=pattern):
+        convert_coco(instances, imgs, tmp_path / "x.jsonl")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_a_png_named_jpg_is_read_as_the_png_it_is(tmp_path: Path, imgs: str) -> None:
+    Image.new("RGB", (100, 50)).save(Path(imgs) / "b.jpg", format="PNG")
+    instances = _write(tmp_path / "instances.json", INSTANCES)
+    assert convert_coco(instances, imgs, tmp_path / "x.jsonl").rows == 3
+    data = json.loads(json.dumps(INSTANCES))
+    data["images"][1]["height"] = 60
+    with pytest.raises(ValueError, match=r"images\[1\]\.width/height: the JSON gives 100x60 but .* is 100x50"):
+        convert_coco(_write(tmp_path / "instances.json", data), imgs, tmp_path / "x.jsonl")
 
 
 def test_written_paths_resolve_from_the_output_folder_as_dataset_dir(tmp_path: Path, imgs: str, monkeypatch) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from .image_header import header_size
+
 _REQUIRED = object()  # default of `Record.get` for a field that must be present
 
 
@@ -68,12 +70,17 @@ def load_json(path: Path) -> Any:
 
 
 def open_image(rec: Record, field: str, file: Path) -> tuple[int, int]:
-    """Open ``file`` (header only) for the record's ``field``; returns its ``(width, height)``.
+    """Open ``file`` (header only) for the record's ``field``; returns its ``(width, height)``, as PIL's
+    ``Image.open(file).size``: read by :func:`~llamafactory_vision.image_header.header_size` for well-formed PNG
+    and JPEG headers, by PIL for everything else (other formats, and every file PIL would refuse or warn about).
 
     Raises:
         RecordError: naming the record and field, reason ``missing_image`` or ``corrupt_image``.
     """
     try:
+        size = header_size(file)
+        if size is not None:
+            return size
         with Image.open(file) as image:
             return image.size
     except FileNotFoundError as err:
