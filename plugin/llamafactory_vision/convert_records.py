@@ -95,8 +95,12 @@ def relative_path(file: Path, out_jsonl: str | Path) -> str:
 
 
 def write_rows(out_jsonl: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    write_lines(out_jsonl, [json.dumps(row, ensure_ascii=False) + "\n" for row in rows])
+
+
+def write_lines(out_jsonl: str | Path, lines: Sequence[str]) -> None:
+    """Write jsonl ``lines`` (each ending in a newline) to ``out_jsonl``, creating its folder; UTF-8."""
     out = Path(out_jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(lines)
