@@ -48,6 +48,8 @@ class Record:
                 return default
             raise self.error(field, "missing field")
         value = self.record[field]
+        if type(value) is kind:  # the common case, decided without the isinstance and bool checks below
+            return value
         if not isinstance(value, kind) or isinstance(value, bool) and bool not in _as_tuple(kind):
             raise self.error(field, f"expected {_kind_name(kind)}, got {type(value).__name__} {value!r}")
         return value
