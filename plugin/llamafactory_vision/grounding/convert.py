@@ -172,11 +172,12 @@ def _row_line(image: str, objects: list[tuple[str, list[float]]], task: str) -> 
 
     Args:
         image (str): the image path, already a JSON string (:func:`_json_string`).
-        objects (list[tuple[str, list[float]]]): ``(ref as a JSON string, box)`` per object; the box holds Python
-            ints and finite floats (as loaded from JSON or computed), which JSON writes as their ``repr``.
+        objects (list[tuple[str, list[float]]]): ``(ref as a JSON string, box)`` per object; the box is a list of
+            Python ints and finite floats (as loaded from JSON or computed), whose ``repr`` is its JSON: each number
+            written as its ``repr``, separated by ``", "``.
         task (str): ``detect`` or ``rec`` (no character JSON escapes).
     """
-    written = ", ".join(f'{{"ref": {ref}, "bbox": [{", ".join(map(repr, box))}]}}' for ref, box in objects)
+    written = ", ".join(f'{{"ref": {ref}, "bbox": {box!r}}}' for ref, box in objects)
     return f'{{"images": [{image}], "objects": [{written}], "bbox_format": "xywh", "task": "{task}"}}\n'
 
 
