@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..boxes import to_xyxy
-from ..convert_records import Record, load_json, open_image, relative_path, write_rows
+from ..convert_records import Record, load_json, open_image, relative_path, write_lines
 
 PICKLE_SUFFIXES = (".p", ".pkl", ".pickle")
 
@@ -160,6 +160,27 @@ def _xywh_box(rec: Record, image: _Image) -> tuple[list[float] | None, bool]:
     return list(rec.record["bbox"]), clipped  # kept exactly as written
 
 
+def _json_string(text: str) -> str:
+    """``text`` as a JSON string, as ``json.dumps(..., ensure_ascii=False)`` writes it inside a row."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _row_line(image: str, objects: list[tuple[str, list[float]]], task: str) -> str:
+    """One jsonl line: exactly ``json.dumps(row, ensure_ascii=False) + "\\n"`` of the row
+    ``{"images": [path], "objects": [{"ref": ref, "bbox": box}, ...], "bbox_format": "xywh", "task": task}``,
+    written without building the row (a third of the conversion time went to ``json.dumps``).
+
+    Args:
+        image (str): the image path, already a JSON string (:func:`_json_string`).
+        objects (list[tuple[str, list[float]]]): ``(ref as a JSON string, box)`` per object; the box is a list of
+            Python ints and finite floats (as loaded from JSON or computed), whose ``repr`` is its JSON: each number
+            written as its ``repr``, separated by ``", "``.
+        task (str): ``detect`` or ``rec`` (no character JSON escapes).
+    """
+    written = ", ".join(f'{{"ref": {ref}, "bbox": {box!r}}}' for ref, box in objects)
+    return f'{{"images": [{image}], "objects": [{written}], "bbox_format": "xywh", "task": "{task}"}}\n'
+
+
 def convert_coco(
     instances_json: str | Path, images_dir: str, out_jsonl: str | Path, rescale_to_file: bool = False
 ) -> ConvertStats:
@@ -206,21 +227,19 @@ def convert_coco(
             continue
         grouped.setdefault(image_id, {}).setdefault(category_id, []).append(box)
 
-    rows = [
-        {
-            "images": [images[image_id].path],
-            "objects": [{"ref": categories[category_id], "bbox": box} for box in boxes],
-            "bbox_format": "xywh",
-            "task": "detect",
-        }
-        for image_id in images.records
-        for category_id, boxes in grouped.get(image_id, {}).items()
-    ]
-    write_rows(out_jsonl, rows)
+    refs = {category_id: _json_string(name) for category_id, name in categories.items()}
+    lines, objects = [], 0
+    for image_id in images.records:
+        if image_id in grouped:
+            image = _json_string(images[image_id].path)
+            for category_id, boxes in grouped[image_id].items():
+                lines.append(_row_line(image, [(refs[category_id], box) for box in boxes], "detect"))
+                objects += len(boxes)
+    write_lines(out_jsonl, lines)
     return ConvertStats(
-        rows=len(rows),
+        rows=len(lines),
         images=len(grouped),
-        objects=sum(len(row["objects"]) for row in rows),
+        objects=objects,
         skipped_crowd=crowd,
         skipped_degenerate=degenerate,
         clipped=clipped,
@@ -300,7 +319,7 @@ def convert_refcoco(
             raise ValueError(f"split={split!r}: {refs_file} has no ref of that split; splits present: {splits}")
         refs = [ref for ref in refs if ref.get("split", str) == split]
 
-    rows: list[dict[str, Any]] = []
+    lines: list[str] = []
     image_paths: set[str] = set()
     degenerate = clipped = empty = 0
     for ref in refs:
@@ -323,20 +342,13 @@ def convert_refcoco(
             if not text:
                 empty += 1
                 continue
-            rows.append(
-                {
-                    "images": [images[image_id].path],
-                    "objects": [{"ref": text, "bbox": box}],
-                    "bbox_format": "xywh",
-                    "task": "rec",
-                }
-            )
+            lines.append(_row_line(_json_string(images[image_id].path), [(_json_string(text), box)], "rec"))
             image_paths.add(images[image_id].path)
-    write_rows(out_jsonl, rows)
+    write_lines(out_jsonl, lines)
     return ConvertStats(
-        rows=len(rows),
+        rows=len(lines),
         images=len(image_paths),
-        objects=len(rows),
+        objects=len(lines),
         skipped_degenerate=degenerate,
         clipped=clipped,
         skipped_empty_sentences=empty,
