@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -140,6 +141,29 @@ def test_pickled_refs_need_the_flag(tmp_path: Path, imgs: str) -> None:
         convert_refcoco(disguised, instances, imgs, tmp_path / "x.jsonl")
     stats = convert_refcoco(refs, instances, imgs, tmp_path / "x.jsonl", split="train", allow_pickle=True)
     assert stats.rows == 1 and _rows(tmp_path / "x.jsonl")[0]["objects"][0]["ref"] == "man in red"
+    # protocol 0, as the original Python 2 files: loads the same
+    protocol0 = tmp_path / "refs0.p"
+    protocol0.write_bytes(pickle.dumps(REFS, protocol=0))
+    assert convert_refcoco(protocol0, instances, imgs, tmp_path / "y.jsonl", split="train", allow_pickle=True).rows == 1
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_before_it_runs(
+    tmp_path: Path, imgs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even with the flag: a pickle naming any global (here ``os.system``, the classic exploit) is refused while
+    loading, before the call is built, and nothing runs."""
+    instances = _write(tmp_path / "instances.json", INSTANCES)
+    refs = tmp_path / "refs(unc).p"
+    refs.write_bytes(pickle.dumps([_RunsCode()], protocol=2))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"refs\(unc\)\.p: the pickle names `(posix|os)\.system`"):
+        convert_refcoco(refs, instances, imgs, tmp_path / "x.jsonl", allow_pickle=True)
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "x.jsonl").exists()
 
 
 @pytest.mark.parametrize(

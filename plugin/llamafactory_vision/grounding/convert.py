@@ -38,6 +38,17 @@ from ..convert_records import Record, load_json, open_image, relative_path, writ
 PICKLE_SUFFIXES = (".p", ".pkl", ".pickle")
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles only lists, dicts, tuples, strings and numbers: any class, function or other global a pickle names
+    (the only way a pickle runs code) is refused. The RefCOCO refs files hold nothing else."""
+
+    def find_class(self, module: str, name: str):
+        raise ValueError(
+            f"the pickle names `{module}.{name}`: only plain data (lists, dicts, strings, numbers) is loaded from a "
+            "refs pickle; convert the file to JSON"
+        )
+
+
 @dataclass(frozen=True)
 class ConvertStats:
     """What a conversion wrote and skipped.
@@ -65,8 +76,8 @@ class ConvertStats:
 
 
 def _records(path: Path, data: Any, key: str) -> list[Record]:
-    if not isinstance(data, dict) or not isinstance(data.get(key), list):
-        raise ValueError(f"{path}: expected a COCO instances object with a list under {key!r}")
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):  # the file's content: a ValueError
+        raise ValueError(f"{path}: expected a COCO instances object with a list under {key!r}")  # noqa: TRY004
     return [Record(path, f"{key}[{i}]", record) for i, record in enumerate(data[key])]
 
 
@@ -248,11 +259,12 @@ def convert_coco(
 
 
 def load_refs(refs_path: str | Path, allow_pickle: bool = False) -> list[Any]:
-    """Load RefCOCO refs: a JSON list, or the original ``refs(unc).p`` pickle when ``allow_pickle`` is True.
+    """Load RefCOCO refs: a JSON list, or the original ``refs(unc).p`` pickle when ``allow_pickle`` is True (plain
+    data only: a pickle naming any class or function is refused before it is built, so loading runs no code).
 
     Raises:
-        ValueError: for a pickle without ``allow_pickle`` (unpickling can run arbitrary code), for invalid JSON,
-            or when the content is not a list.
+        ValueError: for a pickle without ``allow_pickle``, a pickle holding anything but plain data, invalid JSON,
+            or content that is not a list.
     """
     path = Path(refs_path)
     with path.open("rb") as f:
@@ -261,17 +273,20 @@ def load_refs(refs_path: str | Path, allow_pickle: bool = False) -> list[Any]:
     looks_pickled = path.suffix.lower() in PICKLE_SUFFIXES or head[:1] == b"\x80" or head == b"(l"
     if looks_pickled and not allow_pickle:
         raise ValueError(
-            f"{path} is a pickle file; loading a pickle can run arbitrary code, so it is refused by default. "
-            "If you trust the file, pass allow_pickle=True (command line: --allow-pickle), or convert it to JSON."
+            f"{path} is a pickle file, refused by default. Pass allow_pickle=True (command line: --allow-pickle) to "
+            "load its plain data (lists, dicts, strings, numbers; nothing that runs code), or convert it to JSON."
         )
     if looks_pickled:
         with path.open("rb") as f:
             # The refs pickles were written by Python 2: latin1 decodes any Python 2 byte string.
-            refs = pickle.load(f, encoding="latin1")
+            try:
+                refs = _PlainDataUnpickler(f, encoding="latin1").load()
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from error
     else:
         refs = load_json(path)
-    if not isinstance(refs, list):
-        raise ValueError(f"{path}: expected a list of refs, got {type(refs).__name__}")
+    if not isinstance(refs, list):  # the file's content, not the caller's argument: a ValueError
+        raise ValueError(f"{path}: expected a list of refs, got {type(refs).__name__}")  # noqa: TRY004
     return refs
 
 
@@ -295,7 +310,7 @@ def convert_refcoco(
         out_jsonl (str | Path): output file (parents created, overwritten); image paths are written relative to
             its folder.
         split (str | None): keep only refs of this split (``train``, ``val``, ``testA``, ...). Default: all.
-        allow_pickle (bool): allow loading a pickled refs file. Default False.
+        allow_pickle (bool): load a pickled refs file (plain data only). Default False.
         rescale_to_file (bool): scale the boxes of an image whose JSON size differs from its file, instead of
             failing. Default False.
 
@@ -397,7 +412,7 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     refcoco.add_argument("--rescale-to-file", action="store_true", help=RESCALE_HELP)
     refcoco.add_argument("--split", default=None, help="keep one split only, e.g. val, testA, testB")
     refcoco.add_argument(
-        "--allow-pickle", action="store_true", help="allow a pickled refs file (only for files you trust)"
+        "--allow-pickle", action="store_true", help="load a pickled refs file (plain data only: one naming any class or function is refused)"
     )
     refcoco.set_defaults(func=run_convert)
     add_edit_convert_parsers(sources)
