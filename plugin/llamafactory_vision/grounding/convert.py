@@ -412,7 +412,9 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     refcoco.add_argument("--rescale-to-file", action="store_true", help=RESCALE_HELP)
     refcoco.add_argument("--split", default=None, help="keep one split only, e.g. val, testA, testB")
     refcoco.add_argument(
-        "--allow-pickle", action="store_true", help="load a pickled refs file (plain data only: one naming any class or function is refused)"
+        "--allow-pickle",
+        action="store_true",
+        help="load a pickled refs file (plain data only: one naming any class or function is refused)",
     )
     refcoco.set_defaults(func=run_convert)
     add_edit_convert_parsers(sources)
