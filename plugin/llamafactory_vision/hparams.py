@@ -155,6 +155,7 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
     from llamafactory_vision.fusion.args import validate_mg_args
     from llamafactory_vision.grounding.host_paths import validate_host_path
     from llamafactory_vision.grounding.image_cache import validate_image_cache
+    from llamafactory_vision.grounding.liger import validate_liger
     from llamafactory_vision.grounding.templates import get_grounding_spec
     from llamafactory_vision.strokes.templates import get_stroke_spec
 
@@ -176,7 +177,11 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
         if data_args.train_on_prompt:
             raise ValueError("`bbox_head: true` does not support `train_on_prompt` (boxes in prompts are not targets).")
         if data_args.packing or data_args.neat_packing:
-            raise ValueError("`bbox_head: true` does not support `packing`/`neat_packing` (box positions per row).")
+            raise ValueError(
+                "`bbox_head: true` does not support `packing`/`neat_packing`: the head's box targets are token "
+                "positions within each row (`bbox_spans`), which the host's packing does not carry. Set `packing: "
+                "false` and `neat_packing: false`, or train without the head (grounding text packs correctly)."
+            )
         if finetuning_args.use_asft_loss:
             raise ValueError(
                 "`bbox_head: true` does not support `use_asft_loss: true` (the host's ASFT loss returns no hidden "
@@ -191,6 +196,7 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
                 f"{' or '.join(spec.model_types)}, but {model_args.model_name_or_path!r} is {model_type!r}. "
                 f"Use the grounding template of that model family instead."
             )
+        validate_liger(model_args, finetuning_args, model_type)
     stroke_spec = get_stroke_spec(data_args.template)
     if stroke_spec is not None and model_args.model_name_or_path is not None:
         model_type = _model_type(model_args)
