@@ -216,20 +216,32 @@ def test_the_cache_is_refused_where_it_cannot_serve(tiny_models, varied_data, tm
 
 
 def test_training_with_the_cache_gives_the_same_losses(tiny_models, demo_data, tmp_path):
-    """Two epochs through `llamafactory-cli train`: the same loss at every step with the cache on and off, and the
-    second epoch served from the cache (the count the workflow logs)."""
+    """Two epochs through `llamafactory-cli train`: the same loss at every step with the cache on and off, the second
+    epoch served from the cache (the count the workflow logs), and 2 processes with the cache (each its own) equal to
+    1 on the same global batch (batch 1 x 2 accumulation steps = 2 processes x batch 1; plain SGD, so that float noise
+    is not amplified as Adam's first step does)."""
+    settings = {"max_steps": -1, "num_train_epochs": 2, "disable_shuffling": True, "per_device_train_batch_size": 1,
+                "optim": "sgd", "learning_rate": 1.0}  # fmt: skip
+    runs = {"off": (False, "1"), "on": (True, "1"), "on_2proc": (True, "2")}
     losses, logs = {}, {}
-    for cache in (False, True):
-        out = tmp_path / f"cache_{cache}"
+    for name, (cache, procs) in runs.items():
+        out = tmp_path / name
         config = train_config(
-            tiny_models["qwen2_vl"], demo_data, out, "qwen2_vl_ground",
-            max_steps=-1, num_train_epochs=2, grounding_image_cache=cache,
+            tiny_models["qwen2_vl"], demo_data, out, "qwen2_vl_ground", grounding_image_cache=cache,
+            gradient_accumulation_steps=1 if procs == "2" else 2, **settings,
         )  # fmt: skip
-        result = run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / f"{cache}.yaml", config))], tmp_path)
-        losses[cache] = [entry["loss"] for entry in read_jsonl(out / "trainer_log.jsonl") if "loss" in entry]
-        logs[cache] = result.stdout + result.stderr
-    assert len(losses[True]) >= 4 and losses[True] == losses[False]
-    assert "grounding_image_cache:" not in logs[False]
-    line = next(line for line in logs[True].splitlines() if "grounding_image_cache:" in line)
+        env = {}
+        if procs == "2":
+            config["ddp_backend"] = "gloo"
+            env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
+        result = run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / f"{name}.yaml", config))], tmp_path,
+                         **env)  # fmt: skip
+        losses[name] = [entry["loss"] for entry in read_jsonl(out / "trainer_log.jsonl") if "loss" in entry]
+        logs[name] = result.stdout + result.stderr
+    assert len(losses["on"]) >= 4 and losses["on"] == losses["off"]
+    assert losses["on_2proc"] == pytest.approx(losses["on"], rel=1e-5)
+    assert "world size: 2" in logs["on_2proc"]
+    assert "grounding_image_cache:" not in logs["off"]
+    line = next(line for line in logs["on"].splitlines() if "grounding_image_cache:" in line)
     hits, misses = (int(line.split(f" {word}")[0].split()[-1]) for word in ("hits", "misses"))
     assert misses > 0 and hits >= misses  # every image of the first epoch is served again in the second
