@@ -168,12 +168,19 @@ def test_the_byte_limit_evicts_the_least_recently_used(tiny_models, tmp_path):
 
     plugin, processor = _host_plugin_and_processor(tiny_models["qwen2_vl"])
     paths = [_save(tmp_path / f"{i}.png", (56, 56), (40 * i, 0, 0)) for i in range(3)]
-    one = Qwen2VLPlugin._get_mm_inputs(plugin, paths[:1], [], [], processor)
-    entry_bytes = sum(t.numel() * t.element_size() for t in one.values())  # every image here has the same shape
+    def preprocess(images):
+        return Qwen2VLPlugin._get_mm_inputs(plugin, images, [], [], processor)
+
+    one = preprocess(paths[:1])
+    probe = ImageTensorCache(1 << 40)
+    _assert_host_equal(plugin, processor, paths[:1], probe.mm_inputs(paths[:1], processor, preprocess))
+    entry_bytes = probe.nbytes  # every image here has the same shape
+    # a still image's patches hold temporal_patch_size (2) equal copies of the frame: one is kept
+    assert entry_bytes == one["pixel_values"].nbytes // 2 + one["image_grid_thw"].nbytes
     cache = ImageTensorCache(2 * entry_bytes)
 
     def load(images):
-        return cache.mm_inputs(images, processor, lambda b: Qwen2VLPlugin._get_mm_inputs(plugin, b, [], [], processor))
+        return cache.mm_inputs(images, processor, preprocess)
 
     load(paths[:2])
     load(paths[:1])  # 0 is now the most recently used
@@ -189,7 +196,7 @@ def test_the_byte_limit_evicts_the_least_recently_used(tiny_models, tmp_path):
     assert cache.nbytes <= cache.max_bytes
 
     small = ImageTensorCache(entry_bytes - 1)  # an image larger than the whole limit is never stored
-    got = small.mm_inputs(paths, processor, lambda b: Qwen2VLPlugin._get_mm_inputs(plugin, b, [], [], processor))
+    got = small.mm_inputs(paths, processor, preprocess)
     _assert_host_equal(plugin, processor, paths, got)
     assert (len(small), small.nbytes, small.counts.misses) == (0, 0, 3)
 
@@ -245,3 +252,16 @@ def test_training_with_the_cache_gives_the_same_losses(tiny_models, demo_data, t
     line = next(line for line in logs["on"].splitlines() if "grounding_image_cache:" in line)
     hits, misses = (int(line.split(f" {word}")[0].split()[-1]) for word in ("hits", "misses"))
     assert misses > 0 and hits >= misses  # every image of the first epoch is served again in the second
+
+
+def test_an_entry_keeps_one_temporal_copy_only_when_the_copies_are_equal():
+    from llamafactory_vision.grounding.image_cache import _Entry
+
+    grid = torch.tensor([[1, 2, 3]])
+    frame = torch.randn(6, 3, 1, 4 * 4)
+    tiled = frame.expand(6, 3, 2, 16).reshape(6, 3 * 2 * 16)  # (channel, temporal, patch, patch) per row
+    entry = _Entry.of(tiled, grid, temporal=2, patch=4)
+    assert entry.repeat == 2 and entry.pixels.shape == (6, 3, 1, 16) and torch.equal(entry.rows(), tiled)
+    video_like = torch.randn(6, 3 * 2 * 16)  # two different frames: kept whole
+    entry = _Entry.of(video_like, grid, temporal=2, patch=4)
+    assert entry.repeat == 1 and torch.equal(entry.rows(), video_like)

@@ -49,7 +49,8 @@ class VisionDataArguments(EditDataArguments, MGDataArguments, StrokeDataArgument
             "patchifying it again. Batches are identical; a file whose size or mtime changed is read again. The "
             "cache lives in each process: every dataloader worker holds its own (up to "
             "`grounding_image_cache_mib` each), so workers need `dataloader_persistent_workers: true` to keep it "
-            "across epochs. Off by default because it costs memory (float32 patches: ~14 MiB for a 768x768 image)."
+            "across epochs. Off by default because it costs memory (float32 patches, one frame kept: ~7 MiB for a "
+            "768x768 image)."
         },
     )
     grounding_image_cache_mib: float = field(

@@ -6,7 +6,8 @@ The host's collator decodes, resizes and patchifies every image of every batch
 rows of ``pixel_values`` and the ``image_grid_thw`` row the host's own preprocessing produced for it, and serves them
 again while the file and the settings are unchanged; the batch is the concatenation of its images' entries in order,
 which is what the image processor returns for the batch (each image is patchified on its own; proven equal with
-``torch.equal`` on the collated batches in tests/test_image_cache.py).
+``torch.equal`` on the collated batches in tests/test_image_cache.py). A still image's patches repeat the frame
+``temporal_patch_size`` times; one copy is stored (half the memory) and the rows are rebuilt exactly on use.
 
 The cache lives in one process: with ``dataloader_num_workers > 0`` each worker holds its own (up to the byte limit
 each), and only persistent workers keep it from one epoch to the next.
@@ -62,6 +63,41 @@ def file_key(image) -> tuple[str, int, int] | None:
     return path, stat.st_size, stat.st_mtime_ns
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """One image's tensors as stored. A still image's ``pixel_values`` row holds each patch as ``(channel, temporal,
+    patch, patch)`` with the frame repeated ``temporal_patch_size`` times (the processor tiles it to fill a temporal
+    patch); then only one copy is kept (``repeat`` > 1) and the rows are rebuilt on use, exactly.
+
+    pixels: FloatTensor[N, D] (``repeat`` 1) or FloatTensor[N, C, 1, P*P] (one temporal copy); grid: LongTensor[1, 3].
+    """
+
+    pixels: torch.Tensor
+    grid: torch.Tensor
+    repeat: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.pixels.numel() * self.pixels.element_size() + self.grid.numel() * self.grid.element_size()
+
+    def rows(self) -> torch.Tensor:
+        """FloatTensor[N, D]: the image's ``pixel_values`` rows as the processor returned them."""
+        if self.repeat == 1:
+            return self.pixels
+        n, channels, _, area = self.pixels.shape
+        return self.pixels.expand(n, channels, self.repeat, area).reshape(n, channels * self.repeat * area)
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, grid: torch.Tensor, temporal: int, patch: int) -> _Entry:
+        """The entry of one image's ``rows`` (FloatTensor[N, D]), with one temporal copy when all are equal."""
+        n, dim = rows.shape
+        if temporal > 1 and dim % (temporal * patch * patch) == 0:
+            frames = rows.reshape(n, dim // (temporal * patch * patch), temporal, patch * patch)
+            if torch.equal(frames, frames[:, :, :1].expand_as(frames)):
+                return cls(frames[:, :, :1].contiguous(), grid.clone(), temporal)
+        return cls(rows.clone(), grid.clone(), 1)
+
+
 class ImageTensorCache:
     """Least-recently-used cache of one process: file version + processor settings -> ``(pixel_values rows,
     image_grid_thw row)``, bounded by the bytes of the stored tensors.
@@ -77,7 +113,7 @@ class ImageTensorCache:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self.counts = CacheCounts()
-        self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -96,8 +132,10 @@ class ImageTensorCache:
             the images' entries concatenated in order (new tensors: the cache's own are never handed out).
         """
         settings = processor_settings(processor)
+        image_processor = processor.image_processor
+        layout = (getattr(image_processor, "temporal_patch_size", 1), image_processor.patch_size)
         keys = [None if (key := file_key(image)) is None else (*key, settings) for image in images]
-        found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        found: dict[int, _Entry] = {}
         todo: list[int] = []  # indices to preprocess: unkeyed images and the first image of each missing key
         first_of: dict[tuple, int] = {}
         for index, key in enumerate(keys):
@@ -115,7 +153,8 @@ class ImageTensorCache:
                 first_of[key] = index
                 todo.append(index)
         if todo:
-            for index, entry in zip(todo, _split_per_image(preprocess([images[i] for i in todo])), strict=True):
+            entries = _split_per_image(preprocess([images[i] for i in todo]), *layout)
+            for index, entry in zip(todo, entries, strict=True):
                 found[index] = entry
                 if keys[index] is not None:
                     self._store(keys[index], entry)
@@ -123,25 +162,24 @@ class ImageTensorCache:
             if index not in found:
                 found[index] = found[first_of[key]]
         return {
-            "pixel_values": torch.cat([found[i][0] for i in range(len(images))]),
-            "image_grid_thw": torch.cat([found[i][1] for i in range(len(images))]),
+            "pixel_values": torch.cat([found[i].rows() for i in range(len(images))]),
+            "image_grid_thw": torch.cat([found[i].grid for i in range(len(images))]),
         }
 
-    def _store(self, key: tuple, entry: tuple[torch.Tensor, torch.Tensor]) -> None:
-        size = sum(t.numel() * t.element_size() for t in entry)
-        if size > self.max_bytes:
+    def _store(self, key: tuple, entry: _Entry) -> None:
+        if entry.nbytes > self.max_bytes:
             return
         self._entries[key] = entry
-        self.nbytes += size
+        self.nbytes += entry.nbytes
         while self.nbytes > self.max_bytes:
-            _, (pixels, grid) = self._entries.popitem(last=False)
-            self.nbytes -= pixels.numel() * pixels.element_size() + grid.numel() * grid.element_size()
+            _, evicted = self._entries.popitem(last=False)
+            self.nbytes -= evicted.nbytes
             self.counts.evictions += 1
 
 
-def _split_per_image(mm_inputs: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Cut a Qwen-VL image batch into ``(pixel_values rows, image_grid_thw row)`` per image (own memory, so that an
-    entry does not keep its whole batch alive): image ``i`` owns ``t_i * h_i * w_i`` consecutive rows."""
+def _split_per_image(mm_inputs: dict, temporal: int, patch: int) -> list[_Entry]:
+    """Cut a Qwen-VL image batch into one :class:`_Entry` per image (own memory, so that an entry does not keep its
+    whole batch alive): image ``i`` owns ``t_i * h_i * w_i`` consecutive rows of ``pixel_values``."""
     if set(mm_inputs) != _OUTPUT_KEYS:
         raise ValueError(
             f"grounding_image_cache: the image processor returned {sorted(mm_inputs)}, but the cache only knows how to "
@@ -152,7 +190,7 @@ def _split_per_image(mm_inputs: dict) -> list[tuple[torch.Tensor, torch.Tensor]]
     rows = grid.prod(dim=-1).tolist()
     if sum(rows) != pixels.shape[0]:
         raise ValueError(f"grounding_image_cache: {pixels.shape[0]} pixel rows for image grids {grid.tolist()}.")
-    return [(p.clone(), g.clone()) for p, g in zip(pixels.split(rows), grid.split(1), strict=True)]
+    return [_Entry.of(p, g, temporal, patch) for p, g in zip(pixels.split(rows), grid.split(1), strict=True)]
 
 
 @dataclass
