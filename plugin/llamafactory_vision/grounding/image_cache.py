@@ -80,12 +80,25 @@ class _Entry:
     def nbytes(self) -> int:
         return self.pixels.numel() * self.pixels.element_size() + self.grid.numel() * self.grid.element_size()
 
-    def rows(self) -> torch.Tensor:
-        """FloatTensor[N, D]: the image's ``pixel_values`` rows as the processor returned them."""
+    @property
+    def num_rows(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def rows_width(self) -> int:
+        """D: the width of a ``pixel_values`` row (channel x temporal x patch x patch)."""
+        return self.pixels[0].numel() * self.repeat
+
+    def rows(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """FloatTensor[N, D]: the image's ``pixel_values`` rows as the processor returned them, written into ``out``
+        (FloatTensor[N, D]) when given (one copy, however they are stored)."""
         if self.repeat == 1:
-            return self.pixels
+            return self.pixels.clone() if out is None else out.copy_(self.pixels)
         n, channels, _, area = self.pixels.shape
-        return self.pixels.expand(n, channels, self.repeat, area).reshape(n, channels * self.repeat * area)
+        if out is None:
+            out = self.pixels.new_empty(n, channels * self.repeat * area)
+        out.view(n, channels, self.repeat, area).copy_(self.pixels.expand(n, channels, self.repeat, area))
+        return out
 
     @classmethod
     def of(cls, rows: torch.Tensor, grid: torch.Tensor, temporal: int, patch: int) -> _Entry:
@@ -161,10 +174,13 @@ class ImageTensorCache:
         for index, key in enumerate(keys):
             if index not in found:
                 found[index] = found[first_of[key]]
-        return {
-            "pixel_values": torch.cat([found[i].rows() for i in range(len(images))]),
-            "image_grid_thw": torch.cat([found[i].grid for i in range(len(images))]),
-        }
+        entries = [found[i] for i in range(len(images))]
+        pixels = entries[0].pixels.new_empty(sum(e.num_rows for e in entries), entries[0].rows_width)
+        start = 0
+        for entry in entries:
+            entry.rows(out=pixels[start : start + entry.num_rows])
+            start += entry.num_rows
+        return {"pixel_values": pixels, "image_grid_thw": torch.cat([e.grid for e in entries])}
 
     def _store(self, key: tuple, entry: _Entry) -> None:
         if entry.nbytes > self.max_bytes:
