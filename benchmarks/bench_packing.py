@@ -75,7 +75,7 @@ def run(work: Path, rows: int, cutoff_len: int, batch_size: int) -> dict:
         "tokens_computed_ratio_unpacked_over_packed": round(unpadded / (len(packed) * cutoff_len), 3),
     }  # fmt: skip
     if packed_real != real:
-        raise AssertionError(f"packing kept {packed_real} of {real} tokens (rows over cutoff_len are dropped)")
+        raise AssertionError(f"packing kept {packed_real} of {real} tokens (a row reached cutoff_len: raise it)")
     return figures
 
 

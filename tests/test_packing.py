@@ -62,9 +62,10 @@ def test_packed_rows_are_the_unpacked_rows_concatenated(family, neat, tiny_model
     def key(input_ids, labels, images) -> tuple:
         return tuple(input_ids), tuple(labels), tuple(images or ())
 
-    # Packing, the host cuts cutoff_len by one (data_args.__post_init__), pads every pack to it and drops (does not
-    # truncate) a longer row.
-    expected = Counter(key(r["input_ids"], r["labels"], r["images"]) for r in unpacked if len(r["input_ids"]) < CUTOFF)
+    # Packing, the host cuts cutoff_len by one (data_args.__post_init__), truncates rows to that and pads every pack
+    # to it; no row here comes near it, so no row is cut either way.
+    assert max(len(r["input_ids"]) for r in unpacked) < CUTOFF - 1
+    expected = Counter(key(r["input_ids"], r["labels"], r["images"]) for r in unpacked)
     got: Counter = Counter()
     multi = 0
     for row in packed:
