@@ -177,11 +177,12 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
             raise ValueError(f"`bbox_head: true` trains with `stage: sft`, got stage {finetuning_args.stage!r}.")
         if data_args.train_on_prompt:
             raise ValueError("`bbox_head: true` does not support `train_on_prompt` (boxes in prompts are not targets).")
-        if data_args.packing or data_args.neat_packing:
+        if data_args.packing and not data_args.neat_packing:
             raise ValueError(
-                "`bbox_head: true` does not support `packing`/`neat_packing`: the head's box targets are token "
-                "positions within each row (`bbox_spans`), which the host's packing does not carry. Set `packing: "
-                "false` and `neat_packing: false`, or train without the head (grounding text packs correctly)."
+                "`bbox_head: true` does not support `packing` without `neat_packing: true`: plain packing lets each "
+                "row attend to the rows packed before it (and continues their positions), so a box's hidden state "
+                "would depend on other rows' images. Use `neat_packing: true` (each row attends to itself only), or "
+                "`packing: false`."
             )
         if finetuning_args.use_asft_loss:
             raise ValueError(
