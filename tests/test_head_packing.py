@@ -113,13 +113,33 @@ def test_head_terms_on_a_packed_batch_equal_the_rows_alone(tiny_models, varied_d
         torch.testing.assert_close(packed[key], sum(t[key] for t in alone), rtol=1e-4, atol=1e-5)
 
 
-def test_neat_packing_trains_the_head(tiny_models, demo_data, tmp_path):
-    out = tmp_path / "out"
-    config = train_config(tiny_models["qwen2_vl"], demo_data, out, "qwen2_vl_ground", bbox_head=True,
-                          neat_packing=True, cutoff_len=1024, max_steps=3)  # fmt: skip
-    run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "packed.yaml", config))], tmp_path)
-    logged = [entry for entry in read_jsonl(out / "trainer_log.jsonl") if "loss" in entry]
-    assert logged and (out / "bbox_head.safetensors").is_file()
+def test_neat_packing_trains_the_head_and_two_processes_equal_one(tiny_models, varied_data, tmp_path):
+    """`llamafactory-cli train` with the head on packed rows, 1 process (batch 1 x 2 accumulation steps) and 2 processes
+    (batch 1 each) on the same global batch: the same losses and the same trained head (plain SGD, so that float noise
+    is not amplified as Adam's first step does)."""
+    import torch
+    from safetensors.torch import load_file
+
+    settings = {"bbox_head": True, "neat_packing": True, "cutoff_len": CUTOFF, "max_steps": -1, "num_train_epochs": 1,
+                "disable_shuffling": True, "per_device_train_batch_size": 1, "optim": "sgd", "learning_rate": 1.0,
+                "logging_steps": 1}  # fmt: skip
+    losses, heads = {}, {}
+    for procs in ("1", "2"):
+        out = tmp_path / procs
+        config = train_config(tiny_models["qwen2_vl"], varied_data, out, "qwen2_vl_ground", **settings,
+                              gradient_accumulation_steps=2 if procs == "1" else 1)  # fmt: skip
+        env = {}
+        if procs == "2":
+            config["ddp_backend"] = "gloo"
+            env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
+        run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / f"{procs}.yaml", config))], tmp_path, **env)
+        losses[procs] = [entry["loss"] for entry in read_jsonl(out / "trainer_log.jsonl") if "loss" in entry]
+        heads[procs] = load_file(str(out / "bbox_head.safetensors"))
+    assert len(losses["1"]) >= 2
+    assert losses["2"] == pytest.approx(losses["1"], rel=1e-5)
+    assert heads["1"]["bbox_fc2.weight"].abs().sum() > 0  # the head trained (its last layer starts at zero)
+    for key in heads["1"]:
+        torch.testing.assert_close(heads["2"][key], heads["1"][key], rtol=1e-4, atol=1e-6)
 
 
 def test_plain_packing_is_refused_with_the_head(tiny_models, demo_data, tmp_path):
