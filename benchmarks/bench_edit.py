@@ -1,6 +1,8 @@
 """Edit-stage throughput: one coupled training step (LLaVA-1.5 LoRA + edit head + UNet) against its two parts alone.
 
-Three timed phases on identical batches, in one process, random weights built from configs (nothing downloaded):
+Three phases on identical batches, in one process, random weights built from configs (nothing downloaded), timed
+interleaved (one step of each phase per round, the order rotating; see ``interleaved_schedule`` in
+bench_grounding.py):
 
 1. ``llm``: LLaVA-1.5 LoRA step (CE on the expressive text + [IMG] tokens; embed_tokens/lm_head trained as the host
    does after resizing the vocabulary);
@@ -22,13 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from llamafactory_vision.editing.diffusion import DiffusionParts, sample_generators
 from llamafactory_vision.editing.edit_head import EditHead
 from llamafactory_vision.editing.loss import EditLossConfig, edit_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_grounding import interleaved_schedule
 
 NUM_IMG = 8
 TEXT_TOKENS = 48  # prompt text + expressive instruction, around MGIE's lengths
@@ -111,23 +117,18 @@ def make_batch(config, img_ids, batch: int, resolution: int, device: str, dtype:
     }  # fmt: skip
 
 
-def timed(step, steps: int, warmup: int, device: str) -> tuple[float, float | None]:
-    """Median seconds per step, and peak allocated memory over the timed steps (GiB, CUDA only; all three models stay
-    resident, so a phase's peak is the resident weights and optimizer state plus its own activations)."""
-    for _ in range(warmup):
-        step()
-    if device.startswith("cuda"):
+def timed_step(step, device: str) -> tuple[float, int]:
+    """One step: wall seconds, and the peak allocated memory during it (bytes, CUDA only, else 0; all three models
+    stay resident, so this is the resident weights and optimizer state plus this step's own activations)."""
+    cuda = device.startswith("cuda")
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return statistics.median(times), peak
+    start = time.perf_counter()
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, torch.cuda.max_memory_allocated() if cuda else 0
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -136,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=None, help="UNet training side (default 256; 32 --small)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per phase (--small: 3)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each phase (--small: 1)")
+    parser.add_argument("--steps", type=int, default=9, help="timed rounds, one step of each phase a round (--small: 3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds before them (--small: 1)")
     args = parser.parse_args(argv)
     resolution = args.resolution or (32 if args.small else 256)
     if args.small:
@@ -185,11 +186,20 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    # Interleaved as bench_grounding.py: timing the phases one after the other charged leftover warm-up to the first.
+    steps = {"llm": llm_step, "unet": unet_step, "coupled": coupled_step}
+    seconds = {name: 0.0 for name in steps}
+    peaks = {name: 0 for name in steps}
+    for name, _, is_timed in interleaved_schedule(tuple(steps), args.warmup, args.steps):
+        took, peak = timed_step(steps[name], args.device)
+        if is_timed:
+            seconds[name] += took
+            peaks[name] = max(peaks[name], peak)
     phases = {}
-    for name, step in (("llm", llm_step), ("unet", unet_step), ("coupled", coupled_step)):
-        seconds, peak = timed(step, args.steps, args.warmup, args.device)
-        phases[name] = {"s_per_step": round(seconds, 4), "samples_per_s": round(args.batch_size / seconds, 2),
-                        "peak_gib": None if peak is None else round(peak, 2)}  # fmt: skip
+    for name, total in seconds.items():
+        per_step = total / args.steps
+        phases[name] = {"s_per_step": round(per_step, 4), "samples_per_s": round(args.batch_size / per_step, 2),
+                        "peak_gib": round(peaks[name] / 2**30, 2) if cuda else None}  # fmt: skip
     separate = phases["llm"]["s_per_step"] + phases["unet"]["s_per_step"]
     result = {
         "preset": "small" if args.small else "llava-1.5-7b + sd-1.5 unet", "device": args.device,

@@ -30,7 +30,7 @@ def load_rows(dataset: Path, outputs: Path, dataset_dir: Path) -> tuple[list, li
         if not out_path.is_file():
             raise FileNotFoundError(f"{dataset}, row {i}: no edited image {out_path}.")
         if not isinstance(row.get("target"), str):
-            raise ValueError(f"{dataset}, row {i}, field `target`: expected an image path, got {row.get('target')!r}.")
+            raise TypeError(f"{dataset}, row {i}, field `target`: expected an image path, got {row.get('target')!r}.")
         target_path = dataset_dir / row["target"]
         if not target_path.is_file():
             raise FileNotFoundError(f"{dataset}, row {i}, field `target`: image file not found: {target_path}.")

@@ -23,6 +23,7 @@ import pytest
 import torch
 from conftest import GROUND_TEMPLATE, REPO, read_jsonl, run_cli, train_config, write_yaml
 from llamafactory_vision.grounding.bbox_head import DEFAULT_LAYERS, BBoxHead, BBoxHeadConfig, save_head
+from llamafactory_vision.grounding.head_rows import LABEL_BOXES_COLUMN
 from PIL import Image
 from torchvision.ops import box_iou
 
@@ -110,10 +111,13 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def predict(model_dir: Path, data: Path, output_dir: Path, fail_row: bool, head: bool = True) -> PredictRun:
+def predict(
+    model_dir: Path, data: Path, output_dir: Path, fail_row: bool, head: bool = True, untraced: bool = False
+) -> PredictRun:
     """``run_grounding_sft`` on the predict config (``bbox_head: head``); ``generate`` answers :data:`ANSWERS` (row i
     of the one batch gets answer i) and, with ``fail_row``, the model's forward pass raises for any batch holding
-    :data:`FAILING_ROW`'s answer (as transformers does for image tokens that do not match the image features)."""
+    :data:`FAILING_ROW`'s answer (as transformers does for image tokens that do not match the image features). With
+    ``untraced`` the batches lack the label-box column, as a set tokenized by stock LLaMA-Factory does."""
     from llamafactory.hparams import get_train_args
     from llamafactory_vision.grounding import workflow
 
@@ -149,16 +153,23 @@ def predict(model_dir: Path, data: Path, output_dir: Path, fail_row: bool, head:
             if fail_row:
                 model.forward = failing_forward
 
+        def prediction_step(self, model, inputs, *args, **kwargs):
+            if untraced:
+                inputs = {k: v for k, v in inputs.items() if k != LABEL_BOXES_COLUMN}
+            return super().prediction_step(model, inputs, *args, **kwargs)
+
     handler = _Lines()
-    vision_logger = logging.getLogger("llamafactory.vision.grounding.trainer")
-    vision_logger.addHandler(handler)
+    loggers = [logging.getLogger(f"llamafactory.vision.grounding.{name}") for name in ("trainer", "predict_trainer")]
+    for vision_logger in loggers:
+        vision_logger.addHandler(handler)
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(workflow, trainer_name, FixedAnswers)
             args = get_train_args({k: str(v) if isinstance(v, Path) else v for k, v in config.items()})
             workflow.run_grounding_sft(*args)
     finally:
-        vision_logger.removeHandler(handler)
+        for vision_logger in loggers:
+            vision_logger.removeHandler(handler)
     results = json.loads((output_dir / "predict_results.json").read_text())
     return PredictRun(output_dir, results, read_jsonl(output_dir / "generated_predictions.jsonl"), handler.lines)
 
@@ -168,9 +179,12 @@ def runs(predict_setup, tmp_path_factory) -> dict[str, PredictRun]:
     model_dir, data = predict_setup
     root = tmp_path_factory.mktemp("predict_runs")
     return {
-        kind: predict(model_dir, data, root / kind, kind == "failing", head=kind != "no_head")
-        for kind in ("clean", "failing", "no_head")
-    }
+        kind: predict(
+            model_dir, data, root / kind, kind == "failing", head=kind not in ("no_head", "untraced"),
+            untraced=kind == "untraced",
+        )
+        for kind in ("clean", "failing", "no_head", "untraced")
+    }  # fmt: skip
 
 
 def test_predict_metrics_score_against_the_dataset_float_boxes(runs):
@@ -213,6 +227,18 @@ def test_predict_without_the_head_scores_the_float_boxes_and_names_rows(runs, pr
     assert not any("predict_boxes_head" in r or "bbox_head_failed" in r for r in rows)
     assert [r["predict"] for r in rows] == [r["predict"] for r in runs["clean"].rows]
     assert [r["label"] for r in rows] == [r["label"] for r in runs["clean"].rows]
+
+
+def test_a_set_without_the_label_box_column_is_scored_on_the_label_text_and_says_so(runs):
+    """A generation set tokenized without our columns (stock LLaMA-Factory, an old ``tokenized_path``) can only be
+    scored on its label text (boxes rounded to 0-1000): row 0 then scores exactly 1.0, and a warning says why."""
+    m, log = runs["untraced"].results, runs["untraced"].log
+    rec_text = [tv_iou(ANSWERS_1000[i], rounded_1000(REC_BOXES[i])) for i in range(2)]
+    assert m["predict_miou"] == pytest.approx(sum(rec_text) / 2, abs=1e-6)
+    assert m["predict_miou"] != pytest.approx(runs["no_head"].results["predict_miou"], abs=1e-3)
+    warnings = [line for line in log if LABEL_BOXES_COLUMN in line]
+    assert len(warnings) == 1 and "scored on the label text" in warnings[0], log
+    assert not any(LABEL_BOXES_COLUMN in line for line in runs["no_head"].log)
 
 
 @pytest.mark.parametrize("kind", ["clean", "failing", "no_head"])

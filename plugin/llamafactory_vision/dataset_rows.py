@@ -88,11 +88,11 @@ def align_with_row_checks(dataset, dataset_attr, data_args, training_args, forma
     column_names = list(first.keys())
     kwargs = {}
     if not data_args.streaming:
-        kwargs = dict(
-            num_proc=data_args.preprocessing_num_workers,
-            load_from_cache_file=(not data_args.overwrite_cache) or (training_args.local_process_index != 0),
-            desc=f"Converting {formatting} dataset",
-        )
+        kwargs = {
+            "num_proc": data_args.preprocessing_num_workers,
+            "load_from_cache_file": (not data_args.overwrite_cache) or (training_args.local_process_index != 0),
+            "desc": f"Converting {formatting} dataset",
+        }
     converter = get_dataset_converter(formatting, dataset_attr, data_args)
     dataset = dataset.map(converter, with_indices=True, batched=False, remove_columns=column_names, **kwargs)
     if skip:

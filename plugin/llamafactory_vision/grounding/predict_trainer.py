@@ -26,6 +26,9 @@ from llamafactory_vision.grounding.head_rows import (
     pack_head_rows,
     unpack_head_rows,
 )
+from llamafactory_vision.log import get_logger
+
+logger = get_logger(__name__)
 
 
 class GroundingPredictTrainer(CustomSeq2SeqTrainer):
@@ -55,6 +58,14 @@ class GroundingPredictTrainer(CustomSeq2SeqTrainer):
             size = generated.size(0)
             # a dataset built without the workflow's columns: rows in loader order, scored on the label text
             row_ids = row_ids.tolist() if row_ids is not None else [-1] * size
+            if label_boxes is None:
+                logger.warning_rank0_once(
+                    f"The generation set has no `{LABEL_BOXES_COLUMN}` column (it was tokenized by stock "
+                    "LLaMA-Factory or an older llamafactory-vision, e.g. reloaded from `tokenized_path`): predictions "
+                    "are scored on the label text, whose boxes are rounded to the model family's grid, not on the "
+                    "dataset's float boxes. Tokenize it again (`overwrite_cache: true`, a new `tokenized_path`) to "
+                    "score against the dataset's boxes."
+                )
             labels_of = _label_boxes(label_boxes) if label_boxes is not None else [None] * size
             heads = self._generated_head_boxes(model, inputs, generated, row_ids)
             rows = [PredictRow(*values) for values in zip(row_ids, heads, self._model_sizes(inputs), labels_of)]

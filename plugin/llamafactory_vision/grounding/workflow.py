@@ -145,7 +145,7 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
         ref_model = create_ref_model(model_args, finetuning_args)
 
     if getattr(model, "is_quantized", False) and not training_args.do_train:
-        setattr(model, "_hf_peft_config_loaded", True)  # as the host: makes a quantized model usable for prediction
+        model._hf_peft_config_loaded = True  # as the host: makes a quantized model usable for prediction
 
     trainer_class, trainer_extra, collator_class = CustomSeq2SeqTrainer, {}, SFTDataCollatorWith4DAttentionMask
     if head_on:  # grounding: the bbox head
@@ -154,15 +154,15 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
             _check_box_columns(dataset_module["train_dataset"], data_args)
         _report_cut_boxes(dataset_module)
         trainer_class, collator_class = GroundingTrainer, GroundingBBoxCollator
-        trainer_extra = dict(
-            bbox_loss=BBoxLossConfig(
+        trainer_extra = {
+            "bbox_loss": BBoxLossConfig(
                 finetuning_args.bbox_loss_weight,
                 finetuning_args.bbox_l1_weight,
                 finetuning_args.bbox_giou_weight,
                 head.config.source,
             ),
-            box_pattern=get_codec(family).box_pattern,
-        )
+            "box_pattern": get_codec(family).box_pattern,
+        }
     elif training_args.predict_with_generate:  # grounding: generated rows carry their index and label boxes
         trainer_class, collator_class = GroundingPredictTrainer, GroundingBBoxCollator
     if training_args.predict_with_generate:  # each generated row carries its index through the gather
@@ -229,7 +229,7 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
         if trainer.is_world_process_zero() and finetuning_args.plot_loss:
             keys = ["loss"]
             if isinstance(dataset_module.get("eval_dataset"), dict):
-                keys += sum([[f"eval_{key}_loss", f"eval_{key}_accuracy"] for key in dataset_module["eval_dataset"]], [])
+                keys += [f"eval_{key}_{metric}" for key in dataset_module["eval_dataset"] for metric in ("loss", "accuracy")]
             else:
                 keys += ["eval_loss", "eval_accuracy"]
             if head_on:

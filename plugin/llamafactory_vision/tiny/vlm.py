@@ -244,8 +244,10 @@ def _corpus() -> list[str]:
         "There is a {d} at the {p} of the image, next to a {c} {o}.",
     )
     general = (
-        "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-        "helpful, detailed, and polite answers to the user's questions.",
+        (
+            "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+            "helpful, detailed, and polite answers to the user's questions."
+        ),
         "You are a helpful assistant. The user asks a question about an image and the assistant answers.",
         "system user assistant image video picture photo frame region object label answer question",
         "The quick brown fox jumps over the lazy dog. It is a sunny day, and the children play in the park.",
