@@ -30,8 +30,8 @@ from safetensors.torch import load_file
 STEPS = 60
 ROWS = 4
 # Measured (2026-12-01): the untrained pipeline (random UNet) writes saturated noise, clip_i 0.867 and l1 0.375 on
-# these rows; after 60 steps 0.992 and 0.125 (the target colour in place of the shape on 3 of the 4 rows, on a noisy
-# background; 100 steps: 0.993 and 0.100). The same run with learning_rate 0 reproduces the "before" figures
+# these rows; after 60 steps 0.992 and 0.125 (the target colour about where the target shape is on 3 of the 4 rows, on
+# a noisy background; 100 steps: 0.993 and 0.100). The same run with learning_rate 0 reproduces the "before" figures
 # exactly and fails both margins (and the loss check: 0.716 -> 0.722).
 CLIP_I_GAIN = 0.05
 L1_RATIO = 0.6
