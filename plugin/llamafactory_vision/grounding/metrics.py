@@ -48,7 +48,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -145,8 +145,9 @@ def first_box_ious(preds: Sequence[Sequence[Sequence[float]]], labels: Sequence[
     with_box = [i for i, pred in enumerate(preds) if len(pred)]
     ious = [0.0] * len(preds)
     if with_box:
-        pred_t = torch.tensor([list(preds[i][0]) for i in with_box], dtype=torch.float64).reshape(-1, 4)
-        label_t = torch.tensor([list(labels[i]) for i in with_box], dtype=torch.float64).reshape(-1, 4)
+        # numpy builds the [N, 4] array from Python sequences faster than torch.tensor does; the values are the same
+        pred_t = torch.from_numpy(np.array([preds[i][0] for i in with_box], dtype=np.float64).reshape(-1, 4))
+        label_t = torch.from_numpy(np.array([labels[i] for i in with_box], dtype=np.float64).reshape(-1, 4))
         for i, iou in zip(with_box, paired_iou(pred_t, label_t).tolist()):
             ious[i] = iou
     return ious
@@ -283,52 +284,54 @@ def score_rows(
     pred_boxes, label_boxes = pred_boxes or [None] * n, label_boxes or [None] * n
     # A row whose head could not run is scored as one without a head box (0), so failures never raise accuracy.
     head_boxes = [[] if failed else boxes for boxes, failed in zip(head_boxes or [None] * n, head_failed, strict=True)]
-    rows = [
-        _unscored_row(*args)
-        for args in zip(predicts, labels, tasks, pred_boxes, label_boxes, head_failed, strict=True)
-    ]
-    box_rows = [i for i, row in enumerate(rows) if row.kind in ("rec", "detect")]
-    text = score_many_boxes([(rows[i].pred_boxes, rows[i].label_boxes) for i in box_rows])
+    parts = [_row_parts(*args) for args in zip(predicts, labels, tasks, pred_boxes, label_boxes, strict=True)]
+    box_rows = [i for i, part in enumerate(parts) if part[0] in ("rec", "detect")]
+    text = [None] * n
+    for i, score in zip(box_rows, score_many_boxes([(parts[i][4], parts[i][5]) for i in box_rows])):
+        text[i] = score
     with_head = [i for i in box_rows if head_boxes[i] is not None]
-    head = dict(zip(with_head, score_many_boxes([(head_boxes[i], rows[i].label_boxes) for i in with_head])))
-    for i, score in zip(box_rows, text):
-        rows[i] = replace(rows[i], text=score, head=head.get(i))
+    head = [None] * n
+    for i, score in zip(with_head, score_many_boxes([(head_boxes[i], parts[i][5]) for i in with_head])):
+        head[i] = score
+    rows = []
+    for parts_of_row, text_score, head_score, failed in zip(parts, text, head, head_failed, strict=True):
+        kind, pred_failed, reg_exact, reg_match, row_pred_boxes, row_label_boxes = parts_of_row
+        rows.append(
+            RowScore(kind, text_score, pred_failed, reg_exact, reg_match, head_score, failed, row_pred_boxes,
+                     row_label_boxes)  # the fields in RowScore's order
+        )  # fmt: skip
     return rows
 
 
-def _unscored_row(
+def _row_parts(
     predict: str,
     label: str,
     task: str | None,
     pred_boxes: Sequence[Sequence[float]] | None,
     label_boxes: Sequence[Sequence[float]] | None,
-    head_failed: bool,
-) -> RowScore:
-    """:func:`score_row` without the box scores (``text``/``head`` left ``None``): kind, text match, boxes."""
+) -> tuple[str, bool, bool, bool, tuple[Box, ...], tuple[Box, ...]]:
+    """:func:`score_row` without the box scores: ``(kind, pred_failed, reg_exact, reg_match, pred_boxes,
+    label_boxes)`` of a :class:`RowScore` (a plain tuple: the row is built once, with its scores)."""
     if task is not None and task not in KINDS:
         raise ValueError(f"task={task!r}: expected one of {KINDS} or None")
     if label_boxes is None:
         parsed_label = parse_answer(label)
         label_boxes = [] if parsed_label.failed else parsed_label.boxes
     if task == "reg" or (task is None and not label_boxes):
-        return RowScore(
-            kind="reg",
-            reg_exact=predict.strip() == label.strip(),
-            reg_match=normalize_phrase(predict) == normalize_phrase(label),
-            head_failed=head_failed,
+        return (
+            "reg",
+            False,
+            predict.strip() == label.strip(),
+            normalize_phrase(predict) == normalize_phrase(label),
+            (),
+            (),
         )
     if not label_boxes:
-        return RowScore(kind="label_failed", head_failed=head_failed)
+        return "label_failed", False, False, False, (), ()
     if pred_boxes is None:
-        parsed_pred = parse_answer(predict)
-        pred_boxes = parsed_pred.boxes
-    return RowScore(
-        kind="rec" if len(label_boxes) == 1 else "detect",
-        pred_failed=not pred_boxes,
-        head_failed=head_failed,
-        pred_boxes=tuple(tuple(b) for b in pred_boxes),
-        label_boxes=tuple(tuple(b) for b in label_boxes),
-    )
+        pred_boxes = parse_answer(predict).boxes
+    kind = "rec" if len(label_boxes) == 1 else "detect"
+    return kind, not pred_boxes, False, False, tuple(map(tuple, pred_boxes)), tuple(map(tuple, label_boxes))
 
 
 def _rec_summary(scores: Sequence[BoxScore], prefix: str) -> dict[str, float | int]:
