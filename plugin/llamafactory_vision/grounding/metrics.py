@@ -189,7 +189,7 @@ def head_boxes_for_family(objects: Sequence[Mapping[str, Sequence[float]]], fami
     return boxes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs several times more, built once a row
 class BoxScore:
     """How one set of predicted boxes scores against a row's label boxes.
 
@@ -218,7 +218,7 @@ def score_many_boxes(pairs: Sequence[tuple[Sequence[Sequence[float]], Sequence[S
     ]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs several times more, built once a row
 class RowScore:
     """Scores of one (prediction, label) row.
 
