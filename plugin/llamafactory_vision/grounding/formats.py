@@ -413,12 +413,15 @@ def _parse_common(text: str) -> ParsedAnswer | None:
             coords = groups[-5:-1]
             if pattern is _FAST_PAIR and groups[1] is not None:
                 ref = groups[1].strip() or None  # an <|object_ref_start|> block names the box
-            elif groups[0].strip(_REF_TRIM) or not boxes:  # free text without words: the previous box's ref
-                ref = _plain_ref(groups[0])
+            else:
+                segment = groups[0]
+                words = segment.strip(_REF_TRIM)
+                if words or not boxes:  # free text without words: the previous box's ref
+                    ref = _plain_ref(segment) if "\n" in segment or ";" in segment else words or None
         boxes.append((float(coords[0]), float(coords[1]), float(coords[2]), float(coords[3])))
         refs.append(ref)
-        if match.group("tail") is not None:
-            return ParsedAnswer(boxes, refs, failed=False)
+        if groups[-1] is not None:  # the tail: no box after this one
+            return ParsedAnswer(boxes, refs, False)
         pos = match.end()
 
 
