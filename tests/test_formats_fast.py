@@ -6,6 +6,8 @@ import random
 
 import pytest
 from llamafactory_vision.grounding.formats import (
+    _FAST_PAIR,
+    _FAST_PAIR_EXACT,
     ANSWER_STYLES,
     BOX_END,
     BOX_START,
@@ -122,6 +124,20 @@ def test_fast_path_equals_full_parser(seed):
             fast += parsed.boxes != []
     # The comparison means something only if the fast path read many of the texts itself.
     assert fast > len(texts) // 8, (fast, len(texts))
+
+
+def test_exact_pair_pattern_is_the_general_one_where_it_matches():
+    """The no-space Qwen2-VL pattern, tried first, must match what the general fast pattern matches, group for group."""
+    matched = 0
+    for text in generated_texts(7, rounds=20):
+        for pos in range(len(text)):
+            exact = _FAST_PAIR_EXACT.match(text, pos)
+            if exact is not None:
+                general = _FAST_PAIR.match(text, pos)
+                assert general is not None and general.span() == exact.span(), text
+                assert general.groups() == exact.groups(), text
+                matched += 1
+    assert matched > 1000
 
 
 @pytest.mark.parametrize("family", sorted(CODECS))

@@ -374,6 +374,13 @@ _FAST_PAIR = re.compile(
     rf"(?:{re.escape(BOX_START)}\s*)?\(\s*{_FAST_NUM}\s*,\s*{_FAST_NUM}\s*\)\s*,\s*\(\s*{_FAST_NUM}\s*,\s*{_FAST_NUM}\s*\)"
     rf"(?:\s*{re.escape(BOX_END)})?{_FAST_TAIL}"
 )
+# The same, as Qwen2VLCodec writes it (int coordinates, no spaces): a cheaper match, and the same groups wherever it
+# matches, so it is tried first.
+_FAST_PAIR_EXACT = re.compile(
+    rf"({_FAST_FREE})(?:{re.escape(OBJECT_REF_START)}({_FAST_FREE}){re.escape(OBJECT_REF_END)})?"
+    rf"(?:{re.escape(BOX_START)})?\((-?\d{{1,15}}),(-?\d{{1,15}})\),\((-?\d{{1,15}}),(-?\d{{1,15}})\)"
+    rf"(?:\s*{re.escape(BOX_END)})?{_FAST_TAIL}"
+)
 # LLaVA: [free text][x1, y1, x2, y2] (text holding no "bbox_2d" and no "(").
 _FAST_BARE = re.compile(rf"({_FAST_FREE}){_FAST_LIST}{_FAST_TAIL}")
 # Qwen2.5-VL / Qwen3-VL: [free text, e.g. a ```json fence][ then {"bbox_2d": [...], "label": "..."} objects.
@@ -403,7 +410,7 @@ def _parse_common(text: str) -> ParsedAnswer | None:
         return ParsedAnswer()
     boxes, refs, ref = [], [], None
     while True:
-        match = pattern.match(text, pos)
+        match = (pattern is _FAST_PAIR and _FAST_PAIR_EXACT.match(text, pos)) or pattern.match(text, pos)
         if match is None:
             return None
         groups = match.groups()
