@@ -22,12 +22,14 @@ red, head boxes blue.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -326,9 +328,30 @@ def read_decoding(predictions: Path) -> dict[str, float | int] | None:
     return found or None
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector (``gc``) inside the block. Scoring keeps a dozen new containers per row
+    alive (the parsed JSON objects, boxes, scores) and makes no reference cycles, so every collection would only walk
+    the growing row lists again: about a third of ground_eval's time on 20k rows. Reference counting still frees
+    everything dropped; the collector is switched back on (if it was on) when the block ends."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
+    with collector_paused():
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`main` after argument parsing."""
     rows, bad = read_predictions(args.predictions)
     detected = detect_family([obj["label"] for _, obj in rows])
     # Settle everything that can stop the run before any work is done.

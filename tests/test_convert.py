@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -139,6 +141,29 @@ def test_pickled_refs_need_the_flag(tmp_path: Path, imgs: str) -> None:
         convert_refcoco(disguised, instances, imgs, tmp_path / "x.jsonl")
     stats = convert_refcoco(refs, instances, imgs, tmp_path / "x.jsonl", split="train", allow_pickle=True)
     assert stats.rows == 1 and _rows(tmp_path / "x.jsonl")[0]["objects"][0]["ref"] == "man in red"
+    # protocol 0, as the original Python 2 files: loads the same
+    protocol0 = tmp_path / "refs0.p"
+    protocol0.write_bytes(pickle.dumps(REFS, protocol=0))
+    assert convert_refcoco(protocol0, instances, imgs, tmp_path / "y.jsonl", split="train", allow_pickle=True).rows == 1
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_before_it_runs(
+    tmp_path: Path, imgs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even with the flag: a pickle naming any global (here ``os.system``, the classic exploit) is refused while
+    loading, before the call is built, and nothing runs."""
+    instances = _write(tmp_path / "instances.json", INSTANCES)
+    refs = tmp_path / "refs(unc).p"
+    refs.write_bytes(pickle.dumps([_RunsCode()], protocol=2))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"refs\(unc\)\.p: the pickle names `(posix|os)\.system`"):
+        convert_refcoco(refs, instances, imgs, tmp_path / "x.jsonl", allow_pickle=True)
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "x.jsonl").exists()
 
 
 @pytest.mark.parametrize(
@@ -245,6 +270,47 @@ def test_missing_images_folder_or_file_is_an_error(tmp_path: Path, imgs: str) ->
         convert_coco(instances, imgs, tmp_path / "x.jsonl")
 
 
+def _truncated_png_header() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (100, 50)).save(out, format="PNG")
+    return out.getvalue()[:20]  # cut inside IHDR
+
+
+def _jpeg_without_sof() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (100, 50)).save(out, format="JPEG")
+    data = out.getvalue()
+    return data[: data.index(b"\xff\xc0")] + b"\xff\xda\x00\x02"  # tables, then a scan without a frame header
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (lambda: b"", "cannot identify image file"),
+        (_truncated_png_header, "Truncated File Read"),
+        (_jpeg_without_sof, "cannot identify image file"),
+    ],
+    ids=["zero-byte", "truncated-png-header", "jpeg-without-sof"],
+)
+def test_unreadable_image_is_an_error_naming_the_record(tmp_path: Path, imgs: str, content, message: str) -> None:
+    (Path(imgs) / "b.jpg").write_bytes(content())
+    instances = _write(tmp_path / "instances.json", INSTANCES)
+    pattern = rf"instances\.json: images\[1\]\.file_name: cannot read image '.*b\.jpg': .*{message}"
+    with pytest.raises(ValueError, match=pattern):
+        convert_coco(instances, imgs, tmp_path / "x.jsonl")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_a_png_named_jpg_is_read_as_the_png_it_is(tmp_path: Path, imgs: str) -> None:
+    Image.new("RGB", (100, 50)).save(Path(imgs) / "b.jpg", format="PNG")
+    instances = _write(tmp_path / "instances.json", INSTANCES)
+    assert convert_coco(instances, imgs, tmp_path / "x.jsonl").rows == 3
+    data = json.loads(json.dumps(INSTANCES))
+    data["images"][1]["height"] = 60
+    with pytest.raises(ValueError, match=r"images\[1\]\.width/height: the JSON gives 100x60 but .* is 100x50"):
+        convert_coco(_write(tmp_path / "instances.json", data), imgs, tmp_path / "x.jsonl")
+
+
 def test_written_paths_resolve_from_the_output_folder_as_dataset_dir(tmp_path: Path, imgs: str, monkeypatch) -> None:
     """Oracle: LLaMA-Factory's own media lookup (through the grounding converter) with dataset_dir = the output
     folder, run from another working directory."""
@@ -292,3 +358,72 @@ def test_written_paths_equal_resolving_each_file(tmp_path: Path, imgs: str) -> N
         }
         assert [row["images"][0] for row in _rows(out)] == [expected["a.jpg"]] * 2 + [expected["sub/b.jpg"]]
         assert expected["a.jpg"].endswith("elsewhere/a.jpg")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The written bytes: what json.dumps of each row gives, and what the converter wrote before its fast paths
+# ----------------------------------------------------------------------------------------------------------------
+
+TRICKY_TEXT = ["person", 'a "quoted" \\ name', "café ünï 人 🐕", "tab\tnew\nline", "\x01\x1f\x7f", "\u2028 sep", ""]
+
+
+def _coco_like(root: Path, seed: int = 0) -> tuple[Path, Path, Path]:
+    """A COCO-like set in ``root``: 30 PNG/JPEG images (sizes 1-700 px, names needing JSON escapes, two whose JSON
+    size is 2x their file), 7 categories with tricky names, 300 annotations with int and float boxes, boxes past
+    the border, without area, crowd, negative zero and tiny/huge numbers; RefCOCO refs on them."""
+    import random
+
+    rng = random.Random(seed)
+    folder = root / "imgs"
+    folder.mkdir()
+    images = []
+    for i in range(30):
+        size = (rng.randint(1, 700), rng.randint(1, 700))
+        name = f'im {i} é"\\{i}.{"png" if i % 3 == 0 else "jpg"}'
+        Image.new("RGB", size).save(folder / name, format="PNG" if i % 3 == 0 else "JPEG")
+        scale = 2 if i in (4, 9) else 1
+        images.append({"id": 100 + i, "file_name": name, "width": size[0] * scale, "height": size[1] * scale})
+    categories = [{"id": 3 * c + 1, "name": name} for c, name in enumerate(TRICKY_TEXT)]
+    annotations = []
+    for k in range(300):
+        image = rng.choice(images)
+        w, h = image["width"], image["height"]
+        kind = rng.random()
+        if kind < 0.3:
+            bbox = [rng.randint(0, w), rng.randint(0, h), rng.randint(0, w), rng.randint(0, h)]
+        elif kind < 0.9:
+            bbox = [rng.uniform(-5, w), rng.uniform(-5, h), rng.uniform(0, w / 2), rng.uniform(0, h / 2)]
+        else:
+            bbox = rng.choice([[-0.0, 0.0, 1e-7, 2.5], [0, 0, w, h], [1e-300, 3, 12345678901234567890, 0.1]])
+        annotations.append({"id": k, "image_id": image["id"], "category_id": rng.choice(categories)["id"],
+                            "bbox": bbox, "iscrowd": int(rng.random() < 0.05)})  # fmt: skip
+    refs = [
+        {"ref_id": r, "ann_id": k, "image_id": annotations[k]["image_id"], "split": rng.choice(["train", "val"]),
+         "sentences": [{"sent": rng.choice(TRICKY_TEXT)} for _ in range(rng.randint(1, 3))]}
+        for r, k in enumerate(rng.sample(range(300), 120))
+    ]  # fmt: skip
+    data = {"images": images, "annotations": annotations, "categories": categories}
+    return _write(root / "instances.json", data), _write(root / "refs.json", refs), folder
+
+
+# sha256 of the files written by the converter of commit d3f50c2 (json.dumps of each row, every image opened with
+# PIL), on _coco_like(tmp_path) with the outputs in tmp_path/out.
+BEFORE_FAST_PATHS = {
+    "coco.jsonl": "a932b8b3a898476c97f161b1d19f825d688cd5072131bfec3b067a2c0af4ca03",
+    "refcoco.jsonl": "0fd4aabf7763e693a5cdc8f5e2105a9e0a7f9b04aa80c67bacfef342e069df08",
+}
+
+
+def test_written_bytes_equal_json_dumps_and_the_converter_before_its_fast_paths(tmp_path: Path) -> None:
+    import hashlib
+
+    instances, refs, folder = _coco_like(tmp_path)
+    out = tmp_path / "out"
+    stats = convert_coco(instances, str(folder), out / "coco.jsonl", rescale_to_file=True)
+    assert stats.clipped > 0 and stats.skipped_degenerate > 0 and stats.skipped_crowd > 0 and stats.rescaled_images
+    convert_refcoco(refs, instances, str(folder), out / "refcoco.jsonl", rescale_to_file=True)
+    for name, digest in BEFORE_FAST_PATHS.items():
+        data = (out / name).read_bytes()
+        *lines, end = data.decode("utf-8").split("\n")  # not splitlines: U+2028 in a JSON string is no line end
+        assert lines and end == "" and all(json.dumps(json.loads(line), ensure_ascii=False) == line for line in lines)
+        assert hashlib.sha256(data).hexdigest() == digest, name

@@ -122,14 +122,15 @@ def test_object_tokens_follow_the_image_and_pool_the_mapped_boxes(tiny_models, c
         mg(input_ids=ids, **mm)  # the token count matches the features: the host's scatter accepts them
 
 
-def _convert_mg(tmp_path, rows, max_objects=32):
+def _convert_mg(tmp_path, rows, max_objects=32, columns=None):
+    from llamafactory_vision.dataset_attr import VisionDatasetAttr
     from llamafactory_vision.fusion.data import MGDatasetConverter
     from llamafactory_vision.hparams import VisionDataArguments
-    from llamafactory_vision.strokes.dataset_attr import StrokeDatasetAttr
 
     data_args = VisionDataArguments(template="llava_mg", dataset_dir=str(tmp_path), mg_max_objects=max_objects)
-    attr = StrokeDatasetAttr("file", dataset_name="mg")
-    attr.join({"formatting": "mg_llava", "columns": {"messages": "conversations", "images": "images"}})
+    attr = VisionDatasetAttr("file", dataset_name="mg")
+    columns = columns or {"messages": "conversations", "images": "images"}
+    attr.join({"formatting": "mg_llava", "columns": columns})
     converter = MGDatasetConverter(attr, data_args)
     return [converter(row, index) for index, row in enumerate(rows)]
 
@@ -148,6 +149,13 @@ def test_mg_converter_carries_normalised_boxes_and_names_bad_rows(tmp_path):
     assert json.loads(image[BOXES_KEY]) == [[0.1, 0.1, 0.3, 0.5], [0.0, 0.0, 0.5, 0.5]]
     assert image["path"].endswith("p.png") and out["_response"][0]["content"] == "a cup"
     assert json.loads(bare["_images"][0][BOXES_KEY]) == []
+    # renamed in dataset_info.json's `columns`: the same boxes (xywh here, so the format column is read too)
+    (renamed,) = _convert_mg(
+        tmp_path,
+        [_mg_row(dets=[{"ref": "cup", "bbox": [10, 5, 20, 20]}, {"ref": "box", "bbox": [0, 0, 50, 25]}], fmt="xywh")],
+        columns={"messages": "conversations", "images": "images", "objects": "dets", "bbox_format": "fmt"},
+    )
+    assert json.loads(renamed["_images"][0][BOXES_KEY]) == [[0.1, 0.1, 0.3, 0.5], [0.0, 0.0, 0.5, 0.5]]
     bad = _mg_row(objects=[{"ref": "cup", "bbox": [10, 5, 130, 25]}])  # x2 beyond the 100 px wide image
     with pytest.raises(ValueError, match=r"mg_llava dataset 'mg', row 1 \(counting from 0\), field `objects\[0\]\.bbox`"):
         _convert_mg(tmp_path, [good, bad])

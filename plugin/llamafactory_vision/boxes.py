@@ -94,22 +94,31 @@ def to_xyxy(box: Sequence[Any], fmt: str = "xyxy", field: str = "box") -> tuple[
         BoxError: reason ``unknown_format``, ``not_a_sequence``, ``wrong_length``, ``not_numeric`` or ``not_finite``.
     """
     _check_format(fmt, "fmt")
-    if isinstance(box, (str, bytes)) or not isinstance(box, (Sequence, Tensor)) and not hasattr(box, "__array__"):
+    # Exact lists/tuples of exact ints/floats (boxes loaded from JSON) skip the abstract-class checks, which cost
+    # more than the rest of the function; the outcome is the same.
+    if type(box) is list or type(box) is tuple:
+        values = list(box)
+    elif isinstance(box, (str, bytes)) or not isinstance(box, (Sequence, Tensor)) and not hasattr(box, "__array__"):
         raise BoxError(field, "not_a_sequence", f"expected a sequence of 4 numbers, got {type(box).__name__} {box!r}")
-    values = box.tolist() if hasattr(box, "tolist") else list(box)
+    else:
+        values = box.tolist() if hasattr(box, "tolist") else list(box)
     if not isinstance(values, list):  # a 0-d array or tensor
         raise BoxError(field, "not_a_sequence", f"expected a sequence of 4 numbers, got the scalar {values!r}")
     if len(values) != 4:
         raise BoxError(field, "wrong_length", f"expected 4 numbers, got {len(values)}: {values!r}")
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if (
+            type(value) is not float
+            and type(value) is not int
+            and (isinstance(value, bool) or not isinstance(value, numbers.Real))
+        ):
             raise BoxError(
                 field, "not_numeric", f"expected numbers, got {type(value).__name__} {value!r} in {values!r}"
             )
         if not math.isfinite(value):
             raise BoxError(field, "not_finite", f"expected finite numbers, got {values!r}")
 
-    a, b, c, d = (float(v) for v in values)
+    a, b, c, d = map(float, values)
     if fmt == "xywh":
         return a, b, a + c, b + d
     if fmt == "cxcywh":

@@ -15,6 +15,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from .image_header import header_size
+
 _REQUIRED = object()  # default of `Record.get` for a field that must be present
 
 
@@ -46,6 +48,8 @@ class Record:
                 return default
             raise self.error(field, "missing field")
         value = self.record[field]
+        if type(value) is kind:  # the common case, decided without the isinstance and bool checks below
+            return value
         if not isinstance(value, kind) or isinstance(value, bool) and bool not in _as_tuple(kind):
             raise self.error(field, f"expected {_kind_name(kind)}, got {type(value).__name__} {value!r}")
         return value
@@ -68,12 +72,17 @@ def load_json(path: Path) -> Any:
 
 
 def open_image(rec: Record, field: str, file: Path) -> tuple[int, int]:
-    """Open ``file`` (header only) for the record's ``field``; returns its ``(width, height)``.
+    """Open ``file`` (header only) for the record's ``field``; returns its ``(width, height)``, as PIL's
+    ``Image.open(file).size``: read by :func:`~llamafactory_vision.image_header.header_size` for well-formed PNG
+    and JPEG headers, by PIL for everything else (other formats, and every file PIL would refuse or warn about).
 
     Raises:
         RecordError: naming the record and field, reason ``missing_image`` or ``corrupt_image``.
     """
     try:
+        size = header_size(file)
+        if size is not None:
+            return size
         with Image.open(file) as image:
             return image.size
     except FileNotFoundError as err:
@@ -88,8 +97,12 @@ def relative_path(file: Path, out_jsonl: str | Path) -> str:
 
 
 def write_rows(out_jsonl: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    write_lines(out_jsonl, [json.dumps(row, ensure_ascii=False) + "\n" for row in rows])
+
+
+def write_lines(out_jsonl: str | Path, lines: Sequence[str]) -> None:
+    """Write jsonl ``lines`` (each ending in a newline) to ``out_jsonl``, creating its folder; UTF-8."""
     out = Path(out_jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(lines)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llamafactory_vision.editing.dataset_attr import EditDatasetAttr
+from llamafactory_vision.fusion.dataset_attr import MGDatasetAttr
 from llamafactory_vision.strokes.dataset_attr import StrokeDatasetAttr
 
 
 @dataclass(repr=False)
-class VisionDatasetAttr(EditDatasetAttr, StrokeDatasetAttr):
-    """Grounding (and MG-LLaVA), ``stroke_guess`` and ``edit`` columns on top of the host's ``DatasetAttr``."""
+class VisionDatasetAttr(EditDatasetAttr, StrokeDatasetAttr, MGDatasetAttr):
+    """Grounding, ``mg_llava``, ``stroke_guess`` and ``edit`` columns on top of the host's ``DatasetAttr``."""

@@ -41,6 +41,27 @@ class VisionDataArguments(EditDataArguments, MGDataArguments, StrokeDataArgument
         },
     )
 
+    grounding_image_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Grounding templates: keep each image file's preprocessed tensors (`pixel_values`, "
+            "`image_grid_thw`, as the image processor returns them under this run's settings) in memory and reuse "
+            "them when the collator batches the same file again (next epoch, evaluation), instead of decoding and "
+            "patchifying it again. Batches are identical; a file whose size or mtime changed is read again. The "
+            "cache lives in each process: every dataloader worker holds its own (up to "
+            "`grounding_image_cache_mib` each), so workers need `dataloader_persistent_workers: true` to keep it "
+            "across epochs. Off by default because it costs memory (float32 patches, one frame kept: ~7 MiB for a "
+            "768x768 image)."
+        },
+    )
+    grounding_image_cache_mib: float = field(
+        default=2048.0,
+        metadata={
+            "help": "Most memory, in MiB, that `grounding_image_cache` may hold per process (the least recently "
+            "used images are dropped beyond it)."
+        },
+    )
+
     ground_answer_style: Literal["native", "compact"] = field(
         default="native",
         metadata={
@@ -55,6 +76,8 @@ class VisionDataArguments(EditDataArguments, MGDataArguments, StrokeDataArgument
         super().__post_init__()
         if self.grounding_invalid not in ("error", "skip"):
             raise ValueError(f"`grounding_invalid` must be `error` or `skip`, got {self.grounding_invalid!r}.")
+        if self.grounding_image_cache_mib <= 0:
+            raise ValueError(f"`grounding_image_cache_mib` must be > 0, got {self.grounding_image_cache_mib}.")
         if self.ground_answer_style not in ("native", "compact"):
             raise ValueError(
                 f"`ground_answer_style` must be `native` or `compact`, got {self.ground_answer_style!r}."
@@ -123,10 +146,18 @@ def _model_type(model_args: ModelArguments) -> str:
     return config.model_type
 
 
+def _training_args(parsed: tuple[Any, ...]):
+    from transformers import Seq2SeqTrainingArguments
+
+    return next((a for a in parsed if isinstance(a, Seq2SeqTrainingArguments)), None)
+
+
 def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
     """Reject settings that contradict each other across argument groups, before any model or data is loaded."""
     from llamafactory_vision.fusion.args import validate_mg_args
     from llamafactory_vision.grounding.host_paths import validate_host_path
+    from llamafactory_vision.grounding.image_cache import validate_image_cache
+    from llamafactory_vision.grounding.liger import validate_liger
     from llamafactory_vision.grounding.templates import get_grounding_spec
     from llamafactory_vision.strokes.templates import get_stroke_spec
 
@@ -135,6 +166,7 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
     finetuning_args = next(a for a in parsed if isinstance(a, FinetuningArguments))
     spec = get_grounding_spec(data_args.template)
     validate_host_path(parsed, data_args, finetuning_args, spec is not None)
+    validate_image_cache(data_args, _training_args(parsed), spec is not None)
     validate_mg_args(model_args, data_args)
     if finetuning_args.bbox_head:
         if spec is None:
@@ -146,8 +178,13 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
             raise ValueError(f"`bbox_head: true` trains with `stage: sft`, got stage {finetuning_args.stage!r}.")
         if data_args.train_on_prompt:
             raise ValueError("`bbox_head: true` does not support `train_on_prompt` (boxes in prompts are not targets).")
-        if data_args.packing or data_args.neat_packing:
-            raise ValueError("`bbox_head: true` does not support `packing`/`neat_packing` (box positions per row).")
+        if data_args.packing and not data_args.neat_packing:
+            raise ValueError(
+                "`bbox_head: true` does not support `packing` without `neat_packing: true`: plain packing lets each "
+                "row attend to the rows packed before it (and continues their positions), so a box's hidden state "
+                "would depend on other rows' images. Use `neat_packing: true` (each row attends to itself only), or "
+                "`packing: false`."
+            )
         if finetuning_args.use_asft_loss:
             raise ValueError(
                 "`bbox_head: true` does not support `use_asft_loss: true` (the host's ASFT loss returns no hidden "
@@ -162,6 +199,7 @@ def validate_parsed_args(parsed: tuple[Any, ...]) -> None:
                 f"{' or '.join(spec.model_types)}, but {model_args.model_name_or_path!r} is {model_type!r}. "
                 f"Use the grounding template of that model family instead."
             )
+        validate_liger(model_args, finetuning_args, model_type)
     stroke_spec = get_stroke_spec(data_args.template)
     if stroke_spec is not None and model_args.model_name_or_path is not None:
         model_type = _model_type(model_args)

@@ -125,12 +125,14 @@ def wrap_align_dataset(loader: ModuleType) -> None:
 def select_dataset_processor(loader: ModuleType) -> None:
     """``data.loader._get_dataset_processor``: the bbox head needs box targets beside the tokens, which the host's
     supervised processor drops. Our workflow asks ``get_dataset`` for stage ``BBOX_STAGE`` and gets our processor
-    (for generation, the host's prompt-only one plus the dataset's label boxes, which predict scores against); without
+    (for generation, the host's prompt-only one plus the dataset's label boxes, which predict scores against; with
+    ``neat_packing``, the host's packing processor plus the box columns, after the host's own packing set-up); without
     the head it asks for ``ROWS_STAGE``: the host's SFT processors, except that generation gets the label boxes too.
     Every other stage reaches the host's choice. ``stage: edit`` gets the edit processor (target image columns). With
     ``grounding_fast_tokenize`` a grounding template's processor gets a copy of the template whose plugin counts image
     tokens from headers (the shared template is untouched)."""
     head_data = _ours("llamafactory_vision.grounding.head_data")
+    head_packing = _ours("llamafactory_vision.grounding.head_packing")
     edit_data = _ours("llamafactory_vision.editing.data")
     with_fast_tokenize = _ours("llamafactory_vision.grounding.plugin").with_fast_tokenize
     host_get = loader._get_dataset_processor
@@ -150,6 +152,11 @@ def select_dataset_processor(loader: ModuleType) -> None:
             )
         if stage == head_data.ROWS_STAGE:
             return host_get(data_args, "sft", template, tokenizer, processor, do_generate)
+        if data_args.neat_packing:  # the host's packing processor (and its set-up), plus the box columns
+            host_get(data_args, "sft", template, tokenizer, processor, do_generate)
+            return head_packing.PackedGroundingBBoxDatasetProcessor(
+                template=template, tokenizer=tokenizer, processor=processor, data_args=data_args
+            )
         return head_data.GroundingBBoxDatasetProcessor(
             template=template, tokenizer=tokenizer, processor=processor, data_args=data_args
         )

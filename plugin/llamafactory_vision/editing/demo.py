@@ -3,8 +3,8 @@
 Every step is what a user would run by hand; the YAMLs are ``yaml_examples/demo/edit_tiny*.yaml`` with paths under
 ``out/demo_edit`` (overridden on the command line when ``--out`` differs):
 
-1. build a tiny random LLaVA-1.5, a tiny 8-channel UNet + VAE and a tiny CLIP (``llamafactory_vision.tiny``) and a
-   synthetic edit set (``synth edit``); save an untrained edit head beside the base model, so that "before" runs the
+1. build a tiny random LLaVA-1.5, a tiny 8-channel UNet with the pixel VAE (latent = image: the edits show in
+   pixels) and a v-prediction scheduler, a tiny CLIP (``llamafactory_vision.tiny``) and a synthetic edit set (``synth edit``); save an untrained edit head beside the base model, so that "before" runs the
    same pipeline with untrained parts;
 2. ``llamafactory-cli train`` a predict run before training, the training run (``stage: edit``), a predict run after;
 3. ``eval/edit_eval.py`` on both sets of edited images, then print the before/after table.
@@ -70,7 +70,7 @@ def run_edit_demo(out_dir: str = DEFAULT_OUT, quick: bool = False) -> int:
     llava = build_tiny("llava", models / "llava", seed=SEED)
     for name in (HEAD_DIR, UNET_DIR):  # a rerun starts from untrained parts again
         shutil.rmtree(llava / name, ignore_errors=True)
-    ip2p = build_tiny_diffusion(models / "ip2p", seed=SEED)
+    ip2p = build_tiny_diffusion(models / "ip2p", seed=SEED, resolution=16, vae="pixel", prediction_type="v_prediction")
     clip = build_tiny_clip(models / "clip", seed=SEED)
     data = out / "data"
     generate_edit(data, n=60 if quick else DEMO_ROWS, seed=SEED, val_frac=0.1)

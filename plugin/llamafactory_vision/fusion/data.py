@@ -19,12 +19,12 @@ from typing import Any
 
 from llamafactory.data.converter import SharegptDatasetConverter
 
+from llamafactory_vision.fusion.dataset_attr import MG_FORMATTING
 from llamafactory_vision.fusion.templates import BOXES_KEY, MG_TEMPLATE
 from llamafactory_vision.grounding.data import GroundingDatasetConverter
 from llamafactory_vision.log import get_logger
 
 logger = get_logger(__name__)
-MG_FORMATTING = "mg_llava"
 
 
 @dataclass

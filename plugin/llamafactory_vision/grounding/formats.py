@@ -354,6 +354,86 @@ def parse_answer(text: str) -> ParsedAnswer:
     """
     if not isinstance(text, str):
         raise TypeError(f"parse_answer expects str, got {type(text).__name__}")
+    parsed = _parse_common(text)
+    return parsed if parsed is not None else _parse_any(text)
+
+
+# ---- Fast path: the well-formed answers every codec writes, read by one anchored regex match per box. ----
+# Each form below is read only where the full parser (:func:`_parse_any`) provably finds exactly the boxes the form
+# holds: every character of the text belongs to a box unit or to a tail that holds no box, and the free text around
+# the boxes excludes each character that could start another candidate (``(`` for pair boxes, ``[`` for JSON and
+# bare lists, ``<`` for special tokens). Numbers have at most 15 digits per part, so they are finite. Anything else
+# returns None and goes to the full parser; tests/test_formats_fast.py compares both on generated texts.
+_FAST_NUM = r"(-?\d{1,15}(?:\.\d{1,15})?)"
+_FAST_LIST = rf"\[\s*{_FAST_NUM}\s*,\s*{_FAST_NUM}\s*,\s*{_FAST_NUM}\s*,\s*{_FAST_NUM}\s*\]"
+_FAST_FREE = r"[^(\[<]*+"  # free text: no candidate can start in it, and no special token
+_FAST_TAIL = r"(?P<tail>[^(\[]*+\Z)?"  # after the last box: text where no candidate can start
+# Qwen2-VL: [free text][<|object_ref_start|>ref<|object_ref_end|>][<|box_start|>](x1,y1),(x2,y2)[<|box_end|>]
+_FAST_PAIR = re.compile(
+    rf"({_FAST_FREE})(?:{re.escape(OBJECT_REF_START)}({_FAST_FREE}){re.escape(OBJECT_REF_END)})?"
+    rf"(?:{re.escape(BOX_START)}\s*)?\(\s*{_FAST_NUM}\s*,\s*{_FAST_NUM}\s*\)\s*,\s*\(\s*{_FAST_NUM}\s*,\s*{_FAST_NUM}\s*\)"
+    rf"(?:\s*{re.escape(BOX_END)})?{_FAST_TAIL}"
+)
+# The same, as Qwen2VLCodec writes it (int coordinates, no spaces): a cheaper match, and the same groups wherever it
+# matches, so it is tried first.
+_FAST_PAIR_EXACT = re.compile(
+    rf"({_FAST_FREE})(?:{re.escape(OBJECT_REF_START)}({_FAST_FREE}){re.escape(OBJECT_REF_END)})?"
+    rf"(?:{re.escape(BOX_START)})?\((-?\d{{1,15}}),(-?\d{{1,15}})\),\((-?\d{{1,15}}),(-?\d{{1,15}})\)"
+    rf"(?:\s*{re.escape(BOX_END)})?{_FAST_TAIL}"
+)
+# LLaVA: [free text][x1, y1, x2, y2] (text holding no "bbox_2d" and no "(").
+_FAST_BARE = re.compile(rf"({_FAST_FREE}){_FAST_LIST}{_FAST_TAIL}")
+# Qwen2.5-VL / Qwen3-VL: [free text, e.g. a ```json fence][ then {"bbox_2d": [...], "label": "..."} objects.
+_FAST_JSON_HEAD = re.compile(r"[^(\[]*+\[")
+_FAST_JSON = re.compile(
+    rf'\s*\{{\s*"bbox_2d"\s*:\s*{_FAST_LIST}\s*,\s*"label"\s*:\s*"([^"\\\[\]{{}}(]*+)"\s*\}}\s*,?{_FAST_TAIL}'
+)
+
+
+def _plain_ref(segment: str) -> str | None:
+    """:func:`_text_ref` of a segment without ``<``: the clause after the last newline or ``;``, trimmed."""
+    return segment[max(segment.rfind("\n"), segment.rfind(";")) + 1 :].strip(_REF_TRIM) or None
+
+
+def _parse_common(text: str) -> ParsedAnswer | None:
+    """:func:`_parse_any` of a well-formed answer of one of the codecs' forms; None for any other text."""
+    if "bbox_2d" in text:
+        head = _FAST_JSON_HEAD.match(text)
+        if head is None:
+            return None
+        pattern, pos = _FAST_JSON, head.end()
+    elif "(" in text:
+        pattern, pos = _FAST_PAIR, 0
+    elif "[" in text:
+        pattern, pos = _FAST_BARE, 0
+    else:  # every candidate starts at "(" or "["
+        return ParsedAnswer()
+    boxes, refs, ref = [], [], None
+    while True:
+        match = (pattern is _FAST_PAIR and _FAST_PAIR_EXACT.match(text, pos)) or pattern.match(text, pos)
+        if match is None:
+            return None
+        groups = match.groups()
+        if pattern is _FAST_JSON:  # (x1, y1, x2, y2, label, tail)
+            coords, ref = groups[:4], groups[4]  # no quote or backslash: the JSON string is its text as written
+        else:  # (free text, [ref block,] x1, y1, x2, y2, tail)
+            coords = groups[-5:-1]
+            if pattern is _FAST_PAIR and groups[1] is not None:
+                ref = groups[1].strip() or None  # an <|object_ref_start|> block names the box
+            else:
+                segment = groups[0]
+                words = segment.strip(_REF_TRIM)
+                if words or not boxes:  # free text without words: the previous box's ref
+                    ref = _plain_ref(segment) if "\n" in segment or ";" in segment else words or None
+        boxes.append((float(coords[0]), float(coords[1]), float(coords[2]), float(coords[3])))
+        refs.append(ref)
+        if groups[-1] is not None:  # the tail: no box after this one
+            return ParsedAnswer(boxes, refs, False)
+        pos = match.end()
+
+
+def _parse_any(text: str) -> ParsedAnswer:
+    """:func:`parse_answer` of any text: every candidate box of every form, overlaps resolved, refs found."""
 
     # (start, end, number strings, JSON label, is JSON) per candidate; overlaps go to the earliest, then longest.
     candidates = []

@@ -48,8 +48,9 @@ import math
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -144,8 +145,9 @@ def first_box_ious(preds: Sequence[Sequence[Sequence[float]]], labels: Sequence[
     with_box = [i for i, pred in enumerate(preds) if len(pred)]
     ious = [0.0] * len(preds)
     if with_box:
-        pred_t = torch.tensor([list(preds[i][0]) for i in with_box], dtype=torch.float64).reshape(-1, 4)
-        label_t = torch.tensor([list(labels[i]) for i in with_box], dtype=torch.float64).reshape(-1, 4)
+        # numpy builds the [N, 4] array from Python sequences faster than torch.tensor does; the values are the same
+        pred_t = torch.from_numpy(np.array([preds[i][0] for i in with_box], dtype=np.float64).reshape(-1, 4))
+        label_t = torch.from_numpy(np.array([labels[i] for i in with_box], dtype=np.float64).reshape(-1, 4))
         for i, iou in zip(with_box, paired_iou(pred_t, label_t).tolist()):
             ious[i] = iou
     return ious
@@ -187,7 +189,7 @@ def head_boxes_for_family(objects: Sequence[Mapping[str, Sequence[float]]], fami
     return boxes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs several times more, built once a row
 class BoxScore:
     """How one set of predicted boxes scores against a row's label boxes.
 
@@ -216,7 +218,7 @@ def score_many_boxes(pairs: Sequence[tuple[Sequence[Sequence[float]], Sequence[S
     ]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs several times more, built once a row
 class RowScore:
     """Scores of one (prediction, label) row.
 
@@ -282,52 +284,54 @@ def score_rows(
     pred_boxes, label_boxes = pred_boxes or [None] * n, label_boxes or [None] * n
     # A row whose head could not run is scored as one without a head box (0), so failures never raise accuracy.
     head_boxes = [[] if failed else boxes for boxes, failed in zip(head_boxes or [None] * n, head_failed, strict=True)]
-    rows = [
-        _unscored_row(*args)
-        for args in zip(predicts, labels, tasks, pred_boxes, label_boxes, head_failed, strict=True)
-    ]
-    box_rows = [i for i, row in enumerate(rows) if row.kind in ("rec", "detect")]
-    text = score_many_boxes([(rows[i].pred_boxes, rows[i].label_boxes) for i in box_rows])
+    parts = [_row_parts(*args) for args in zip(predicts, labels, tasks, pred_boxes, label_boxes, strict=True)]
+    box_rows = [i for i, part in enumerate(parts) if part[0] in ("rec", "detect")]
+    text = [None] * n
+    for i, score in zip(box_rows, score_many_boxes([(parts[i][4], parts[i][5]) for i in box_rows])):
+        text[i] = score
     with_head = [i for i in box_rows if head_boxes[i] is not None]
-    head = dict(zip(with_head, score_many_boxes([(head_boxes[i], rows[i].label_boxes) for i in with_head])))
-    for i, score in zip(box_rows, text):
-        rows[i] = replace(rows[i], text=score, head=head.get(i))
+    head = [None] * n
+    for i, score in zip(with_head, score_many_boxes([(head_boxes[i], parts[i][5]) for i in with_head])):
+        head[i] = score
+    rows = []
+    for parts_of_row, text_score, head_score, failed in zip(parts, text, head, head_failed, strict=True):
+        kind, pred_failed, reg_exact, reg_match, row_pred_boxes, row_label_boxes = parts_of_row
+        rows.append(
+            RowScore(kind, text_score, pred_failed, reg_exact, reg_match, head_score, failed, row_pred_boxes,
+                     row_label_boxes)  # the fields in RowScore's order
+        )  # fmt: skip
     return rows
 
 
-def _unscored_row(
+def _row_parts(
     predict: str,
     label: str,
     task: str | None,
     pred_boxes: Sequence[Sequence[float]] | None,
     label_boxes: Sequence[Sequence[float]] | None,
-    head_failed: bool,
-) -> RowScore:
-    """:func:`score_row` without the box scores (``text``/``head`` left ``None``): kind, text match, boxes."""
+) -> tuple[str, bool, bool, bool, tuple[Box, ...], tuple[Box, ...]]:
+    """:func:`score_row` without the box scores: ``(kind, pred_failed, reg_exact, reg_match, pred_boxes,
+    label_boxes)`` of a :class:`RowScore` (a plain tuple: the row is built once, with its scores)."""
     if task is not None and task not in KINDS:
         raise ValueError(f"task={task!r}: expected one of {KINDS} or None")
     if label_boxes is None:
         parsed_label = parse_answer(label)
         label_boxes = [] if parsed_label.failed else parsed_label.boxes
     if task == "reg" or (task is None and not label_boxes):
-        return RowScore(
-            kind="reg",
-            reg_exact=predict.strip() == label.strip(),
-            reg_match=normalize_phrase(predict) == normalize_phrase(label),
-            head_failed=head_failed,
+        return (
+            "reg",
+            False,
+            predict.strip() == label.strip(),
+            normalize_phrase(predict) == normalize_phrase(label),
+            (),
+            (),
         )
     if not label_boxes:
-        return RowScore(kind="label_failed", head_failed=head_failed)
+        return "label_failed", False, False, False, (), ()
     if pred_boxes is None:
-        parsed_pred = parse_answer(predict)
-        pred_boxes = parsed_pred.boxes
-    return RowScore(
-        kind="rec" if len(label_boxes) == 1 else "detect",
-        pred_failed=not pred_boxes,
-        head_failed=head_failed,
-        pred_boxes=tuple(tuple(b) for b in pred_boxes),
-        label_boxes=tuple(tuple(b) for b in label_boxes),
-    )
+        pred_boxes = parse_answer(predict).boxes
+    kind = "rec" if len(label_boxes) == 1 else "detect"
+    return kind, not pred_boxes, False, False, tuple(map(tuple, pred_boxes)), tuple(map(tuple, label_boxes))
 
 
 def _rec_summary(scores: Sequence[BoxScore], prefix: str) -> dict[str, float | int]:
@@ -356,19 +360,30 @@ def _detect_summary(scores: Sequence[BoxScore], prefix: str) -> dict[str, float 
     }
 
 
-def _box_ratios(pred: Sequence[Box], label: Sequence[Box]) -> tuple[float, float, float, float] | None:
-    """Per-axis ratios ``(cx, w, cy, h)`` of the predicted box extent to the label box extent, or None when a centre
-    or a size is not positive (a ratio would mean nothing)."""
+def _fold(values: np.ndarray, keep: np.ufunc) -> np.ndarray:
+    """``builtins.min`` (``keep=np.less``) or ``max`` (``np.greater``) over the last axis of ``values`` ``[..., K]``,
+    taken the way they take it (the first value, replaced by each later one that compares ``keep``), so the result is
+    theirs value for value, NaN and signed zeros included."""
+    out = values[..., 0]
+    for k in range(1, values.shape[-1]):
+        out = np.where(keep(values[..., k], out), values[..., k], out)
+    return out
 
-    def extent(boxes: Sequence[Box]) -> tuple[float, float, float, float]:
-        x1, y1 = min(b[0] for b in boxes), min(b[1] for b in boxes)
-        x2, y2 = max(b[2] for b in boxes), max(b[3] for b in boxes)
-        return (x1 + x2) / 2, x2 - x1, (y1 + y2) / 2, y2 - y1
 
-    p, t = extent(pred), extent(label)
-    if not all(math.isfinite(v) and v > 0 for v in (*p, *t)):
-        return None
-    return tuple(a / b for a, b in zip(p, t))
+def _extents(boxes_per_row: Sequence[Sequence[Box]]) -> np.ndarray:
+    """``[R, 4]`` float64 ``(cx, w, cy, h)`` of the extent of each row's boxes (at least one a row): the union box
+    ``(min x1, min y1, max x2, max y2)``, its centre and size, by the float operations scalar Python would do."""
+    out = np.empty((len(boxes_per_row), 4))
+    by_count: dict[int, list[int]] = {}
+    for i, boxes in enumerate(boxes_per_row):
+        by_count.setdefault(len(boxes), []).append(i)
+    for count, rows in by_count.items():  # one array per box count: [rows, count, 4]
+        boxes = np.array([boxes_per_row[i] for i in rows], dtype=np.float64).reshape(len(rows), count, 4)
+        x1, y1 = _fold(boxes[:, :, 0], np.less), _fold(boxes[:, :, 1], np.less)
+        x2, y2 = _fold(boxes[:, :, 2], np.greater), _fold(boxes[:, :, 3], np.greater)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN, as in Python: no ratio for the row
+            out[rows] = np.stack([(x1 + x2) / 2, x2 - x1, (y1 + y2) / 2, y2 - y1], axis=1)
+    return out
 
 
 @dataclass(frozen=True)
@@ -401,25 +416,38 @@ def check_coordinate_space(
     if bounds is None and family is not None:
         bounds = FAMILY_BOUNDS.get(family)
     box_rows = [r for r in rows if r.kind in ("rec", "detect") and r.pred_boxes]
-    preds = [b for r in box_rows for b in r.pred_boxes]
+    # Every predicted box as one [N, 4] array; per box the min and max of its 4 numbers as builtins.min/max give them.
+    preds = np.array([b for r in box_rows for b in r.pred_boxes], dtype=np.float64).reshape(-1, 4)
+    low, high = _fold(preds, np.less), _fold(preds, np.greater)
     metrics: dict[str, float | int] = {}
     warnings = []
     if bounds is not None:
         bx, by = bounds
-        outside = sum(min(b) < 0 or b[0] > bx or b[2] > bx or b[1] > by or b[3] > by for b in preds)
+        outside = int(np.count_nonzero(
+            (low < 0) | (preds[:, 0] > bx) | (preds[:, 2] > bx) | (preds[:, 1] > by) | (preds[:, 3] > by)
+        ))  # fmt: skip
         metrics["pred_out_of_range"] = outside / max(len(preds), 1)
         if len(preds) >= MIN_CHECKED and outside > len(preds) / 2:
             warnings.append(
                 f"{outside} of {len(preds)} predicted boxes fall outside the coordinate range 0-{bx:g} x 0-{by:g}"
                 f"{f' of {family}' if family else ''}: the model seems to write another coordinate space."
             )
-        unit = sum(0 <= min(b) and max(b) <= 1 for b in preds)
+        unit = int(np.count_nonzero((low >= 0) & (high <= 1)))
         if min(bx, by) > 1 and len(preds) >= MIN_CHECKED and unit > len(preds) / 2:
             warnings.append(
                 f"{unit} of {len(preds)} predicted boxes lie within [0, 1]: they look like normalised coordinates, "
                 f"but the labels use 0-{bx:g}."
             )
-    ratios = [r for r in (_box_ratios(row.pred_boxes, row.label_boxes) for row in box_rows) if r is not None]
+    # Per row, the ratios (cx, w, cy, h) of the predicted box extent to the label box extent, where a centre or a size
+    # is not positive: a ratio would mean nothing.
+    pred_extents, label_extents = (
+        _extents([r.pred_boxes for r in box_rows]),
+        _extents([r.label_boxes for r in box_rows]),
+    )
+    both = np.concatenate([pred_extents, label_extents], axis=1)
+    with_ratio = (np.isfinite(both) & (both > 0)).all(axis=1)
+    with np.errstate(over="ignore", under="ignore"):  # a ratio past the float range is inf / 0, as in Python
+        ratios = pred_extents[with_ratio] / label_extents[with_ratio]
     log_factor, tolerance = math.log(SCALE_FACTOR), math.log(1.25)
 
     def scaled(ratio: tuple[float, float, float, float], sign: int) -> bool:
@@ -427,16 +455,22 @@ def check_coordinate_space(
         same_box = abs(logs[0] - logs[1]) < tolerance and abs(logs[2] - logs[3]) < tolerance
         return same_box and all(sign * v >= log_factor for v in logs)
 
+    # Only a row whose four ratios are all near or past SCALE_FACTOR (up or down) can be scaled; the margin is far
+    # wider than math.log's rounding, so the rows left out would fail `scaled` too.
+    near_up = (ratios >= SCALE_FACTOR * (1 - 1e-6)).all(axis=1)
+    near_down = (ratios <= (1 + 1e-6) / SCALE_FACTOR).all(axis=1)
+    candidates = ratios[near_up | near_down].tolist()
+    checked = len(ratios)
     for sign, direction in ((1, "up"), (-1, "down")):
-        hits = [r for r in ratios if scaled(r, sign)]
-        if len(ratios) >= MIN_CHECKED and len(hits) > len(ratios) / 2:
+        hits = [r for r in candidates if scaled(r, sign)]
+        if checked >= MIN_CHECKED and len(hits) > checked / 2:
             sx = sorted(r[0] for r in hits)[len(hits) // 2]
             sy = sorted(r[2] for r in hits)[len(hits) // 2]
             message = (
-                f"in {len(hits)} of {len(ratios)} rows the predicted box is the label box scaled {direction} "
+                f"in {len(hits)} of {checked} rows the predicted box is the label box scaled {direction} "
                 f"(median x{sx:.2f} in x, x{sy:.2f} in y): the predictions use another coordinate space than the labels"
             )
-            if family == "qwen2_5_vl" and sign > 0 and all(max(b) <= RELATIVE_SCALE for b in preds):
+            if family == "qwen2_5_vl" and sign > 0 and bool((high <= RELATIVE_SCALE).all()):
                 message += (
                     "; they look like 0-1000 coordinates (Qwen2-VL / Qwen3-VL), but Qwen2.5-VL writes pixels of the "
                     "image as the model sees it"

@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from llamafactory_vision.boxes import model_view_size
 from llamafactory_vision.grounding.formats import get_codec
+from llamafactory_vision.grounding.image_cache import ImageCacheMixin
 from llamafactory_vision.grounding.image_runs import image_run_template_class
 from llamafactory_vision.grounding.markers import has_markers, render_markers
 
@@ -131,13 +132,13 @@ class GroundingPluginMixin:
 
 
 @dataclass
-class GroundingQwen2VLPlugin(GroundingPluginMixin, Qwen2VLPlugin):
+class GroundingQwen2VLPlugin(GroundingPluginMixin, ImageCacheMixin, Qwen2VLPlugin):
     box_family: str = "qwen2_vl"
     fast_tokenize: bool = False
 
 
 @dataclass
-class GroundingQwen3VLPlugin(GroundingPluginMixin, Qwen3VLPlugin):
+class GroundingQwen3VLPlugin(GroundingPluginMixin, ImageCacheMixin, Qwen3VLPlugin):
     box_family: str = "qwen3_vl"
     fast_tokenize: bool = False
 

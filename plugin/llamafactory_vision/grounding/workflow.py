@@ -26,6 +26,7 @@ from llamafactory_vision.grounding.bbox_head import attach_head
 from llamafactory_vision.grounding.formats import get_codec
 from llamafactory_vision.grounding.head_data import BBOX_COLUMNS, BBOX_STAGE, ROWS_STAGE, GroundingBBoxCollator
 from llamafactory_vision.grounding.head_rows import ROW_COLUMN, first_occurrences, unpack_head_rows
+from llamafactory_vision.grounding.image_cache import MIB, with_image_cache
 from llamafactory_vision.grounding.metrics import GroundingMetricAccumulator, head_boxes_for_family
 from llamafactory_vision.grounding.predict_trainer import GroundingPredictTrainer
 from llamafactory_vision.grounding.predictions import NORMALIZED_BOUNDS, normalize_row_boxes, score_normalized_row
@@ -169,7 +170,7 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
         dataset_module["eval_dataset"] = _with_row_index(dataset_module.get("eval_dataset"))
 
     data_collator = collator_class(
-        template=template,
+        template=with_image_cache(template, data_args.grounding_image_cache, data_args.grounding_image_cache_mib),
         model=model if not training_args.predict_with_generate else None,
         pad_to_multiple_of=8 if training_args.do_train else None,
         label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
@@ -218,6 +219,7 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        _report_image_cache(data_collator, training_args)
         trainer.save_model()
         if finetuning_args.include_effective_tokens_per_second:
             train_result.metrics["effective_tokens_per_sec"] = calculate_tps(
@@ -251,6 +253,18 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
         trainer.save_predictions(dataset_module["eval_dataset"], predict_results, generating_args.skip_special_tokens)
 
     create_modelcard_and_push(trainer, model_args, data_args, training_args, finetuning_args)
+
+
+def _report_image_cache(data_collator, training_args) -> None:
+    """Log what ``grounding_image_cache`` did in this process (the workers' own caches are out of reach)."""
+    cache = getattr(data_collator.template.mm_plugin, "image_cache", None)
+    if cache is None or training_args.dataloader_num_workers > 0:
+        return
+    counts = cache.counts
+    logger.info_rank0(
+        f"grounding_image_cache: {counts.hits} hits, {counts.misses} misses, {counts.uncached} uncached, "
+        f"{counts.evictions} evictions; {len(cache)} images, {cache.nbytes / MIB:.1f} MiB held."
+    )
 
 
 def _split_streamed_batches_per_process(training_args) -> None:

@@ -3,8 +3,9 @@
 - :mod:`.vlm`: the chat VLM families LLaMA-Factory loads as ``model_name_or_path`` (Qwen2-VL, Qwen2.5-VL,
   Qwen3-VL, LLaVA-1.5).
 - :mod:`.mg_llava`: the ConvNeXt high-resolution branch of MG-LLaVA, sized for the tiny LLaVA.
-- :mod:`.diffusion`: an 8-channel (InstructPix2Pix) or 4-channel (SD-1.5) UNet + VAE + scheduler folder, and a
-  CLIP model with a character vocabulary (editing).
+- :mod:`.diffusion`: an 8-channel (InstructPix2Pix) or 4-channel (SD-1.5) UNet + VAE + scheduler folder (the VAE
+  random, or the pixel VAE whose latent is the image, for runs that must show learning), and a CLIP model with a
+  character vocabulary (editing).
 
 ``python -m llamafactory_vision.tiny --out DIR`` writes them (see :func:`.vlm.main`).
 """

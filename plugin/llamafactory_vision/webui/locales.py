@@ -19,6 +19,8 @@ ZH_OPTIONS: dict[str, tuple[str, str]] = {
         "grounding 数据集中无效行的处理方式：error 报错并指出数据集、行和字段；skip 跳过并按原因计数。",
     ),
     "ground_answer_style": ("定位回答格式", "训练目标中框的书写风格。"),
+    "grounding_image_cache": ("图像缓存", "在内存中缓存每张图像预处理后的张量并跨 epoch 复用（每个进程一份，批次结果不变）。"),
+    "grounding_image_cache_mib": ("图像缓存上限 (MiB)", "每个进程的图像缓存最多占用的内存，超出时淘汰最久未用的图像。"),
     "bbox_head": ("框回归头", "与语言模型损失联合训练一个框回归头（仅限 grounding 模板）。"),
     "bbox_loss_weight": ("框损失权重", "加到语言模型损失上的框回归头损失的权重。"),
     "bbox_l1_weight": ("L1 权重", "框回归头损失中 L1 项的权重（DETR：5）。"),
