@@ -100,6 +100,27 @@ def demo_data(tmp_path_factory) -> Path:
     return root
 
 
+def tokenized_rows(model_dir: Path, data_dir: Path, out: Path, template: str, stage: str, cutoff_len: int, **extra):
+    """The ``synth_ground_train`` split of ``data_dir`` through the host's ``get_dataset`` (SFT LoRA arguments plus
+    ``extra``) for ``stage``: its rows as dicts, the template and the tokenizer module."""
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    model_args, data_args, training_args, _, _ = get_train_args(
+        {
+            "model_name_or_path": str(model_dir), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+            "dataset": "synth_ground_train", "dataset_dir": str(data_dir), "template": template,
+            "cutoff_len": cutoff_len, "output_dir": str(out), "overwrite_output_dir": True, "overwrite_cache": True,
+            "report_to": "none", **extra,
+        }
+    )  # fmt: skip
+    tokenizer_module = load_tokenizer(model_args)
+    template_obj = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    dataset = get_dataset(template_obj, model_args, data_args, training_args, stage=stage, **tokenizer_module)
+    return list(dataset["train_dataset"]), template_obj, tokenizer_module
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

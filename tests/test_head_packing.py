@@ -7,29 +7,14 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from conftest import GROUND_TEMPLATE, read_jsonl, run_cli, train_config, write_yaml
+from conftest import GROUND_TEMPLATE, read_jsonl, run_cli, tokenized_rows, train_config, write_yaml
 
 CUTOFF = 1024
 PACK_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "images", "packing_params")
 
 
 def _rows(model_dir, data_dir, out, template: str, stage: str, **extra):
-    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
-    from llamafactory.hparams import get_train_args
-    from llamafactory.model import load_tokenizer
-
-    model_args, data_args, training_args, _, _ = get_train_args(
-        {
-            "model_name_or_path": str(model_dir), "stage": "sft", "do_train": True, "finetuning_type": "lora",
-            "dataset": "synth_ground_train", "dataset_dir": str(data_dir), "template": template, "cutoff_len": CUTOFF,
-            "output_dir": str(out), "overwrite_output_dir": True, "overwrite_cache": True, "report_to": "none",
-            **extra,
-        }
-    )  # fmt: skip
-    tokenizer_module = load_tokenizer(model_args)
-    template_obj = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
-    dataset = get_dataset(template_obj, model_args, data_args, training_args, stage=stage, **tokenizer_module)
-    return list(dataset["train_dataset"]), template_obj, tokenizer_module
+    return tokenized_rows(model_dir, data_dir, out, template, stage, CUTOFF, **extra)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])

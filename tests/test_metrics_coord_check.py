@@ -37,22 +37,7 @@ def _box_ratios(pred: Sequence[Box], label: Sequence[Box]) -> tuple[float, float
 def reference_check(
     rows: Sequence[RowScore], family: str | None = None, bounds: tuple[float, float] | None = None
 ) -> CoordinateCheck:
-    """Do the predicted boxes of a run live in the labels' coordinate space?
-
-    Two signs that they do not, each needing at least :data:`MIN_CHECKED` boxes / rows to speak:
-
-    - most predicted boxes fall outside ``bounds`` (largest ``(x, y)`` of the space; default: the family's, see
-      :data:`FAMILY_BOUNDS`, unknown for Qwen2.5-VL's model-view pixels), or, in a space larger than 0-1, most
-      predicted boxes lie within ``[0, 1]`` (normalised floats written for pixels or 0-1000);
-    - in most rows that have both, the predicted box extent is the label box extent scaled by at least
-      :data:`SCALE_FACTOR` (up or down) in both axes, centre and size alike: the same box in another space. For
-      Qwen2.5-VL, predictions scaled up and never past 1000 look like Qwen2-VL / Qwen3-VL's 0-1000 coordinates.
-
-    Args:
-        rows: scored rows; only rec and detect rows with predicted boxes count.
-        family: the answers' family (for ``bounds`` and the wording), or ``None``.
-        bounds: overrides the family's bounds (e.g. ``(1, 1)`` for boxes decoded to ``[0, 1]``).
-    """
+    """``check_coordinate_space`` as it was before vectorising (see its docstring for what it checks)."""
     if bounds is None and family is not None:
         bounds = FAMILY_BOUNDS.get(family)
     box_rows = [r for r in rows if r.kind in ("rec", "detect") and r.pred_boxes]

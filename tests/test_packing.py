@@ -1,7 +1,7 @@
 """The host's `packing` / `neat_packing` with grounding templates (no bbox head): each packed row is the unpacked rows
 it groups, concatenated (the host's knapsack decides the grouping), with their images in the same order, so every
-image token and every box refers to its own image; the bbox head refuses packing at start-up (tests/test_bbox_head.py
-`STARTUP_ERRORS`)."""
+image token and every box refers to its own image. With the bbox head, plain `packing` is refused at start-up
+(tests/test_bbox_head.py `STARTUP_ERRORS`) and `neat_packing` is tested in tests/test_head_packing.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 from collections import Counter
 
 import pytest
-from conftest import GROUND_TEMPLATE, read_jsonl, run_cli, train_config, write_yaml
+from conftest import GROUND_TEMPLATE, read_jsonl, run_cli, tokenized_rows, train_config, write_yaml
 
 CUTOFF = 1024
 CASES = [("qwen2_vl", False), ("qwen2_vl", True), ("qwen2_5_vl", True), ("qwen3_vl", True)]
@@ -17,23 +17,10 @@ CASES = [("qwen2_vl", False), ("qwen2_vl", True), ("qwen2_5_vl", True), ("qwen3_
 
 def _rows(model_dir, data_dir, out, template: str, **extra) -> tuple[list[dict], int]:
     """Training rows as our grounding workflow asks the host for them (stage ROWS_STAGE), and the pad id."""
-    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
-    from llamafactory.hparams import get_train_args
-    from llamafactory.model import load_tokenizer
     from llamafactory_vision.grounding.head_data import ROWS_STAGE
 
-    model_args, data_args, training_args, _, _ = get_train_args(
-        {
-            "model_name_or_path": str(model_dir), "stage": "sft", "do_train": True, "finetuning_type": "lora",
-            "dataset": "synth_ground_train", "dataset_dir": str(data_dir), "template": template, "cutoff_len": CUTOFF,
-            "output_dir": str(out), "overwrite_output_dir": True, "overwrite_cache": True, "report_to": "none",
-            **extra,
-        }
-    )  # fmt: skip
-    tokenizer_module = load_tokenizer(model_args)
-    template_obj = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
-    dataset = get_dataset(template_obj, model_args, data_args, training_args, stage=ROWS_STAGE, **tokenizer_module)
-    return list(dataset["train_dataset"]), tokenizer_module["tokenizer"].pad_token_id
+    rows, _, tokenizer_module = tokenized_rows(model_dir, data_dir, out, template, ROWS_STAGE, CUTOFF, **extra)
+    return rows, tokenizer_module["tokenizer"].pad_token_id
 
 
 def _segments(row: dict, pad_id: int) -> list[tuple[int, int]]:
