@@ -557,6 +557,13 @@ def run_cpu(small: bool, work: Path, repeat: int = 1) -> dict:
     }
 
 
+def write_result(result: dict, out: Path | None) -> None:
+    """Write a benchmark's result object as JSON to ``out`` (parents created); nothing when ``out`` is None."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workload", choices=("a", "b", "cpu"), required=True)
@@ -590,9 +597,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save(partial: dict) -> None:
         result.update(partial)
-        if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(result, args.out)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arch import write_model
-from bench_grounding import tokenize, write_rows
+from bench_grounding import tokenize, write_result, write_rows
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "pixel_values", "image_grid_thw")
 
@@ -111,9 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     with tempfile.TemporaryDirectory() as tmp:
         result.update(run(Path(tmp), args.rows, args.batch_size, args.repeat))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     print(json.dumps(result, indent=2))
     return result
 

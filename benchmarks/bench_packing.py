@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arch import write_model
-from bench_grounding import write_rows
+from bench_grounding import write_result, write_rows
 
 
 def _dataset(model_dir: Path, data_dir: Path, out: Path, cutoff_len: int, neat: bool) -> list[dict]:
@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     with tempfile.TemporaryDirectory() as tmp:
         result.update(run(Path(tmp), args.rows, args.cutoff_len, args.batch_size))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     print(json.dumps(result, indent=2))
     return result
 
