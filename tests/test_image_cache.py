@@ -152,15 +152,25 @@ def test_a_changed_file_or_setting_is_read_again(tiny_models, tmp_path):
     _assert_host_equal(plugin, processor, [path], got)
     assert cache.counts.misses == 4
 
+    bmp = _save(tmp_path / "b.bmp", (90, 40), (10, 200, 10))  # a BMP's byte size depends on its size alone
+    plugin._get_mm_inputs([bmp], [], [], processor)
+    stat = os.stat(bmp)
+    _save(bmp, (90, 40), (200, 10, 10))
+    os.utime(bmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # other pixels, same byte size, the old mtime back
+    assert (os.stat(bmp).st_size, os.stat(bmp).st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    got = plugin._get_mm_inputs([bmp], [], [], processor)
+    _assert_host_equal(plugin, processor, [bmp], got)  # the new pixels, not the cached ones
+    assert cache.counts.misses == 6
+
     processor.image_max_pixels = 20 * 20  # another host pixel limit: another entry
     got = plugin._get_mm_inputs([path], [], [], processor)
     _assert_host_equal(plugin, processor, [path], got)
-    assert cache.counts.misses == 5
+    assert cache.counts.misses == 7
 
     pil = Image.new("RGB", (50, 30), (0, 0, 255))  # not a file: preprocessed every time, never stored
     images = [pil, path, path]
     _assert_host_equal(plugin, processor, images, plugin._get_mm_inputs(images, [], [], processor))
-    assert cache.counts.uncached == 1 and cache.counts.hits == 3 and cache.counts.misses == 5
+    assert cache.counts.uncached == 1 and cache.counts.hits == 3 and cache.counts.misses == 7
 
 
 def test_the_byte_limit_evicts_the_least_recently_used(tiny_models, tmp_path):

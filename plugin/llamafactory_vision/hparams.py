@@ -47,7 +47,7 @@ class VisionDataArguments(EditDataArguments, MGDataArguments, StrokeDataArgument
             "help": "Grounding templates: keep each image file's preprocessed tensors (`pixel_values`, "
             "`image_grid_thw`, as the image processor returns them under this run's settings) in memory and reuse "
             "them when the collator batches the same file again (next epoch, evaluation), instead of decoding and "
-            "patchifying it again. Batches are identical; a file whose size or mtime changed is read again. The "
+            "patchifying it again. Batches are identical; a file that was written, replaced or touched since (size, mtime, ctime or inode changed) is read again. The "
             "cache lives in each process: every dataloader worker holds its own (up to "
             "`grounding_image_cache_mib` each), so workers need `dataloader_persistent_workers: true` to keep it "
             "across epochs. Off by default because it costs memory (float32 patches, one frame kept: ~7 MiB for a "

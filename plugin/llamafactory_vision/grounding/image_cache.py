@@ -51,16 +51,20 @@ def processor_settings(processor) -> tuple:
     )
 
 
-def file_key(image) -> tuple[str, int, int] | None:
-    """``(resolved path, size in bytes, mtime_ns)`` of an image given as a path or ``{"path": ...}`` without bytes;
-    ``None`` for inputs that are not a file on disk (bytes, PIL images, file objects)."""
+def file_key(image) -> tuple[str, int, int, int, int] | None:
+    """``(resolved path, inode, size in bytes, mtime_ns, ctime_ns)`` of an image given as a path or ``{"path": ...}``
+    without bytes; ``None`` for inputs that are not a file on disk (bytes, PIL images, file objects).
+
+    mtime can be set back by a program (``os.utime``, ``cp -p``, ``rsync -t``), so a rewrite of the same size with
+    the old mtime would pass as unchanged; the inode (a file replaced by rename) and ctime (which every write and
+    every ``utime`` advance, and no program can set) catch it, to the file system's ctime granularity."""
     if isinstance(image, dict) and image.get("bytes") is None:
         image = image.get("path")
     if not isinstance(image, (str, os.PathLike)):
         return None
     path = os.path.realpath(image)
     stat = os.stat(path)
-    return path, stat.st_size, stat.st_mtime_ns
+    return path, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 @dataclass(frozen=True)
