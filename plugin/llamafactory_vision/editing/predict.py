@@ -7,8 +7,8 @@ expressive instruction per row), ``edit_grid.png`` (source | edited | target, fi
 
 Under ``torchrun`` each process edits every ``world_size``-th row (row ``i`` always with the generator seeded
 ``seed + i``, so which process edits it changes nothing); the edited images (PNG bytes, lossless) and texts are
-gathered to every process and the main one writes them and scores them in row order: the same files and metrics
-as one process.
+gathered to the main process only (the others would just hold them), which writes and scores them in row order:
+the same files and metrics as one process.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object
 from diffusers import EulerAncestralDiscreteScheduler
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from llamafactory_vision.distributed import gather_to_main
 from llamafactory_vision.editing.diffusion import DiffusionParts
 from llamafactory_vision.editing.metrics import ClipScorer, edit_metrics
 from llamafactory_vision.editing.parts import EditRecord, get_parts
@@ -66,8 +66,9 @@ def predict_edits(trainer, dataset, tokenizer_module, parts: DiffusionParts, rec
     rank, world = trainer.args.process_index, trainer.args.world_size
     mine = edit_rows(pipe, dataset, range(rank, len(dataset), world), record, finetuning_args, trainer.args.seed,
                      progress=trainer.is_local_process_zero())  # fmt: skip
-    edited = sorted(gather_object(mine), key=lambda row: row.index)
-    if trainer.is_world_process_zero():
+    edited = gather_to_main(mine, world)
+    if edited is not None:
+        edited.sort(key=lambda row: row.index)
         metrics = write_predictions(edited, len(dataset), Path(trainer.args.output_dir), record, finetuning_args)
         trainer.save_metrics("predict", {f"predict_{k}": v for k, v in metrics.items()})
         trainer.log_metrics("predict", {f"predict_{k}": v for k, v in metrics.items()})
