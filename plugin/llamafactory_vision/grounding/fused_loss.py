@@ -11,7 +11,7 @@ gradients equal autograd's of the unfused code to rounding, including at its non
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -24,40 +24,45 @@ from llamafactory_vision.boxes import _check_same_shape, _upcast
 _EPS = 1e-7
 
 
-def _giou_parts(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
-    """The intermediate tensors of ``1 - GIoU`` for matched ``cxcywh`` pairs, as ``bbox_regression_loss`` computes them.
+class _Parts(NamedTuple):
+    """What the backward needs of the forward's ``1 - GIoU``; index 0 of the ``[2, ...]`` tensors is pred, 1 target."""
 
-    ``pred``, ``target``: ``Tensor[N, 4]`` cxcywh of equal float dtype. Returns ``Tensor[N, 2]`` entries (x, y pairs)
-    ``pred_lt``, ``pred_rb``, ``target_lt``, ``target_rb`` (xyxy corners), ``inter_raw`` / ``inter_wh`` (intersection
-    sides before / after clamping at 0), ``enclose_raw`` / ``enclose_wh`` (the same for the enclosing box),
-    ``pred_wh`` / ``target_wh`` (sides as ``x2 - x1``, ``y2 - y1``), and ``Tensor[N]`` ``inter``, ``union``,
-    ``enclosing`` and ``giou_loss``.
-    """
-    parts = {}
-    for name, box in (("pred", pred), ("target", target)):
-        centre, half = box[:, :2], box[:, 2:] / 2  # boxes.box_convert: (cx - w / 2, ..., cx + w / 2, ...)
-        parts[f"{name}_lt"], parts[f"{name}_rb"] = centre - half, centre + half
-        parts[f"{name}_wh"] = parts[f"{name}_rb"] - parts[f"{name}_lt"]
-    parts["inter_raw"] = torch.minimum(parts["pred_rb"], parts["target_rb"]) - torch.maximum(
-        parts["pred_lt"], parts["target_lt"]
-    )
-    parts["inter_wh"] = parts["inter_raw"].clamp(min=0)
-    parts["inter"] = parts["inter_wh"][:, 0] * parts["inter_wh"][:, 1]
-    area_pred = parts["pred_wh"][:, 0] * parts["pred_wh"][:, 1]
-    area_target = parts["target_wh"][:, 0] * parts["target_wh"][:, 1]
-    parts["union"] = area_pred + area_target - parts["inter"]
-    iou = parts["inter"] / (parts["union"] + _EPS)
-    parts["enclose_raw"] = torch.maximum(parts["pred_rb"], parts["target_rb"]) - torch.minimum(
-        parts["pred_lt"], parts["target_lt"]
-    )
-    parts["enclose_wh"] = parts["enclose_raw"].clamp(min=0)
-    parts["enclosing"] = parts["enclose_wh"][:, 0] * parts["enclose_wh"][:, 1]
-    parts["giou_loss"] = 1 - (iou - (parts["enclosing"] - parts["union"]) / (parts["enclosing"] + _EPS))
-    return parts
+    lt: Tensor  # Tensor[2, N, 2]: (x1, y1) of each box
+    rb: Tensor  # Tensor[2, N, 2]: (x2, y2)
+    wh: Tensor  # Tensor[2, N, 2]: (x2 - x1, y2 - y1)
+    inter_raw: Tensor  # Tensor[N, 2]: intersection sides before clamping at 0
+    inter_wh: Tensor  # Tensor[N, 2]: after
+    enclose_raw: Tensor  # Tensor[N, 2]: enclosing box sides before clamping at 0
+    enclose_wh: Tensor  # Tensor[N, 2]: after
+    inter: Tensor  # Tensor[N]: intersection area
+    union: Tensor  # Tensor[N]
+    enclosing: Tensor  # Tensor[N]: enclosing box area
 
 
-def _giou_loss_grads(parts: dict[str, Tensor], upstream: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of ``sum_i upstream[i] * (1 - GIoU_i)`` with respect to ``pred`` and ``target`` cxcywh.
+def _giou_loss(pred: Tensor, target: Tensor) -> tuple[Tensor, _Parts]:
+    """``1 - GIoU`` of matched ``cxcywh`` pairs (``Tensor[N, 4]`` each, equal float dtype) -> ``Tensor[N]``, and its
+    parts. The same expressions as ``bbox_regression_loss`` evaluates (``box_convert``, ``_elementwise_iou_parts``),
+    on both boxes at once (stacked), so the values are the same floats."""
+    boxes = torch.stack((pred, target))
+    half = boxes[..., 2:] / 2  # box_convert: (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+    lt, rb = boxes[..., :2] - half, boxes[..., :2] + half
+    wh = rb - lt
+    inter_raw = rb.amin(dim=0) - lt.amax(dim=0)
+    inter_wh = inter_raw.clamp(min=0)
+    inter = inter_wh.prod(dim=-1)
+    areas = wh.prod(dim=-1)
+    union = areas[0] + areas[1] - inter
+    enclose_raw = rb.amax(dim=0) - lt.amin(dim=0)
+    enclose_wh = enclose_raw.clamp(min=0)
+    enclosing = enclose_wh.prod(dim=-1)
+    iou = inter / (union + _EPS)
+    loss = 1 - (iou - (enclosing - union) / (enclosing + _EPS))
+    return loss, _Parts(lt, rb, wh, inter_raw, inter_wh, enclose_raw, enclose_wh, inter, union, enclosing)
+
+
+def _giou_loss_grads(parts: _Parts, upstream: Tensor) -> Tensor:
+    """Gradients of ``upstream * sum_i (1 - GIoU_i)`` with respect to both boxes: ``Tensor[2, N, 4]`` cxcywh (index 0
+    pred, 1 target); ``upstream`` a scalar tensor.
 
     With ``I`` the intersection, ``U = A_pred + A_target - I`` the union, ``C`` the enclosing area and
     ``GIoU = I / (U + eps) - (C - U) / (C + eps)``::
@@ -71,32 +76,26 @@ def _giou_loss_grads(parts: dict[str, Tensor], upstream: Tensor) -> tuple[Tensor
     Non-differentiable points follow autograd of the unfused ops: a side clamped at exactly 0 passes its gradient
     (``clamp(min=0)`` passes it where the input is ``>= 0``), and a ``max`` / ``min`` of two equal corners gives half
     of the gradient to each box (``torch.maximum`` / ``torch.minimum``).
-
-    ``parts``: from :func:`_giou_parts`; ``upstream``: ``Tensor[N]``. Returns two ``Tensor[N, 4]`` (cxcywh).
     """
-    union_eps, enclosing_eps = parts["union"] + _EPS, parts["enclosing"] + _EPS
-    d_union = 1 / enclosing_eps - parts["inter"] / union_eps**2
+    union_eps, enclosing_eps = parts.union + _EPS, parts.enclosing + _EPS
+    d_union = 1 / enclosing_eps - parts.inter / union_eps**2
     d_inter = 1 / union_eps - d_union
     d_enclosing = -union_eps / enclosing_eps**2
-    # The loss is 1 - GIoU: every coefficient below carries the minus sign.
-    c_inter, c_area, c_enclose = [(-upstream * d)[:, None] for d in (d_inter, d_union, d_enclosing)]
-    g_inter_wh = c_inter * parts["inter_wh"].flip(-1) * (parts["inter_raw"] >= 0)  # dI/d(iw, ih) = (ih, iw)
-    g_enclose_wh = c_enclose * parts["enclose_wh"].flip(-1) * (parts["enclose_raw"] >= 0)
+    # The loss is 1 - GIoU: the coefficients carry the minus sign. Each Tensor[N, 1].
+    c_inter, c_area, c_enclose = (-upstream * torch.stack((d_inter, d_union, d_enclosing)))[..., None]
+    g_inter_wh = c_inter * parts.inter_wh.flip(-1) * (parts.inter_raw >= 0)  # dI/d(iw, ih) = (ih, iw)
+    g_enclose_wh = c_enclose * parts.enclose_wh.flip(-1) * (parts.enclose_raw >= 0)
+    g_area_wh = c_area * parts.wh.flip(-1)  # dA/d(w, h) = (h, w), w = x2 - x1; Tensor[2, N, 2]
 
-    # Share of each max/min that goes to pred: 1 where pred's corner is taken, 0 where target's, 1/2 on a tie.
-    # Intersection lt = max(pred_lt, target_lt) and rb = min(pred_rb, target_rb); the enclosing box the reverse.
-    pred_lt_share = (parts["pred_lt"] > parts["target_lt"]) + 0.5 * (parts["pred_lt"] == parts["target_lt"])
-    pred_rb_share = (parts["pred_rb"] < parts["target_rb"]) + 0.5 * (parts["pred_rb"] == parts["target_rb"])
-    grads = []
-    for name, lt_share, rb_share in (
-        ("pred", pred_lt_share, pred_rb_share),
-        ("target", 1 - pred_lt_share, 1 - pred_rb_share),
-    ):
-        g_wh = c_area * parts[f"{name}_wh"].flip(-1)  # dA/d(w, h) = (h, w), w = x2 - x1
-        g_lt = -g_inter_wh * lt_share - g_enclose_wh * (1 - lt_share) - g_wh
-        g_rb = g_inter_wh * rb_share + g_enclose_wh * (1 - rb_share) + g_wh
-        grads.append(torch.cat((g_lt + g_rb, (g_rb - g_lt) / 2), dim=-1))  # (x1, x2) -> (cx, w), same for y
-    return grads[0], grads[1]
+    # Each box's share of a max/min: 1 where its corner is taken, 0 where the other's, 1/2 on a tie. The
+    # intersection takes max of the lt corners and min of the rb corners, the enclosing box the reverse (1 - share).
+    lt_other, rb_other = parts.lt.flip(0), parts.rb.flip(0)
+    lt_share = (parts.lt > lt_other) + 0.5 * (parts.lt == lt_other)
+    rb_share = (parts.rb < rb_other) + 0.5 * (parts.rb == rb_other)
+    inter_minus_enclose = g_inter_wh - g_enclose_wh
+    g_lt = -(g_enclose_wh + inter_minus_enclose * lt_share + g_area_wh)  # lt enters the sides with a minus
+    g_rb = g_enclose_wh + inter_minus_enclose * rb_share + g_area_wh
+    return torch.cat((g_lt + g_rb, (g_rb - g_lt) / 2), dim=-1)  # (x1, x2) -> (cx, w), same for y
 
 
 class _FusedBBoxLoss(torch.autograd.Function):
@@ -110,29 +109,27 @@ class _FusedBBoxLoss(torch.autograd.Function):
         pred = _upcast(pred_cxcywh)
         target = target_cxcywh.to(pred.dtype)
         diff = pred - target
-        parts = _giou_parts(pred, target)
-        l1_rows, giou_rows = diff.abs().sum(dim=-1), parts["giou_loss"]
+        giou_rows, parts = _giou_loss(pred, target)
+        l1_rows = diff.abs().sum(dim=-1)
         if reduction == "mean":
             l1, giou = l1_rows.mean(), giou_rows.mean()
         else:
             l1, giou = l1_rows.sum(), giou_rows.sum()
-        ctx.part_names = tuple(parts)
-        ctx.save_for_backward(diff, *parts.values())
+        ctx.save_for_backward(diff, *parts)
         ctx.settings = (l1_weight, giou_weight, reduction, pred_cxcywh.dtype, target_cxcywh.dtype)
         return l1, giou, l1_weight * l1 + giou_weight * giou
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_l1: Tensor, grad_giou: Tensor, grad_total: Tensor):
-        diff, *saved = ctx.saved_tensors
-        parts = dict(zip(ctx.part_names, saved))
+        diff, *parts = ctx.saved_tensors
         l1_weight, giou_weight, reduction, pred_dtype, target_dtype = ctx.settings
         boxes = diff.shape[0]
         scale = 1 / boxes if reduction == "mean" else 1.0
         # total = l1_weight * l1 + giou_weight * giou: each term's upstream gradient, per box.
         up_l1 = (grad_l1 + l1_weight * grad_total) * scale
         up_giou = (grad_giou + giou_weight * grad_total) * scale
-        grad_pred, grad_target = _giou_loss_grads(parts, up_giou.expand(boxes))
+        grad_pred, grad_target = _giou_loss_grads(_Parts(*parts), up_giou)
         sign = torch.sign(diff) * up_l1  # d|x|/dx: sign(x), 0 at x = 0 (autograd's abs gives sgn too)
         grad_pred = (grad_pred + sign).to(pred_dtype) if ctx.needs_input_grad[0] else None
         grad_target = (grad_target - sign).to(target_dtype) if ctx.needs_input_grad[1] else None
