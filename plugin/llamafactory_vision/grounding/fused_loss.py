@@ -98,6 +98,12 @@ def _giou_loss_grads(parts: _Parts, upstream: Tensor) -> Tensor:
     return torch.cat((g_lt + g_rb, (g_rb - g_lt) / 2), dim=-1)  # (x1, x2) -> (cx, w), same for y
 
 
+def _upstream(grad_term: Tensor | None, grad_total: Tensor | None, weight: float) -> Tensor | float:
+    """The gradient reaching one term (``l1`` or ``giou``): its own plus ``weight`` times ``total``'s (None = 0)."""
+    upstream = 0.0 if grad_total is None else weight * grad_total
+    return upstream if grad_term is None else grad_term + upstream
+
+
 class _FusedBBoxLoss(torch.autograd.Function):
     """``(pred, target) -> (l1, giou, total)``, see :func:`fused_bbox_regression_loss` (``N >= 1`` here)."""
 
@@ -116,6 +122,7 @@ class _FusedBBoxLoss(torch.autograd.Function):
         else:
             l1, giou = l1_rows.sum(), giou_rows.sum()
         ctx.save_for_backward(diff, *parts)
+        ctx.set_materialize_grads(False)  # unused outputs (the trainer backpropagates `total` only) pass None
         ctx.settings = (l1_weight, giou_weight, reduction, pred_cxcywh.dtype, target_cxcywh.dtype)
         return l1, giou, l1_weight * l1 + giou_weight * giou
 
@@ -124,11 +131,10 @@ class _FusedBBoxLoss(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_l1: Tensor, grad_giou: Tensor, grad_total: Tensor):
         diff, *parts = ctx.saved_tensors
         l1_weight, giou_weight, reduction, pred_dtype, target_dtype = ctx.settings
-        boxes = diff.shape[0]
-        scale = 1 / boxes if reduction == "mean" else 1.0
+        scale = 1 / diff.shape[0] if reduction == "mean" else 1.0
         # total = l1_weight * l1 + giou_weight * giou: each term's upstream gradient, per box.
-        up_l1 = (grad_l1 + l1_weight * grad_total) * scale
-        up_giou = (grad_giou + giou_weight * grad_total) * scale
+        up_l1 = _upstream(grad_l1, grad_total, l1_weight) * scale
+        up_giou = _upstream(grad_giou, grad_total, giou_weight) * scale
         grad_pred, grad_target = _giou_loss_grads(_Parts(*parts), up_giou)
         sign = torch.sign(diff) * up_l1  # d|x|/dx: sign(x), 0 at x = 0 (autograd's abs gives sgn too)
         grad_pred = (grad_pred + sign).to(pred_dtype) if ctx.needs_input_grad[0] else None
