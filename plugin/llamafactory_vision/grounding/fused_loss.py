@@ -169,9 +169,9 @@ def fused_bbox_regression_loss(
 
     Returns:
         dict[str, Tensor]: scalars ``l1`` (L1 summed over the 4 coordinates, reduced over boxes), ``giou``
-        (``1 - GIoU`` reduced over boxes) and ``total`` (the weighted sum), float32 (float64 for float64 inputs);
-        their gradients reach the inputs in the inputs' dtypes. ``N = 0`` gives zeros connected to ``pred_cxcywh``'s
-        graph.
+        (``1 - GIoU`` reduced over boxes) and ``total`` (the weighted sum), float32 (float64 when ``pred_cxcywh``
+        is float64; the target is cast to that dtype, half precision is upcast); their gradients reach the inputs in
+        the inputs' dtypes. ``N = 0`` gives zeros connected to ``pred_cxcywh``'s graph.
     """
     _check_same_shape(pred_cxcywh, target_cxcywh)
     if pred_cxcywh.shape[0] == 0:  # as bbox_regression_loss: checked before the reduction
