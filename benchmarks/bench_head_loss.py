@@ -35,17 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arch import arch_config
-from bench_grounding import StepTiming, ratio_of_totals, time_interleaved, write_result
+from bench_grounding import StepTiming, _sync, ratio_of_totals, time_interleaved, write_result
 
 BOX_COUNTS = (8, 64, 512)
 SMALL_BOX_COUNTS = (8, 64)
 BOXES_PER_ROW = 8  # `head`: rows of 8 boxes each (a detection-style row); fewer boxes make one row
 VARIANTS = ("unfused", "fused")
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def loss_inputs(boxes: int, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
