@@ -14,6 +14,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #   zero3     llamafactory-cli train yaml_examples/qwen2vl_ground_head_ds3.yaml with ZeRO-3 on a scaled-down random
 #             Qwen2-VL (arch.py --small), one GPU under torchrun, then benchmarks/check_head.py (the saved head
 #             reloads as predict loads it). benchmarks/zero3_head_check.sh is the longer check (checkpoints, predict).
+#   head_loss benchmarks/bench_head_loss.py --devices cuda: the bbox head's loss fused vs unfused (bbox_fused_loss),
+#             forward + backward, 8/64/512 boxes (~15 s; last, as the figure that matters least)
 # Results: $OUT/results/<step>.json (the JSON each step prints last on stdout), $OUT/log.txt (the tail of each
 # step's output), $OUT/summary.txt: at most 8 files.
 set -u
@@ -98,6 +100,9 @@ else
   { echo "===== zero3: deepspeed import failed"; tail -n 20 /tmp/gpu_all/deepspeed_import.log; } >> "$OUT/log.txt"
 fi
 
+HEAD_LOSS=(--devices cuda); [ $DRY = 1 ] && HEAD_LOSS=(--devices cpu --small)
+run_step head_loss 30 python3 benchmarks/bench_head_loss.py "${HEAD_LOSS[@]}" --out "$OUT/results/head_loss.json"
+
 wait $CPU_PID; rc=$?
 STATUS[cpu]="rc=$rc"
 collect cpu
@@ -105,6 +110,6 @@ collect cpu
 # Short table last.
 {
   echo "gpu_all.sh: $(( $(date +%s) - START ))s after installs; $( [ $DRY = 1 ] && echo 'DRY RUN (CPU, --small)' )"
-  for step in cpu a b edit mg_llava zero3; do printf '%-9s %s\n' "$step" "${STATUS[$step]:-not run}"; done
+  for step in cpu a b edit mg_llava zero3 head_loss; do printf '%-9s %s\n' "$step" "${STATUS[$step]:-not run}"; done
   python3 benchmarks/summarize.py table "$OUT/results"
 } | tee "$OUT/summary.txt"

@@ -207,7 +207,11 @@ def learn_data(tmp_path_factory) -> Path:
 
 LOSS_SETTINGS = {
     "detr_defaults": ({}, (1.0, 5.0, 2.0)),
-    "custom": ({"bbox_loss_weight": 0.7, "bbox_l1_weight": 3.0, "bbox_giou_weight": 1.5}, (0.7, 3.0, 1.5)),
+    # with the fused head loss (`bbox_fused_loss`): the defaults keep the unfused one
+    "custom": (
+        {"bbox_loss_weight": 0.7, "bbox_l1_weight": 3.0, "bbox_giou_weight": 1.5, "bbox_fused_loss": True},
+        (0.7, 3.0, 1.5),
+    ),
 }
 
 
@@ -241,6 +245,7 @@ def first_batch(trainer) -> dict[str, torch.Tensor]:
 def test_loss_is_lm_loss_plus_weighted_l1_and_giou(build_trainer, setting):
     trainer = build_trainer(setting)
     weight, l1_weight, giou_weight = LOSS_SETTINGS[setting][1]
+    assert trainer.bbox_loss.fused == LOSS_SETTINGS[setting][0].get("bbox_fused_loss", False)  # the YAML key arrives
     model = trainer.model
     model.train()
     batch = first_batch(trainer)
@@ -314,6 +319,59 @@ def test_gradients_reach_head_and_lora(build_trainer):
     assert all(not is_zero(total[f"bbox_head.bbox_fc{i}.weight"]) for i in range(head.config.num_layers))
     for name in lora_b:
         assert (total[name] - lm_only[name]).abs().max() > 1e-6 * lm_only[name].abs().max(), name
+
+
+def test_fused_loss_trains_like_the_unfused_one(build_trainer):
+    """``bbox_fused_loss``: the same SGD steps from the same weights, on the workflow's trainer, with the fused loss
+    and with the unfused one give the same losses, logged terms and weights (head and LoRA), up to float rounding."""
+    trainer = build_trainer("custom")
+    model = trainer.model
+    model.train()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    batches = [trainer.data_collator([trainer.train_dataset[i] for i in rows]) for rows in ((0, 1), (2, 3), (4, 5))]
+
+    def train(fused: bool) -> tuple[list[float], list[dict], dict[str, torch.Tensor]]:
+        trainer.bbox_loss = dataclasses.replace(trainer.bbox_loss, fused=fused)
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(start[name])
+        optimizer = torch.optim.SGD(trainable.values(), lr=0.5)
+        losses, logged = [], []
+        for batch in batches:
+            optimizer.zero_grad(set_to_none=True)
+            trainer._metric_sums.clear()
+            loss = trainer.compute_loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            trainer.log({"loss": loss.item()})
+            losses.append(loss.item())
+            logged.append(trainer.state.log_history[-1])
+        return losses, logged, {n: p.detach().clone() for n, p in trainable.items()}
+
+    fused_config = trainer.bbox_loss
+    with random_head(model.bbox_head, seed=2):
+        start = {n: p.detach().clone() for n, p in trainable.items()}
+        try:
+            fused, unfused = train(fused=True), train(fused=False)
+        finally:
+            trainer.bbox_loss = fused_config
+            with torch.no_grad():
+                for name, param in trainable.items():
+                    param.copy_(start[name])
+
+    assert len(set(fused[0])) == 3  # the steps train: three different losses
+    assert fused[0] == pytest.approx(unfused[0], rel=1e-5, abs=1e-6)
+    for ours, plain in zip(fused[1], unfused[1]):
+        for key in ("lm_loss", "bbox_l1", "bbox_giou"):
+            assert ours[key] == pytest.approx(plain[key], abs=2e-4), key
+    assert not torch.equal(fused[2]["bbox_head.bbox_fc0.weight"], start["bbox_head.bbox_fc0.weight"])
+    # float32 rounding differs between the two losses and grows over 3 steps at lr 0.5: tolerance relative to each
+    # tensor's largest weight, as in test_accumulated_gradients_equal_one_batch (a wrong gradient is off by far more)
+    for name, weight in unfused[2].items():
+        scale = float(weight.abs().max())
+        torch.testing.assert_close(
+            fused[2][name], weight, rtol=1e-4, atol=1e-5 * scale + 1e-12, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_evaluation_during_training_reports_head_metrics(build_trainer):
@@ -1012,6 +1070,15 @@ def test_accumulated_gradients_equal_one_batch(path, tiny_models, mixed_data, tm
         )
     for key in ("lm_loss", "bbox_l1", "bbox_giou"):
         assert logged[key] == pytest.approx(expected_log[key], abs=2e-4), key
+
+
+def test_fused_loss_without_the_head_is_refused(tiny_models, demo_data, tmp_path):
+    """`bbox_fused_loss` only changes how the head's loss is computed: asked for without the head, it would silently do
+    nothing, so start-up refuses it (the other bbox_* keys have defaults that cannot tell "asked for" from unset)."""
+    config = train_config(tiny_models[FAMILY], demo_data, tmp_path, GROUND_TEMPLATE[FAMILY], bbox_fused_loss=True)
+    with pytest.raises(ValueError, match=r"`bbox_fused_loss: true` .* needs `bbox_head: true`"):
+        parse(config)
+    parse({**config, "bbox_head": True})  # accepted with the head
 
 
 def test_asft_loss_is_refused_with_the_head(tiny_models, demo_data, tmp_path):

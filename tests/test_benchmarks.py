@@ -133,3 +133,38 @@ def test_summary_marks_runs_of_the_sequential_harness(tmp_path):
         f"x lora {SEQUENTIAL}: ours/stock": 2.0, f"x lora {SEQUENTIAL}: ours+head/stock": 1.5,
         "y lora: ours/stock": 2.0, "y lora: ours+head/stock": 1.5,
     }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- fused head loss
+
+
+def test_head_loss_benchmark_times_equal_work_interleaved(tmp_path):
+    """bench_head_loss.py's --small path: both measures, fused and unfused checked equal before timing (the loss values
+    bit for bit: the fused forward repeats the unfused arithmetic), and figures from the interleaved timed steps."""
+    import json
+
+    import bench_head_loss
+
+    with torch.random.fork_rng(devices=[]):
+        result = bench_head_loss.main(["--small", "--devices", "cpu", "--warmup", "1", "--steps", "2", "--step-ms", "1",
+                                       "--out", str(tmp_path / "head_loss.json")])  # fmt: skip
+    assert json.loads((tmp_path / "head_loss.json").read_text()) == result
+    runs = {(r["measure"], r["boxes"]): r for r in result["runs"]}
+    assert set(runs) == {(m, n) for m in ("loss", "head") for n in bench_head_loss.SMALL_BOX_COUNTS}
+    for (measure, _), run in runs.items():
+        if measure == "loss":
+            assert run["max_abs_diff_total"] == 0.0
+        assert run["max_abs_diff_grad"] < 1e-4
+        assert run["unfused_us_per_call"] > 0 and run["fused_us_per_call"] > 0
+        assert run["speedup_fused_over_unfused"] == pytest.approx(
+            run["unfused_us_per_call"] / run["fused_us_per_call"], rel=1e-2
+        )
+
+
+def test_head_loss_benchmark_refuses_unequal_work():
+    import bench_head_loss
+
+    calls, grads_of = bench_head_loss.callables("loss", 8, 16, "cpu")
+    unfused = calls["unfused"]
+    with pytest.raises(AssertionError, match="fused and unfused differ"):
+        bench_head_loss.check_equal({"unfused": unfused, "fused": lambda: unfused() * 1.01}, grads_of, "loss")

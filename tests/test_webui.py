@@ -98,7 +98,8 @@ def test_options_are_our_dataclass_fields_with_help():
     assert options["bbox_head_source"].choices == ("box_start", "box_end")
     assert options["bbox_head_layers"].kind == "int"
     assert options["bbox_loss_weight"].kind == "float"
-    assert options["grounding_invalid"].group == "grounding"
+    assert options["bbox_fused_loss"].kind == "checkbox" and options["bbox_fused_loss"].default is False
+    assert options["grounding_invalid"].group == options["bbox_fused_loss"].group == "grounding"
 
 
 def test_a_mixin_field_gets_a_control_in_its_capability_group():
@@ -161,6 +162,7 @@ def test_locales_cover_every_host_language():
         assert set(entry) == set(HOST_LANGS)
         assert entry["en"]["info"] == option.help
     assert LOCALES["bbox_head"]["zh"]["label"] == "框回归头"
+    assert LOCALES["bbox_fused_loss"]["zh"]["label"] == "融合框损失"
     assert LOCALES["vision_grounding_tab"]["zh"]["label"].startswith("视觉定位")
 
 

@@ -107,6 +107,14 @@ class VisionFinetuningArguments(EditFinetuningArguments, FinetuningArguments):
     bbox_giou_weight: float = field(
         default=2.0, metadata={"help": "Weight of the GIoU term inside the bbox head loss (DETR: 2)."}
     )
+    bbox_fused_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the bbox head's loss (L1 + GIoU) as one autograd node with a hand-derived backward "
+            "instead of ~40 small ops: fewer kernel launches, same values and gradients up to float rounding. Off "
+            "by default because rounding may differ from the unfused loss. Needs `bbox_head: true`."
+        },
+    )
     bbox_head_layers: int | None = field(
         default=None,
         metadata={
@@ -129,6 +137,11 @@ class VisionFinetuningArguments(EditFinetuningArguments, FinetuningArguments):
             raise ValueError(f"`bbox_head_source` must be box_start or box_end, got {self.bbox_head_source!r}.")
         if self.bbox_head_layers is not None and self.bbox_head_layers < 1:
             raise ValueError(f"`bbox_head_layers` must be >= 1, got {self.bbox_head_layers}.")
+        if self.bbox_fused_loss and not self.bbox_head:
+            raise ValueError(
+                "`bbox_fused_loss: true` fuses the bbox head's loss and needs `bbox_head: true`; without the head "
+                "there is no box loss to fuse. Set `bbox_head: true` or remove `bbox_fused_loss`."
+            )
         for name in ("bbox_loss_weight", "bbox_l1_weight", "bbox_giou_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")

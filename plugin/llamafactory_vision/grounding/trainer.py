@@ -27,6 +27,7 @@ from llamafactory_vision.grounding.bbox_head import (
     select_anchor,
 )
 from llamafactory_vision.grounding.formats import RELATIVE_SCALE
+from llamafactory_vision.grounding.fused_loss import fused_bbox_regression_loss
 from llamafactory_vision.grounding.head_data import BBOX_COLUMNS
 from llamafactory_vision.grounding.head_rows import HeadBox, PredictRow
 from llamafactory_vision.grounding.predict_trainer import GroundingPredictTrainer
@@ -53,6 +54,7 @@ class BBoxLossConfig:
     l1_weight: float
     giou_weight: float
     source: str
+    fused: bool = False  # `bbox_fused_loss`: fused_bbox_regression_loss instead of bbox_regression_loss
 
 
 def bbox_head_loss(
@@ -68,7 +70,8 @@ def bbox_head_loss(
     anchors = select_anchor(spans, config.source)
     rows, slots = (anchors >= 0).nonzero(as_tuple=True)
     pred = head(hidden[rows, anchors[rows, slots]])
-    terms = bbox_regression_loss(pred, targets[rows, slots], config.l1_weight, config.giou_weight, reduction="sum")
+    loss_fn = fused_bbox_regression_loss if config.fused else bbox_regression_loss
+    terms = loss_fn(pred, targets[rows, slots], config.l1_weight, config.giou_weight, reduction="sum")
     return {**terms, "boxes": torch.tensor(len(rows), device=pred.device)}
 
 

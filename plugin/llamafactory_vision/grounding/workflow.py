@@ -161,6 +161,7 @@ def run_grounding_sft(model_args, data_args, training_args, finetuning_args, gen
                 finetuning_args.bbox_l1_weight,
                 finetuning_args.bbox_giou_weight,
                 head.config.source,
+                finetuning_args.bbox_fused_loss,
             ),
             "box_pattern": get_codec(family).box_pattern,
         }

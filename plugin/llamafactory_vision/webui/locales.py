@@ -25,6 +25,7 @@ ZH_OPTIONS: dict[str, tuple[str, str]] = {
     "bbox_loss_weight": ("框损失权重", "加到语言模型损失上的框回归头损失的权重。"),
     "bbox_l1_weight": ("L1 权重", "框回归头损失中 L1 项的权重（DETR：5）。"),
     "bbox_giou_weight": ("GIoU 权重", "框回归头损失中 GIoU 项的权重（DETR：2）。"),
+    "bbox_fused_loss": ("融合框损失", "将回归头损失（L1 + GIoU）计算为单个自动求导节点（手推反向），数值在浮点舍入范围内一致；需要 bbox_head。"),
     "bbox_head_layers": ("回归头层数", "框回归头 MLP 的线性层数（最后一层零初始化）。"),
     "bbox_head_source": ("回归头输入位置", "回归头读取的隐藏状态：box_start（框的起始符）或 box_end（结束符）。"),
     "diffusion_model_name_or_path": ("扩散模型路径", "Stable Diffusion / InstructPix2Pix 模型的路径或名称。"),
