@@ -300,19 +300,23 @@ def compare_with_stock(figures: dict, stock: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def prepare(work: Path, rows: int, small: bool, device: str) -> tuple[Path, Path, list[int]]:
+def prepare(
+    work: Path, rows: int, small: bool, device: str, image_sizes: tuple[str, ...]
+) -> tuple[Path, Path, list[int]]:
     """Model, rows (ours + the stock twin) and each row's token count (ours, fast tokenization, unpacked)."""
     model_dir = work / "model"
     write_model(ARCH, model_dir, small, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    if device == "cuda":  # the workers load it themselves: give back what this process's allocator still holds
+        torch.cuda.empty_cache()
     data_dir = work / "data"
-    write_rows(data_dir, n=rows, size_classes=("normal", "big"), seed=1)  # COCO-like sizes, half above 768*768
+    write_rows(data_dir, n=rows, size_classes=image_sizes, seed=1)
     write_stock_twin(data_dir, FAMILY, model_dir)
     *_, dataset, _ = tokenize(model_dir, data_dir, work / "count", FAMILY, "ours", "lora", "cpu")
     return model_dir, data_dir, [len(ids) for ids in dataset["input_ids"]]
 
 
 def run(work: Path, args: argparse.Namespace) -> dict:
-    model_dir, data_dir, lengths = prepare(work, args.rows, args.small, args.device)
+    model_dir, data_dir, lengths = prepare(work, args.rows, args.small, args.device, tuple(args.image_sizes))
     cutoff = pack_cutoff(lengths, args.batch_size)
     skipped = {s: why for s in SWITCHES if (why := unavailable(s, args.device))}  # also left out of ``all``
     overrides = variant_overrides({s: o for s, o in SWITCHES.items() if s not in skipped})
@@ -359,6 +363,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", type=int, default=None, help="rows per epoch (default 400; 16 with --small)")
     parser.add_argument("--epochs", type=int, default=None, help="whole epochs (>= 2: the cache serves from epoch 2)")
     parser.add_argument("--batch-size", type=int, default=None, help="rows per unpacked step (default 8; 4 small)")
+    parser.add_argument(
+        "--image-sizes",
+        type=lambda s: s.split(","),
+        default=["normal", "big"],
+        help="synth size classes, cycled over the rows (default: COCO-like, half above 768*768)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs of every variant, in rotating order")
     parser.add_argument("--variants", type=lambda s: s.split(","), default=None,
                         help="comma-separated, stock first (default: stock, ours, every switch, all)")  # fmt: skip
