@@ -100,13 +100,13 @@ def unavailable(switch: str, device: str) -> str | None:
 
 
 def run_config(name: str, overrides: dict | None, *, model_dir: Path, data_dir: Path, out: Path, device: str,
-               batch_size: int, epochs: int, pack_cutoff: int) -> dict:  # fmt: skip
+               batch_size: int, epochs: int, pack_cutoff: int, learning_rate: float) -> dict:  # fmt: skip
     """The ``run_exp`` arguments of one variant (what a user would write in the YAML)."""
     config = {
         "model_name_or_path": str(model_dir), "stage": "sft", "do_train": True, "finetuning_type": "lora",
         "lora_rank": 8, "lora_target": "all", "dataset_dir": str(data_dir), "cutoff_len": 4096,
         "output_dir": str(out), "overwrite_output_dir": True, "overwrite_cache": True, "report_to": "none",
-        "per_device_train_batch_size": batch_size, "num_train_epochs": epochs, "learning_rate": 1.0e-4,
+        "per_device_train_batch_size": batch_size, "num_train_epochs": epochs, "learning_rate": learning_rate,
         "lr_scheduler_type": "cosine", "warmup_ratio": 0.05, "logging_steps": 1, "save_strategy": "no",
         "plot_loss": False, "seed": 0, "bf16": device == "cuda",
     }  # fmt: skip
@@ -114,14 +114,23 @@ def run_config(name: str, overrides: dict | None, *, model_dir: Path, data_dir: 
         return {**config, "dataset": "stock", "template": STOCK_TEMPLATE[FAMILY]}
     config = {**config, "dataset": "synth_ground_train", "template": GROUND_TEMPLATE[FAMILY], **OURS_BASE}
     if overrides.get("neat_packing"):
-        # One pack holds about as many rows as an unpacked batch: the same number of optimizer steps per epoch.
+        # as many packs as unpacked batches, one a step: the same number of optimizer steps per epoch
         config.update(per_device_train_batch_size=1, cutoff_len=pack_cutoff)
     return {**config, **overrides}
 
 
 def pack_cutoff(lengths: list[int], batch_size: int) -> int:
-    """Packing length: ``batch_size`` mean rows, at least the longest row (none cut), rounded up to a multiple of 8."""
-    return 8 * math.ceil(max(max(lengths), batch_size * sum(lengths) / len(lengths)) / 8)
+    """Packing length (``cutoff_len``) for rows of ``lengths`` tokens: the least multiple of 8, no shorter than the
+    longest row (none cut) nor than ``batch_size`` mean rows, at which the host's own packer (``greedy_knapsack``)
+    makes no more packs than there are unpacked batches: one pack a step then gives the same optimizer steps per epoch
+    as the unpacked runs (the loss curves are compared epoch by epoch)."""
+    from llamafactory.data.processor.processor_utils import greedy_knapsack
+
+    batches = math.ceil(len(lengths) / batch_size)
+    cutoff = 8 * math.ceil(max(max(lengths), batch_size * sum(lengths) / len(lengths)) / 8)
+    while len(greedy_knapsack(list(lengths), cutoff)) > batches:  # it sorts and empties the list it is given
+        cutoff += 8
+    return cutoff
 
 
 def real_tokens(dataset) -> int:
@@ -325,7 +334,8 @@ def run(work: Path, args: argparse.Namespace) -> dict:
         raise ValueError(f"--variants must start with stock (the baseline), got {names}")
     configs = {
         name: run_config(name, overrides[name], model_dir=model_dir, data_dir=data_dir, out=work / "runs" / name,
-                         device=args.device, batch_size=args.batch_size, epochs=args.epochs, pack_cutoff=cutoff)
+                         device=args.device, batch_size=args.batch_size, epochs=args.epochs, pack_cutoff=cutoff,
+                         learning_rate=args.learning_rate)
         for name in names
     }  # fmt: skip
     runs: dict[str, list[dict]] = {name: [] for name in names}
@@ -369,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=["normal", "big"],
         help="synth size classes, cycled over the rows (default: COCO-like, half above 768*768)",
     )
+    parser.add_argument("--learning-rate", type=float, default=1.0e-4, help="the same for every variant")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every variant, in rotating order")
     parser.add_argument("--variants", type=lambda s: s.split(","), default=None,
                         help="comma-separated, stock first (default: stock, ours, every switch, all)")  # fmt: skip

@@ -140,7 +140,7 @@ def test_summary_marks_runs_of_the_sequential_harness(tmp_path):
 
 def test_fast_path_counts_tokens_and_loss_noise_by_hand():
     import numpy as np
-    from bench_fast_path import SWITCHES, epoch_noise, real_tokens, variant_overrides
+    from bench_fast_path import SWITCHES, epoch_noise, pack_cutoff, real_tokens, variant_overrides
 
     # an unpacked row is all ones; a neat pack numbers its rows 1..k and pads with 0: 3 + 5 real tokens
     assert real_tokens({"attention_mask": [[1, 1, 1], [1, 1, 2, 2, 2, 0, 0]]}) == 8
@@ -148,6 +148,9 @@ def test_fast_path_counts_tokens_and_loss_noise_by_hand():
     x = np.arange(len(losses))
     residual = np.asarray(losses) - np.polyval(np.polyfit(x, losses, 1), x)  # numpy's least squares, the oracle
     assert epoch_noise(losses) == pytest.approx(np.sqrt((residual**2).sum() / 4) / np.sqrt(6), rel=1e-9)
+    # packing length: 6 rows in 3 batches of 2; from 60 (2 mean rows, the longest row) to 64 the host's packer makes 4
+    # packs ([60], [50, 10], [50, 10], [10]); at 72 (70 is no multiple of 8) 3 ([60, 10], [50, 10, 10], [50])
+    assert pack_cutoff([60, 10, 50, 10, 50, 10], batch_size=2) == 72
     # one more switch is one more ablation row, and `all` turns it on too
     table = variant_overrides({**SWITCHES, "fused": {"bbox_fused_loss": True}})
     assert table["stock"] is None and table["ours"] == {}
@@ -155,6 +158,7 @@ def test_fast_path_counts_tokens_and_loss_noise_by_hand():
     assert list(table) == ["stock", "ours", *SWITCHES, "fused", "all"]
 
 
+@pytest.mark.e2e
 def test_fast_path_small_run_trains_stock_without_switches_and_ours_with_them(tmp_path):
     """--small end to end, two processes: stock runs the host with our hook off, on the stock template, unpacked and
     uncached; `all` packs, serves epoch 2 from the image cache, and counts the same tokens."""
