@@ -9,8 +9,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #   cpu       benchmarks/bench_grounding.py --workload cpu, on one pinned core, in the background
 #   a         Qwen2-VL-2B LoRA r8 + full FT: stock vs ours vs ours + bbox head
 #   fast_path benchmarks/bench_fast_path.py: Qwen2-VL-2B LoRA, whole runs through run_exp, stock vs every fast-path
-#             switch on (fast tokenize, image cache, neat packing; Liger only if liger-kernel imports), 64 rows x 2
-#             epochs (16 steps of 8 rows): what fits its 150 s cap, not the goal's 200 steps (see RESULTS.md)
+#             switch on (fast tokenize, image cache, neat packing; Liger only if liger-kernel imports), 48 rows x 2
+#             epochs (12 steps of 8 rows): what should fit its 150 s cap, not the goal's 200 steps (see RESULTS.md)
 #   b         Qwen2.5-VL-3B and Qwen3-VL-2B LoRA: the same
 #   edit      benchmarks/bench_edit.py --device cuda       (if the file exists)
 #   mg_llava  benchmarks/bench_mg_llava.py --device cuda   (if the file exists)
@@ -41,7 +41,7 @@ if [ $DRY = 1 ]; then
   SIZE=(--small --steps 2 --warmup 1) DEVICE=cpu SCALE=6 BUDGET=${BUDGET_S:-2400}
   FAST=(--small --rows 4 --epochs 2 --batch-size 2 --image-sizes tiny)
 else
-  SIZE=() DEVICE=cuda FAST=(--rows 64 --epochs 2 --batch-size 8)
+  SIZE=() DEVICE=cuda FAST=(--rows 48 --epochs 2 --batch-size 8)
 fi
 
 declare -A STATUS
