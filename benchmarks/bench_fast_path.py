@@ -99,7 +99,7 @@ def unavailable(switch: str, device: str) -> str | None:
     return None
 
 
-def run_config(name: str, overrides: dict | None, *, model_dir: Path, data_dir: Path, out: Path, device: str,
+def run_config(overrides: dict | None, *, model_dir: Path, data_dir: Path, out: Path, device: str,
                batch_size: int, epochs: int, pack_cutoff: int, learning_rate: float) -> dict:  # fmt: skip
     """The ``run_exp`` arguments of one variant (what a user would write in the YAML)."""
     config = {
@@ -333,7 +333,7 @@ def run(work: Path, args: argparse.Namespace) -> dict:
     if names[0] != "stock":
         raise ValueError(f"--variants must start with stock (the baseline), got {names}")
     configs = {
-        name: run_config(name, overrides[name], model_dir=model_dir, data_dir=data_dir, out=work / "runs" / name,
+        name: run_config(overrides[name], model_dir=model_dir, data_dir=data_dir, out=work / "runs" / name,
                          device=args.device, batch_size=args.batch_size, epochs=args.epochs, pack_cutoff=cutoff,
                          learning_rate=args.learning_rate)
         for name in names
