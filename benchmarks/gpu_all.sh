@@ -8,6 +8,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # step) into /tmp/site. Steps, each under its own time cap and all under one deadline, so a hang costs one step only:
 #   cpu       benchmarks/bench_grounding.py --workload cpu, on one pinned core, in the background
 #   a         Qwen2-VL-2B LoRA r8 + full FT: stock vs ours vs ours + bbox head
+#   fast_path benchmarks/bench_fast_path.py: Qwen2-VL-2B LoRA, whole runs through run_exp, stock vs every fast-path
+#             switch on (fast tokenize, image cache, neat packing; Liger only if liger-kernel imports), 48 rows x 2
+#             epochs (12 steps of 8 rows): what should fit its 150 s cap, not the goal's 200 steps (see RESULTS.md)
 #   b         Qwen2.5-VL-3B and Qwen3-VL-2B LoRA: the same
 #   edit      benchmarks/bench_edit.py --device cuda       (if the file exists)
 #   mg_llava  benchmarks/bench_mg_llava.py --device cuda   (if the file exists)
@@ -38,8 +41,9 @@ export PATH=/tmp/site/bin:$PATH HF_HUB_OFFLINE=1 DISABLE_VERSION_CHECK=1 TOKENIZ
 
 if [ $DRY = 1 ]; then
   SIZE=(--small --steps 2 --warmup 1) DEVICE=cpu SCALE=6 BUDGET=${BUDGET_S:-2400}
+  FAST=(--small --rows 4 --epochs 2 --batch-size 2 --image-sizes tiny)
 else
-  SIZE=() DEVICE=cuda
+  SIZE=() DEVICE=cuda FAST=(--rows 48 --epochs 2 --batch-size 8)
 fi
 
 declare -A STATUS
@@ -72,6 +76,8 @@ timeout $(( 420 * SCALE )) "${PIN[@]}" python3 benchmarks/bench_grounding.py --w
 CPU_PID=$!
 
 run_step a 170 python3 benchmarks/bench_grounding.py --workload a --device $DEVICE "${SIZE[@]}" --out "$OUT/results/a.json"
+run_step fast_path 150 python3 benchmarks/bench_fast_path.py --device $DEVICE "${FAST[@]}" --variants stock,all \
+  --out "$OUT/results/fast_path.json"
 run_step b 190 python3 benchmarks/bench_grounding.py --workload b --device $DEVICE "${SIZE[@]}" --out "$OUT/results/b.json"
 OTHER=(); [ $DRY = 1 ] && OTHER=(--small)  # their own scaled-down mode
 [ -f benchmarks/bench_edit.py ] && run_step edit 60 python3 benchmarks/bench_edit.py --device $DEVICE "${OTHER[@]}"
@@ -110,6 +116,6 @@ collect cpu
 # Short table last.
 {
   echo "gpu_all.sh: $(( $(date +%s) - START ))s after installs; $( [ $DRY = 1 ] && echo 'DRY RUN (CPU, --small)' )"
-  for step in cpu a b edit mg_llava zero3 head_loss; do printf '%-9s %s\n' "$step" "${STATUS[$step]:-not run}"; done
+  for step in cpu a fast_path b edit mg_llava zero3 head_loss; do printf '%-9s %s\n' "$step" "${STATUS[$step]:-not run}"; done
   python3 benchmarks/summarize.py table "$OUT/results"
 } | tee "$OUT/summary.txt"

@@ -6,7 +6,7 @@
 
 A benchmark script prints its result as the last JSON object on stdout (LLaMA-Factory logs to stdout too, so the
 object is found from the end). ``table`` and ``plot`` read ``a.json``, ``b.json`` and ``cpu.json`` from
-``bench_grounding.py`` and list any other ``*.json`` (edit, mg_llava, zero3) by name with its top-level numbers.
+``bench_grounding.py`` and ``fast_path.json`` from ``bench_fast_path.py``, and list any other ``*.json`` (edit, mg_llava, zero3) by name with its top-level numbers.
 """
 
 from __future__ import annotations
@@ -76,8 +76,19 @@ def rows(results: Path) -> list[tuple[str, str, float | None]]:
             f"{ground_eval['predictions_per_s']} predictions/s (per CPU-s: {ground_eval.get('predictions_per_cpu_s')})"
         )
         out.append(("ground_eval", eval_text, None))
+    path = results / "fast_path.json"
+    if path.is_file():  # bench_fast_path.py: whole runs, stock vs each switch alone and all on
+        fast = json.loads(path.read_text())
+        for name, v in fast["variants"].items():
+            text = (
+                f"{v['tokens_per_s']} tok/s, {v['samples_per_s']} samples/s, end to end {v['end_to_end_tokens_per_s']}"
+            )
+            if name != "stock":
+                text += f", equal loss: {v['equal_loss_curve']}"
+            out.append((f"fast path ({v['steps']} steps): {name}" + ("" if name == "stock" else "/stock"),
+                        text, v.get("ratio_tokens_per_s")))  # fmt: skip
     for path in sorted(results.glob("*.json")):
-        if path.stem in ("a", "b", "cpu"):
+        if path.stem in ("a", "b", "cpu", "fast_path"):
             continue
         data = json.loads(path.read_text())
         numbers = {k: v for k, v in data.items() if isinstance(v, (int, float, bool))}

@@ -168,3 +168,53 @@ def test_head_loss_benchmark_refuses_unequal_work():
     unfused = calls["unfused"]
     with pytest.raises(AssertionError, match="fused and unfused differ"):
         bench_head_loss.check_equal({"unfused": unfused, "fused": lambda: unfused() * 1.01}, grads_of, "loss")
+
+
+# ---------------------------------------------------------------------------------------------- fast path (whole runs)
+
+
+def test_fast_path_counts_tokens_and_loss_noise_by_hand():
+    import numpy as np
+    from bench_fast_path import SWITCHES, epoch_noise, pack_cutoff, real_tokens, variant_overrides
+
+    # an unpacked row is all ones; a neat pack numbers its rows 1..k and pads with 0: 3 + 5 real tokens
+    assert real_tokens({"attention_mask": [[1, 1, 1], [1, 1, 2, 2, 2, 0, 0]]}) == 8
+    losses = [2.0, 1.7, 1.75, 1.4, 1.42, 1.1]
+    x = np.arange(len(losses))
+    residual = np.asarray(losses) - np.polyval(np.polyfit(x, losses, 1), x)  # numpy's least squares, the oracle
+    assert epoch_noise(losses) == pytest.approx(np.sqrt((residual**2).sum() / 4) / np.sqrt(6), rel=1e-9)
+    # packing length: 6 rows in 3 batches of 2; from 60 (2 mean rows, the longest row) to 64 the host's packer makes 4
+    # packs ([60], [50, 10], [50, 10], [10]); at 72 (70 is no multiple of 8) 3 ([60, 10], [50, 10, 10], [50])
+    assert pack_cutoff([60, 10, 50, 10, 50, 10], batch_size=2) == 72
+    # one more switch is one more ablation row, and `all` turns it on too
+    table = variant_overrides({**SWITCHES, "fused": {"bbox_fused_loss": True}})
+    assert table["stock"] is None and table["ours"] == {}
+    assert table["fused"] == {"bbox_fused_loss": True} and table["all"]["bbox_fused_loss"] is True
+    assert list(table) == ["stock", "ours", *SWITCHES, "fused", "all"]
+
+
+@pytest.mark.e2e
+def test_fast_path_small_run_trains_stock_without_switches_and_ours_with_them(tmp_path):
+    """--small end to end, two processes: stock runs the host with our hook off, on the stock template, unpacked and
+    uncached; `all` packs, serves epoch 2 from the image cache, and counts the same tokens."""
+    import json
+
+    import bench_fast_path
+
+    out = tmp_path / "fast_path.json"
+    bench_fast_path.main(["--small", "--rows", "4", "--epochs", "2", "--batch-size", "2", "--image-sizes", "tiny",
+                          "--variants", "stock,all", "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    stock, ours = result["variants"]["stock"], result["variants"]["all"]
+    assert result["process_order"] == ["stock", "all"]
+    assert stock["config"]["template"] == "qwen2_vl" and stock["config"]["dataset"] == "stock"
+    assert not set(stock["config"]) & {k for o in bench_fast_path.SWITCHES.values() for k in o}
+    assert (stock["plugin_loaded"], stock["packed"], stock["image_cache_on"]) == (False, False, False)
+    assert (ours["plugin_loaded"], ours["packed"], ours["image_cache_on"]) == (True, True, True)
+    assert ours["image_cache_counts"]["misses"] == 4 and ours["image_cache_counts"]["hits"] == 4  # epoch 2: cached
+    assert stock["tokens_per_epoch"] == ours["tokens_per_epoch"] == result["tokens_per_epoch"]
+    assert ours["dataset_rows"] < 4  # packs
+    for figures in (stock, ours):
+        assert len(figures["losses"]) == figures["steps"] and len(figures["epochs"]) == 2
+        assert figures["tokens_per_s"] > 0 and figures["end_to_end_tokens_per_s"] < figures["tokens_per_s"]
+    assert {"ratio_tokens_per_s", "ratio_end_to_end", "equal_loss_curve", "epoch_loss_vs_stock"} <= set(ours)
