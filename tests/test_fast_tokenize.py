@@ -281,7 +281,7 @@ def test_image_runs_fall_back_where_the_image_token_is_not_atomic(tiny_models):
 
 
 def test_the_converter_hands_its_header_read_to_tokenization(tmp_path):
-    """The converter opens every image to verify it; the plugin's size look-ups then read no header again, unless the
+    """The converter reads every image to verify it; the plugin's size look-ups then read no header again, unless the
     file changed since (oracle: PIL opening the file)."""
     import os
 
@@ -299,13 +299,13 @@ def test_the_converter_hands_its_header_read_to_tokenization(tmp_path):
     row = {"images": ["scene.png"], "objects": [{"ref": "a thing", "bbox": [1, 2, 30, 40]}]}
     with mock.patch.object(plugin.Image, "open", wraps=Image.open) as opened:
         (image,) = converter(row, 0)["_images"]
-        assert opened.call_count == 1  # the converter's own open (header + verify)
+        assert opened.call_count == 0  # the converter's own check read the PNG without PIL (verified_size)
         assert plugin.original_size(image) == (64, 48)
-        assert opened.call_count == 1
+        assert opened.call_count == 0
         Image.new("RGB", (20, 10)).save(path)
         os.utime(path, ns=(1, 1))
         assert plugin.original_size(image) == (20, 10)  # another version of the file: read afresh
-        assert opened.call_count == 2
+        assert opened.call_count == 1
 
 
 # --- text elements encoded by the Rust tokenizer directly (DirectTextEncoder) ----------------------------------------
