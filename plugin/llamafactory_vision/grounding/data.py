@@ -76,8 +76,10 @@ class GroundingDatasetConverter(DatasetConverter):
         if not isinstance(path, str) or not os.path.isfile(path):
             raise self._fail(row, field, f"image file not found: {self._searched(images[0])}", "missing_image")
         version = file_version(path)  # before opening: a file rewritten meanwhile gets another key
-        size = verified_size(path)  # PIL's open + verify, without PIL where the file is a well-formed PNG or JPEG
-        if size is None:  # anything else (and every file PIL would refuse) is PIL's to decide and name
+        # PIL's open + verify(), without PIL where the file is a well-formed PNG or JPEG (the same sizes, the same
+        # files refused: anything else is PIL's to decide and name); part of the fast path its switch turns off
+        size = verified_size(path) if getattr(self.data_args, "grounding_fast_tokenize", False) else None
+        if size is None:
             try:
                 with Image.open(path) as image:
                     size = image.size
