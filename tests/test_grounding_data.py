@@ -138,6 +138,23 @@ def test_corrupt_image_errors_equal_pils_open_and_verify(image_dir, name, monkey
     assert "cannot read image" in str(fast.value) and fast.value.reason == "corrupt_image"
 
 
+def test_batched_conversion_equals_the_row_by_row_map(image_dir):
+    """Our formats convert in a batched ``map`` (dataset_rows.BatchedConverter); oracle: the host's way, one row per
+    call. The same columns, types and rows, in order, with skipped rows (all-``None`` images) among kept ones."""
+    from datasets import Dataset
+    from llamafactory_vision.dataset_rows import BatchedConverter
+
+    rows = [_row(objects=[]), _row(), _row(images=["nope.png"]), _row(task="reg", objects=[_row()["objects"][0]])]
+    rows = [{**r, "bbox_format": "xyxy", "task": r.get("task", "rec")} for r in rows]
+    dataset, converter = Dataset.from_list(rows), _converter(image_dir, "skip")
+    kwargs = {"with_indices": True, "remove_columns": dataset.column_names, "load_from_cache_file": False}
+    by_row = dataset.map(converter, batched=False, **kwargs)
+    batched = dataset.map(BatchedConverter(converter), batched=True, **kwargs)
+    assert batched.features == by_row.features
+    assert batched.to_list() == by_row.to_list()
+    assert [row["_lfv_skip"] for row in batched] == ["no_objects", "", "missing_image", ""]
+
+
 def test_skip_mode_drops_and_counts_invalid_rows(image_dir, caplog, tmp_path):
     from datasets import Dataset
 
