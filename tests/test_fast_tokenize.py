@@ -354,6 +354,13 @@ def test_direct_text_encoder_equals_the_tokenizer_in_every_state(tiny_models):
         def encode(self, text, *args, **kwargs):
             return [7, *super().encode(text, *args, **kwargs)]
 
+    # pickled (datasets fingerprints and ships the template copy that holds it): the same tokenizer, an empty memo
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(encoder))
+    assert copy.memo == {} and encoder.memo
+    assert copy.encode(texts[1], add_special_tokens=False) == encoder.encode(texts[1], add_special_tokens=False)
+
     own = OwnEncode.from_pretrained(tiny_models["qwen2_vl"])
     encoder = DirectTextEncoder(own)
     assert encoder.backend is None

@@ -27,14 +27,6 @@ _WRAPPER_METHODS = ("encode", "_encode_plus", "_get_padding_truncation_strategie
 MEMO_KEPT = 4096  # texts remembered per encoder; when full the memo starts afresh (the repeated texts return first)
 
 
-class _Memo(dict):
-    """text -> ids. Pickles empty: it is a cache, and ``datasets`` pickles the processor (and with it the template
-    and this memo) to fingerprint a ``map`` and to send it to worker processes."""
-
-    def __reduce__(self):
-        return type(self), ()
-
-
 def wrapper_is_one_backend_call(tokenizer) -> bool:
     """Whether ``tokenizer.encode(text, add_special_tokens=False)`` is the stock ``TokenizersBackend`` path (see the
     module docstring), i.e. one Rust ``encode_batch`` call once the backend's state is right."""
@@ -57,10 +49,19 @@ class DirectTextEncoder:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.backend = tokenizer.backend_tokenizer if wrapper_is_one_backend_call(tokenizer) else None
-        self.memo, self.memo_split = _Memo(), tokenizer.split_special_tokens
+        self.memo: dict[str, tuple[int, ...]] = {}
+        self.memo_split = tokenizer.split_special_tokens
 
     def __getattr__(self, name: str):
-        return getattr(self.tokenizer, name)
+        tokenizer = self.__dict__.get("tokenizer")
+        if tokenizer is None:  # not initialised (e.g. looked up while unpickling): no recursion into this method
+            raise AttributeError(name)
+        return getattr(tokenizer, name)
+
+    def __reduce__(self):
+        # ``datasets`` pickles the processor, and with it the template copy holding this encoder, to fingerprint a
+        # ``map`` and to send it to worker processes: a fresh encoder of the same tokenizer, without the memo (a cache)
+        return type(self), (self.tokenizer,)
 
     def encode(self, text, add_special_tokens: bool = True, **kwargs):
         backend, tokenizer = self.backend, self.tokenizer
@@ -70,11 +71,11 @@ class DirectTextEncoder:
         if backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens != split:
             return tokenizer.encode(text, add_special_tokens=False)  # the wrapper resets the backend's state
         if split != self.memo_split:
-            self.memo, self.memo_split = _Memo(), split
+            self.memo, self.memo_split = {}, split
         ids = self.memo.get(text)
         if ids is None:
             ids = tuple(backend.encode_batch_fast([text], add_special_tokens=False)[0].ids)
             if len(self.memo) >= MEMO_KEPT:
-                self.memo = _Memo()
+                self.memo = {}
             self.memo[text] = ids
         return list(ids)
