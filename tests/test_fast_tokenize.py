@@ -146,8 +146,8 @@ _VISION = {"start": "<|vision_start|>", "end": "<|vision_end|>", "pad": "<|image
 @pytest.fixture(scope="module")
 def mixed_data(varied_data, tmp_path_factory) -> Path:
     """The varied grounding set plus sharegpt rows with several images, several turns and image placeholders glued to
-    text (``multi``), the same rows as preference pairs (``multi_rank``), and a row whose text holds literal image
-    tokens; images are the varied set's."""
+    text (``multi``), the same rows as preference pairs (``multi_rank``), a row whose text holds literal image
+    tokens, a repeated row and a row of long non-ASCII text; images are the varied set's."""
     root = tmp_path_factory.mktemp("mixed")
     (root / "images").symlink_to(varied_data / "images")
     for name in ("ground_train.jsonl", "ground_val.jsonl"):
@@ -166,6 +166,10 @@ def mixed_data(varied_data, tmp_path_factory) -> Path:
     literal = f"text with {_VISION['pad']}{_VISION['pad']} literal tokens {_VISION['pad']}<image>end"
     rows.append({"messages": [{"role": "user", "content": literal}, {"role": "assistant", "content": "ok"}],
                  "images": images[:1]})  # fmt: skip
+    rows.append(rows[0])  # a repeated row: every text of it comes from the fast encoder's memo the second time
+    long_text = " ".join(f"détail n°{k} ✓" for k in range(120))  # longer than any cutoff_len below
+    rows.append({"messages": [{"role": "user", "content": f"<image>{long_text}"},
+                              {"role": "assistant", "content": long_text}], "images": images[1:2]})  # fmt: skip
     (root / "multi.json").write_text(json.dumps(rows))
     ranked = [
         {"messages": row["messages"][:-1], "chosen": row["messages"][-1],
@@ -277,7 +281,7 @@ def test_image_runs_fall_back_where_the_image_token_is_not_atomic(tiny_models):
 
 
 def test_the_converter_hands_its_header_read_to_tokenization(tmp_path):
-    """The converter opens every image to verify it; the plugin's size look-ups then read no header again, unless the
+    """The converter reads every image to verify it; the plugin's size look-ups then read no header again, unless the
     file changed since (oracle: PIL opening the file)."""
     import os
 
@@ -295,10 +299,69 @@ def test_the_converter_hands_its_header_read_to_tokenization(tmp_path):
     row = {"images": ["scene.png"], "objects": [{"ref": "a thing", "bbox": [1, 2, 30, 40]}]}
     with mock.patch.object(plugin.Image, "open", wraps=Image.open) as opened:
         (image,) = converter(row, 0)["_images"]
-        assert opened.call_count == 1  # the converter's own open (header + verify)
+        assert opened.call_count == 0  # the converter's own check read the PNG without PIL (verified_size)
         assert plugin.original_size(image) == (64, 48)
-        assert opened.call_count == 1
+        assert opened.call_count == 0
         Image.new("RGB", (20, 10)).save(path)
         os.utime(path, ns=(1, 1))
         assert plugin.original_size(image) == (20, 10)  # another version of the file: read afresh
-        assert opened.call_count == 2
+        assert opened.call_count == 1
+
+
+# --- text elements encoded by the Rust tokenizer directly (DirectTextEncoder) ----------------------------------------
+
+
+def test_direct_text_encoder_equals_the_tokenizer_in_every_state(tiny_models):
+    """``DirectTextEncoder.encode`` gives ``tokenizer.encode(text, add_special_tokens=False)`` (oracle: the wrapper
+    itself, called on a fresh copy of the tokenizer) for repeated texts (memo hits), added tokens, non-ASCII and long
+    texts, after padding/truncation was set on the backend, after ``split_special_tokens`` flips, and for a tokenizer
+    class whose ``encode`` is its own (the wrapper then always runs)."""
+    from llamafactory_vision.grounding.text_ids import DirectTextEncoder
+    from transformers import AutoTokenizer
+
+    texts = [
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+        f"<|im_start|>user\n{_VISION['start']}{_VISION['pad']}{_VISION['end']}Where is the dog?<|im_end|>\n",
+        "<|object_ref_start|>the dog<|object_ref_end|><|box_start|>(1,2),(3,4)<|box_end|><|im_end|>\n",
+        "  leading spaces, tabs\t and\nnewlines  ",
+        "größer als 日本語 ✓ " * 200,
+    ]
+    for family in QWEN_FAMILIES:
+        tokenizer = AutoTokenizer.from_pretrained(tiny_models[family])
+        oracle = AutoTokenizer.from_pretrained(tiny_models[family])
+        encoder = DirectTextEncoder(tokenizer)
+        assert encoder.backend is not None, "the tiny tokenizers are stock TokenizersBackend ones: the direct path"
+        with mock.patch.object(encoder.backend, "encode_batch_fast", wraps=encoder.backend.encode_batch_fast) as rust:
+            for text in texts * 2:
+                assert encoder.encode(text, add_special_tokens=False) == oracle.encode(text, add_special_tokens=False)
+            assert rust.call_count == len(texts), "the direct path, and repeated texts come from the memo"
+        # state the wrapper resets: truncation and padding set on the backend (the wrapper runs and removes them)
+        tokenizer.backend_tokenizer.enable_truncation(max_length=3)
+        tokenizer.backend_tokenizer.enable_padding(length=500)
+        assert encoder.encode(texts[1], add_special_tokens=False) == oracle.encode(texts[1], add_special_tokens=False)
+        assert tokenizer.backend_tokenizer.truncation is None and tokenizer.backend_tokenizer.padding is None
+        # split_special_tokens flipped: the special tokens are spelt out, so the texts remembered before are stale
+        unsplit = oracle.encode(texts[0], add_special_tokens=False)
+        tokenizer.split_special_tokens = oracle.split_special_tokens = True
+        assert oracle.encode(texts[0], add_special_tokens=False) != unsplit
+        for text in texts[:3] * 2:
+            assert encoder.encode(text, add_special_tokens=False) == oracle.encode(text, add_special_tokens=False)
+        # other calls are the wrapper's
+        assert encoder.encode(texts[0]) == oracle.encode(texts[0])
+        assert encoder.convert_tokens_to_ids(_VISION["pad"]) == oracle.convert_tokens_to_ids(_VISION["pad"])
+
+    class OwnEncode(type(tokenizer)):
+        def encode(self, text, *args, **kwargs):
+            return [7, *super().encode(text, *args, **kwargs)]
+
+    # pickled (datasets fingerprints and ships the template copy that holds it): the same tokenizer, an empty memo
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(encoder))
+    assert copy.memo == {} and encoder.memo
+    assert copy.encode(texts[1], add_special_tokens=False) == encoder.encode(texts[1], add_special_tokens=False)
+
+    own = OwnEncode.from_pretrained(tiny_models["qwen2_vl"])
+    encoder = DirectTextEncoder(own)
+    assert encoder.backend is None
+    assert encoder.encode(texts[0], add_special_tokens=False)[0] == 7

@@ -21,7 +21,21 @@ W, H = 200, 100
 def image_dir(tmp_path) -> Path:
     Image.new("RGB", (W, H), (10, 20, 30)).save(tmp_path / "ok.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
+    for name, data in _broken_pngs(tmp_path / "ok.png").items():
+        (tmp_path / name).write_bytes(data)
     return tmp_path
+
+
+def _broken_pngs(valid: Path) -> dict[str, bytes]:
+    """PNGs whose header reads but whose image data PIL's ``verify()`` refuses: a changed byte in the image data
+    (bad CRC), cut before IEND, cut inside a CRC."""
+    data = valid.read_bytes()
+    idat = data.index(b"IDAT") + 6
+    return {
+        "bad_crc.png": data[:idat] + bytes([data[idat] ^ 1]) + data[idat + 1 :],
+        "no_iend.png": data[: data.rindex(b"IEND") - 4],
+        "cut_crc.png": data[: data.rindex(b"IEND") - 6],
+    }
 
 
 def _converter(image_dir: Path, invalid: str = "error", columns: dict | None = None) -> GroundingDatasetConverter:
@@ -92,6 +106,9 @@ BAD_ROWS = [
     ("missing_image", {"images": ["nope.png"]}, "images"),
     ("missing_image", {"images": []}, "images"),
     ("corrupt_image", {"images": ["corrupt.png"]}, "images"),
+    ("corrupt_image", {"images": ["bad_crc.png"]}, "images"),
+    ("corrupt_image", {"images": ["no_iend.png"]}, "images"),
+    ("corrupt_image", {"images": ["cut_crc.png"]}, "images"),
     ("image_count", {"images": ["ok.png", "ok.png"]}, "images"),
     ("unknown_task", {"task": "caption"}, "task"),
 ]
@@ -104,6 +121,38 @@ def test_bad_input_names_dataset_row_and_field(image_dir, reason, overrides, fie
     assert err.value.reason == reason
     message = str(err.value)
     assert "'rows.jsonl'" in message and "row 7" in message and f"field `{field}`" in message
+
+
+@pytest.mark.parametrize("name", ["corrupt.png", "bad_crc.png", "no_iend.png", "cut_crc.png"])
+def test_corrupt_image_errors_equal_pils_open_and_verify(image_dir, name, monkeypatch):
+    """The converter checks images without PIL where it can (image_header.verified_size); a corrupt file gets the
+    error PIL's open + verify() gives (oracle: the converter with that check switched off)."""
+    from llamafactory_vision.grounding import data
+
+    with pytest.raises(GroundingDataError) as fast:
+        _converter(image_dir)(_row(images=[name]), 3)
+    monkeypatch.setattr(data, "verified_size", lambda _path: None)
+    with pytest.raises(GroundingDataError) as pil_only:
+        _converter(image_dir)(_row(images=[name]), 3)
+    assert str(fast.value) == str(pil_only.value)
+    assert "cannot read image" in str(fast.value) and fast.value.reason == "corrupt_image"
+
+
+def test_batched_conversion_equals_the_row_by_row_map(image_dir):
+    """Our formats convert in a batched ``map`` (dataset_rows.BatchedConverter); oracle: the host's way, one row per
+    call. The same columns, types and rows, in order, with skipped rows (all-``None`` images) among kept ones."""
+    from datasets import Dataset
+    from llamafactory_vision.dataset_rows import BatchedConverter
+
+    rows = [_row(objects=[]), _row(), _row(images=["nope.png"]), _row(task="reg", objects=[_row()["objects"][0]])]
+    rows = [{**r, "bbox_format": "xyxy", "task": r.get("task", "rec")} for r in rows]
+    dataset, converter = Dataset.from_list(rows), _converter(image_dir, "skip")
+    kwargs = {"with_indices": True, "remove_columns": dataset.column_names, "load_from_cache_file": False}
+    by_row = dataset.map(converter, batched=False, **kwargs)
+    batched = dataset.map(BatchedConverter(converter), batched=True, **kwargs)
+    assert batched.features == by_row.features
+    assert batched.to_list() == by_row.to_list()
+    assert [row["_lfv_skip"] for row in batched] == ["no_objects", "", "missing_image", ""]
 
 
 def test_skip_mode_drops_and_counts_invalid_rows(image_dir, caplog, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from llamafactory_vision.convert_records import Record, RecordError, open_image
-from llamafactory_vision.image_header import header_size
+from llamafactory_vision.image_header import header_size, verified_size
 from PIL import Image
 
 
@@ -96,6 +96,7 @@ def test_saved_images_give_pils_size(tmp_path: Path, name: str, size: tuple[int,
     Image.new(mode, size).save(path, **kwargs)
     assert _pil_size(path) == size
     assert header_size(path) == (size if decided else None)
+    assert verified_size(path) == header_size(path)  # whole files: PIL's verify() passes on each
 
 
 def test_animated_and_multi_picture_files_are_left_to_pil(tmp_path: Path) -> None:
@@ -319,3 +320,68 @@ def test_a_png_named_jpg_gives_its_size(tmp_path: Path) -> None:
     Image.new("RGB", (31, 17)).save(tmp_path / "x.jpg", format="PNG")
     assert header_size(tmp_path / "x.jpg") == (31, 17)
     assert open_image(Record(tmp_path / "i.json", "images[0]", {}), "file_name", tmp_path / "x.jpg") == (31, 17)
+
+
+# --- verified_size: PIL's open + verify() -----------------------------------------------------------------------------
+
+
+def _pil_verified_size(path: Path) -> tuple[int, int] | None:
+    """What ``Image.open(path)`` then ``verify()`` gives (the size), None where PIL raises or warns."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            with Image.open(path) as image:
+                size = image.size
+                image.verify()
+                return size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Warning):
+            return None
+
+
+def _noisy_png() -> bytes:
+    """A PNG of several IDAT chunks (noise does not compress below PIL's 64 KiB blocks), an ancillary chunk after
+    the image data, then IEND."""
+    import io
+    import random
+
+    rng = random.Random(0)
+    out = io.BytesIO()
+    Image.frombytes("RGB", (160, 150), bytes(rng.randrange(256) for _ in range(160 * 150 * 3))).save(out, "PNG")
+    data = out.getvalue()
+    iend = data.rindex(b"IEND") - 4
+    return data[:iend] + _chunk(b"tEXt", b"after\0the pixels") + data[iend:]
+
+
+def test_verified_size_never_passes_what_pils_verify_refuses(tmp_path: Path) -> None:
+    """The data after the header cut at and around each chunk boundary, and bytes of each chunk's length, type,
+    data and CRC changed: wherever ``verified_size`` decides, PIL's open + verify() passes with that size; every
+    change PIL's verify() refuses is refused; bytes after IEND are not read, as by PIL."""
+    data = _noisy_png()
+    starts, pos = [], data.index(b"IDAT") - 4
+    while True:
+        starts.append(pos)
+        if data[pos + 4 : pos + 8] == b"IEND":
+            break
+        pos += 12 + struct.unpack(">I", data[pos : pos + 4])[0]
+    assert len(starts) > 3, "several IDAT chunks and the chunk after them"
+    variants = [data[:n] for start in starts for n in (start, start + 3, start + 8, start + 11) if n < len(data)]
+    iend = starts[-1]
+    # a chunk type PIL's verify() refuses though its CRC is right
+    variants += [data[:-1], data[:iend] + _chunk(b"t-Xt", b"x") + data[iend:], data + b"junk after IEND"]
+    for start in starts:
+        length = struct.unpack(">I", data[start : start + 4])[0]
+        for i in (start, start + 3, start + 4, start + 7, start + 8, start + 8 + length // 2, start + 8 + length):
+            if i < len(data):
+                for value in {0x00, 0x20, 0xFF, (data[i] + 1) % 256} - {data[i]}:
+                    variants.append(data[:i] + bytes([value]) + data[i + 1 :])
+    path, refused = tmp_path / "x.png", 0
+    for k, variant in enumerate(variants):
+        path.write_bytes(variant)
+        size, pil = verified_size(path), _pil_verified_size(path)
+        refused += pil is None
+        assert size is None or size == pil, (k, size, pil)
+    assert refused > len(variants) // 2, refused  # most changes break a CRC, a type or the length
+    path.write_bytes(data)
+    assert verified_size(path) == _pil_verified_size(path) == (160, 150)
+    path.write_bytes(data + b"junk after IEND")
+    assert verified_size(path) == (160, 150)

@@ -66,6 +66,20 @@ def _write_skipped_rows(
     return path
 
 
+class BatchedConverter:
+    """A row converter ``converter(row, index) -> dict`` as a batched ``datasets.map`` function: the same rows out,
+    in order, with the same columns and types (tests/test_grounding_data.py compares both maps), without
+    ``datasets``' per-row formatting and writing (~0.12 ms a row of ~0.45)."""
+
+    def __init__(self, converter) -> None:
+        self.converter = converter
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        names = list(batch)
+        rows = [self.converter({name: batch[name][j] for name in names}, index) for j, index in enumerate(indices)]
+        return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+
+
 def align_with_row_checks(dataset, dataset_attr, data_args, training_args, formatting: str, invalid_key: str):
     """``align_dataset`` for one of our formats: converts with row indices (for error messages), then drops the rows
     the converter marked invalid in ``SKIP_COLUMN`` (when ``data_args.<invalid_key>`` is ``skip``), reports how many
@@ -93,8 +107,8 @@ def align_with_row_checks(dataset, dataset_attr, data_args, training_args, forma
             "load_from_cache_file": (not data_args.overwrite_cache) or (training_args.local_process_index != 0),
             "desc": f"Converting {formatting} dataset",
         }
-    converter = get_dataset_converter(formatting, dataset_attr, data_args)
-    dataset = dataset.map(converter, with_indices=True, batched=False, remove_columns=column_names, **kwargs)
+    converter = BatchedConverter(get_dataset_converter(formatting, dataset_attr, data_args))
+    dataset = dataset.map(converter, with_indices=True, batched=True, remove_columns=column_names, **kwargs)
     if skip:
         reasons = dataset[SKIP_COLUMN]
         skipped = Counter(reason for reason in reasons if reason)

@@ -35,9 +35,10 @@ class VisionDataArguments(EditDataArguments, MGDataArguments, StrokeDataArgument
         metadata={
             "help": "Grounding templates: count each image's tokens from its header and the processor's resize "
             "arithmetic instead of decoding and patchifying it at tokenization time (the host's way), and insert "
-            "each image's run of image tokens as ids instead of tokenizing it as text. Token ids and labels are "
-            "identical; images are still decoded when batched, so an image whose header reads but whose pixels do "
-            "not fails there instead. `false` restores the host's path."
+            "each image's run of image tokens as ids instead of tokenizing it as text, text through the Rust "
+            "tokenizer directly (remembering repeated texts), and check PNG images' CRCs at conversion without PIL. "
+            "Token ids and labels are identical; images are still decoded when batched, so an image whose header "
+            "reads but whose pixels do not fails there instead. `false` restores the host's path."
         },
     )
 

@@ -13,6 +13,9 @@ normalises and pre-tokenizes the pieces between (each piece on its own). A run o
 same pieces around them, so only the number of image ids differs, and that is put back. Where the token is not cut out
 atomically (e.g. ``split_special_tokens``), the collapsed text has a different count of image ids than it had runs,
 and the element is encoded the host's way instead. tests/test_fast_tokenize.py compares both encodings end to end.
+
+Each text element goes to the Rust tokenizer directly, with a memo of exact texts (the system message repeats on every
+row): see text_ids.py.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import functools
 import re
 
 from typing_extensions import override
+
+from llamafactory_vision.grounding.text_ids import DirectTextEncoder
 
 
 @functools.cache
@@ -34,6 +39,7 @@ class ImageRunEncoding:
 
     @override
     def _convert_elements_to_ids(self, tokenizer, elements) -> list[int]:
+        tokenizer = self._text_encoder(tokenizer)
         token = self.mm_plugin.image_token
         if not token or not any(isinstance(element, str) and token in element for element in elements):
             return super()._convert_elements_to_ids(tokenizer, elements)
@@ -55,6 +61,14 @@ class ImageRunEncoding:
             start = at + 1
         expanded += ids[start:]
         return expanded
+
+    def _text_encoder(self, tokenizer) -> DirectTextEncoder:
+        """The :class:`DirectTextEncoder` of ``tokenizer``, kept on this template copy (one per prepared dataset) so
+        that its memo of encoded texts serves every row."""
+        encoder = self.__dict__.get("_direct_text_encoder")
+        if encoder is None or encoder.tokenizer is not tokenizer:
+            encoder = self._direct_text_encoder = DirectTextEncoder(tokenizer)
+        return encoder
 
 
 @functools.cache
