@@ -9,7 +9,9 @@ which then identifies, raises or warns exactly as it would have: other formats, 
 fill or junk bytes, MPO and Photoshop segments, an EXIF block PIL would parse for the DPI, PNG chunks other than the
 common ones, a size above ``Image.MAX_IMAGE_PIXELS`` (PIL's decompression-bomb warning or error).
 
-The size is the stored one, before any EXIF orientation, as ``Image.open(...).size`` is.
+The size is the stored one, before any EXIF orientation, as ``Image.open(...).size`` is. :func:`image_size` is the
+one way the package reads an image file's size (conversion, tokenization): this reader where it decides, PIL
+otherwise.
 """
 
 from __future__ import annotations
@@ -48,6 +50,18 @@ class _Head:
                 return False
             self.data += more
         return True
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(width, height)`` of the image file at ``path``, as ``PIL.Image.open(path).size`` gives it: from
+    :func:`header_size` where it decides (well-formed PNG and JPEG headers), else from PIL, which then identifies the
+    file or raises (and warns) exactly as its own open does: ``FileNotFoundError``, ``UnidentifiedImageError``,
+    ``OSError``, ``Image.DecompressionBombError``."""
+    size = header_size(path)
+    if size is not None:
+        return size
+    with Image.open(path) as image:
+        return image.size
 
 
 def header_size(path: str | os.PathLike[str]) -> tuple[int, int] | None:
