@@ -122,7 +122,8 @@ class _Reads:
         from llamafactory_vision import image_header
         from PIL import Image
 
-        self.header = stack.enter_context(mock.patch.object(image_header, "header_size", wraps=image_header.header_size))
+        header = mock.patch.object(image_header, "header_size", wraps=image_header.header_size)
+        self.header = stack.enter_context(header)
         self.pil = stack.enter_context(mock.patch.object(Image, "open", wraps=Image.open))
 
     def counts(self) -> tuple[int, int]:
