@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import GROUND_TEMPLATE, QWEN_FAMILIES, read_jsonl, run_cli, train_config, write_yaml
+from conftest import GROUND_TEMPLATE, QWEN_FAMILIES, read_jsonl, run_cli, train_config, train_in_process, write_yaml
 from llamafactory_vision.grounding.bbox_head import (
     HEAD_CONFIG,
     HEAD_WEIGHTS,
@@ -917,8 +917,13 @@ class Predicted:
     results: dict[str, Any]  # predict_results.json
 
 
-def predict_run(work: Path, config: dict[str, Any], **env: str) -> Predicted:
-    cli(["llamafactory-cli", "train", str(write_yaml(work / "predict.yaml", config))], work, **env)
+def predict_run(work: Path, config: dict[str, Any], processes: int) -> Predicted:
+    """Predict with 1 process (in this one: `run_exp`, what the CLI calls) or 2 (`llamafactory-cli`, gloo)."""
+    if processes == 1:
+        train_in_process(config)
+    else:
+        cli(["llamafactory-cli", "train", str(write_yaml(work / "predict.yaml", config))], work, FORCE_TORCHRUN="1",
+            NPROC_PER_NODE=str(processes))  # fmt: skip
     out = Path(config["output_dir"])
     results = json.loads((out / "predict_results.json").read_text())
     return Predicted(read_jsonl(out / "generated_predictions.jsonl"), results)
@@ -928,7 +933,7 @@ def predict_run(work: Path, config: dict[str, Any], **env: str) -> Predicted:
 def learn_predicted(tmp_path_factory, learn_run, learn_data) -> Predicted:
     """The 1-process predict of `learn_run`: checked on its own and the oracle of the 2-process predict."""
     work = tmp_path_factory.mktemp("learn_predict")
-    return predict_run(work, learn_predict_config(work / "pred", learn_run, learn_data))
+    return predict_run(work, learn_predict_config(work / "pred", learn_run, learn_data), processes=1)
 
 
 @pytest.mark.e2e
@@ -1062,9 +1067,11 @@ def parallel_config(model: Path, data_dir: Path, out: Path, **extra) -> dict[str
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, tiny_models, mixed_data) -> Run:
+    """The oracle of the 2-process run, in this process (`run_exp`, what the CLI calls)."""
     work = tmp_path_factory.mktemp("one_process")
     config = parallel_config(tiny_models[FAMILY], mixed_data, work / "out", per_device_train_batch_size=2)
-    return train_run(work, {**config, "per_device_eval_batch_size": 2})  # the global eval batch too
+    config["per_device_eval_batch_size"] = 2  # the global eval batch too
+    return Run(config, Path(config["output_dir"]), "\n".join(train_in_process(config)))
 
 
 @pytest.mark.e2e
@@ -1098,8 +1105,7 @@ def test_two_process_predict_equals_one(learn_predicted, learn_run, learn_data, 
     """42 val rows, 6 per batch: 7 batches, so the sampler gives the second process a repeated batch, which the
     gather keeps: the row index carried with each row drops it. Every row (text, head boxes, row index, image) and
     every metric equals the 1-process run's."""
-    two = predict_run(tmp_path, learn_predict_config(tmp_path / "2", learn_run, learn_data), FORCE_TORCHRUN="1",
-                      NPROC_PER_NODE="2")  # fmt: skip
+    two = predict_run(tmp_path, learn_predict_config(tmp_path / "2", learn_run, learn_data), processes=2)
     (rows1, results1), (rows2, results2) = (learn_predicted.rows, learn_predicted.results), (two.rows, two.results)
     val_rows = read_jsonl(learn_data / "ground_val.jsonl")
     assert len(val_rows) == 42
