@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -41,6 +42,36 @@ def run_cli(args: list[str], cwd: Path, check: bool = True, **env: str) -> subpr
             f"--- stderr ---\n{result.stderr[-6000:]}"
         )
     return result
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def train_in_process(config: dict) -> list[str]:
+    """``llamafactory-cli train`` on ``config`` inside this process: ``run_exp``, the function the CLI calls, with one
+    torch thread as the CLI runs get (``cli_env``). It saves a CLI's start-up (~10 s of CPU importing torch,
+    transformers and the host) where the process a run takes place in does not matter, e.g. the 1-process oracle of a
+    2-process run. Returns the messages logged under the host's library logger (``llamafactory.*``: the host's lines
+    and ours) at INFO and above."""
+    import torch
+    from llamafactory.train.tuner import run_exp
+
+    handler, library = _Messages(), logging.getLogger("llamafactory")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    library.addHandler(handler)
+    try:
+        run_exp({k: str(v) if isinstance(v, Path) else v for k, v in config.items()})
+    finally:
+        library.removeHandler(handler)
+        torch.set_num_threads(threads)
+    return handler.lines
 
 
 def write_yaml(path: Path, config: dict) -> Path:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import GROUND_TEMPLATE, QWEN_FAMILIES, read_jsonl, run_cli, train_config, write_yaml
+from conftest import GROUND_TEMPLATE, QWEN_FAMILIES, read_jsonl, run_cli, train_config, train_in_process, write_yaml
 from llamafactory_vision.grounding.bbox_head import (
     HEAD_CONFIG,
     HEAD_WEIGHTS,
@@ -960,18 +960,46 @@ def test_full_finetuning_keeps_head_out_of_model_file(learn_run, tiny_models):
     assert head_state(out)["bbox_fc2.weight"].any()
 
 
+def learn_predict_config(out: Path, learn_run: Run, learn_data: Path) -> dict[str, Any]:
+    """Greedy predict (with the head) of the full `learn_run` model on `learn_data`'s 42 val rows, 6 per batch per
+    process: 7 batches, so 2 processes get a repeated batch."""
+    config = predict_config(learn_run, learn_data, out, per_device_eval_batch_size=6, ddp_timeout=120, **LEARN_PREDICT)
+    config["model_name_or_path"] = learn_run.output_dir
+    del config["lora_target"]
+    return config
+
+
+@dataclass(frozen=True)
+class Predicted:
+    rows: list[dict[str, Any]]  # generated_predictions.jsonl
+    results: dict[str, Any]  # predict_results.json
+
+
+def predict_run(work: Path, config: dict[str, Any], processes: int) -> Predicted:
+    """Predict with 1 process (in this one: `run_exp`, what the CLI calls) or 2 (`llamafactory-cli`, gloo)."""
+    if processes == 1:
+        train_in_process(config)
+    else:
+        cli(["llamafactory-cli", "train", str(write_yaml(work / "predict.yaml", config))], work, FORCE_TORCHRUN="1",
+            NPROC_PER_NODE=str(processes))  # fmt: skip
+    out = Path(config["output_dir"])
+    results = json.loads((out / "predict_results.json").read_text())
+    return Predicted(read_jsonl(out / "generated_predictions.jsonl"), results)
+
+
+@pytest.fixture(scope="module")
+def learn_predicted(tmp_path_factory, learn_run, learn_data) -> Predicted:
+    """The 1-process predict of `learn_run`: checked on its own and the oracle of the 2-process predict."""
+    work = tmp_path_factory.mktemp("learn_predict")
+    return predict_run(work, learn_predict_config(work / "pred", learn_run, learn_data), processes=1)
+
+
 @pytest.mark.e2e
-def test_predict_with_full_model_head(learn_run, learn_data, tmp_path):
+def test_predict_with_full_model_head(learn_predicted, learn_data):
     """Predict reads the head beside the full model and runs it at the boxes the model generates; its metrics are
     recomputed here against the dataset's float boxes, and on the rows with a box it beats the zero-initialised head
     (always the centred box)."""
-    config = predict_config(learn_run, learn_data, tmp_path / "pred", **LEARN_PREDICT)
-    config["model_name_or_path"] = learn_run.output_dir
-    del config["lora_target"]
-    cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / "predict.yaml", config))], tmp_path)
-
-    predictions = read_jsonl(tmp_path / "pred" / "generated_predictions.jsonl")
-    results = json.loads((tmp_path / "pred" / "predict_results.json").read_text())
+    predictions, results = learn_predicted.rows, learn_predicted.results
     labels = dataset_boxes_1000(learn_data, "ground_val.jsonl")
     ious, trained, centred = [], [], []
     for prediction in predictions:
@@ -1106,9 +1134,11 @@ def parallel_config(model: Path, data_dir: Path, out: Path, **extra) -> dict[str
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, tiny_models, mixed_data) -> Run:
+    """The oracle of the 2-process run, in this process (`run_exp`, what the CLI calls)."""
     work = tmp_path_factory.mktemp("one_process")
     config = parallel_config(tiny_models[FAMILY], mixed_data, work / "out", per_device_train_batch_size=2)
-    return train_run(work, {**config, "per_device_eval_batch_size": 2})  # the global eval batch too
+    config["per_device_eval_batch_size"] = 2  # the global eval batch too
+    return Run(config, Path(config["output_dir"]), "\n".join(train_in_process(config)))
 
 
 @pytest.mark.e2e
@@ -1138,23 +1168,12 @@ def test_two_processes_train_like_one(one_process_run, tiny_models, mixed_data, 
 
 
 @pytest.mark.e2e
-def test_two_process_predict_equals_one(learn_run, learn_data, tmp_path):
+def test_two_process_predict_equals_one(learn_predicted, learn_run, learn_data, tmp_path):
     """42 val rows, 6 per batch: 7 batches, so the sampler gives the second process a repeated batch, which the
     gather keeps: the row index carried with each row drops it. Every row (text, head boxes, row index, image) and
     every metric equals the 1-process run's."""
-    outputs = {}
-    for procs in ("1", "2"):
-        config = predict_config(learn_run, learn_data, tmp_path / procs, ddp_timeout=120, **LEARN_PREDICT)
-        config.update(model_name_or_path=learn_run.output_dir, per_device_eval_batch_size=6)
-        del config["lora_target"]
-        env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"} if procs == "2" else {}
-        cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / f"predict{procs}.yaml", config))], tmp_path,
-            **env)  # fmt: skip
-        outputs[procs] = (
-            read_jsonl(tmp_path / procs / "generated_predictions.jsonl"),
-            json.loads((tmp_path / procs / "predict_results.json").read_text()),
-        )
-    (rows1, results1), (rows2, results2) = outputs["1"], outputs["2"]
+    two = predict_run(tmp_path, learn_predict_config(tmp_path / "2", learn_run, learn_data), processes=2)
+    (rows1, results1), (rows2, results2) = (learn_predicted.rows, learn_predicted.results), (two.rows, two.results)
     val_rows = read_jsonl(learn_data / "ground_val.jsonl")
     assert len(val_rows) == 42
     assert [row["row"] for row in rows1] == list(range(42))

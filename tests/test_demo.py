@@ -6,14 +6,28 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, run_cli, write_yaml
+from conftest import REPO, cli_env, write_yaml
 
 
 @pytest.mark.e2e
-def test_demo_quick_runs_every_step_and_reports(tmp_path):
+def test_demo_quick_runs_every_step_and_reports(tmp_path, capsys, monkeypatch):
+    """`llamafactory-vision demo --quick` through its ``main`` in this process (its own process would only add ~10 s
+    of imports; the console script is run in tests/test_preview_eval.py), in the environment the CLI tests get; the
+    demo starts its training, predict and eval steps as processes of their own, as `make demo` does."""
+    from llamafactory_vision.cli import main
+
+    for key, value in cli_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("LLAMAFACTORY_VISION_DISABLE", raising=False)
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "demo"
-    result = run_cli(["llamafactory-vision", "demo", "--out", str(out), "--quick"], tmp_path)
-    report = result.stdout
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 gives the CLI runs
+    try:
+        assert main(["demo", "--out", str(out), "--quick"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = capsys.readouterr().out
     for line in ("text acc@0.5", "head acc@0.5", "text mIoU", "parse failures", "pictures:"):
         assert line in report
     assert "    training steps: 5/5 [" in report  # the host's progress, summarised while training runs

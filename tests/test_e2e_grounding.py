@@ -5,12 +5,16 @@ as transformers 5.6 needs) -> ``eval/ground_eval.py`` on its ``generated_predict
 ``llamafactory-vision preview`` on the same training YAML. A random tiny model predicts no usable box, so the metrics
 are checked for their shape, for counting every label box, and for the predict stage and the eval CLI agreeing; the
 boxes themselves are checked in the labels written by the predict run and in the preview.
+
+The eval script and the preview command run their ``main`` with the same command line in this process (a process
+each costs ~10 s of imports); as processes of their own they are tested in tests/test_ground_eval.py and
+tests/test_preview_eval.py.
 """
 
 from __future__ import annotations
 
 import json
-import sys
+import runpy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +56,11 @@ def trained(request, tmp_path_factory, tiny_models, demo_data) -> TrainedRun:
     config_path = write_yaml(work / "train.yaml", config)
     run_cli(["llamafactory-cli", "train", str(config_path)], work)
     return TrainedRun(family, tiny_models[family], demo_data, config_path, work / "train")
+
+
+def ground_eval_main(argv: list[str]) -> dict:
+    """``eval/ground_eval.py``'s ``main`` on ``argv``, in this process."""
+    return runpy.run_path(str(GROUND_EVAL))["main"](argv)
 
 
 def model_view_oracle(run: TrainedRun):
@@ -107,11 +116,11 @@ def test_train_then_predict_then_ground_eval(trained, tmp_path):
         assert isinstance(prediction["predict"], str)
 
     # The eval CLI scores the same file the same way the predict stage did: against the dataset's float boxes.
-    args = [sys.executable, str(GROUND_EVAL), "--predictions", str(predict_dir / "generated_predictions.jsonl"),
-            "--out", "m.json", "--family", run.family, "--images", str(run.data / "ground_val.jsonl")]  # fmt: skip
+    args = ["--predictions", str(predict_dir / "generated_predictions.jsonl"), "--out", str(tmp_path / "m.json"),
+            "--family", run.family, "--images", str(run.data / "ground_val.jsonl")]  # fmt: skip
     if run.family == "qwen2_5_vl":  # model-view pixels: drawing them needs the processor
-        args += ["--model", str(run.model), "--visualize", "vis"]
-    run_cli(args, tmp_path)
+        args += ["--model", str(run.model), "--visualize", str(tmp_path / "vis")]
+    ground_eval_main(args)
     metrics = json.loads((tmp_path / "m.json").read_text())
     for key in ("n", "acc@0.5", "miou", "parse_failures"):
         assert key in metrics, sorted(metrics)
@@ -125,11 +134,13 @@ def test_train_then_predict_then_ground_eval(trained, tmp_path):
         assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == [f"{i:05d}.png" for i in range(len(val_rows))]
 
 
-def test_preview_draws_the_training_targets(trained, tmp_path):
+def test_preview_draws_the_training_targets(trained, tmp_path, capsys):
+    from llamafactory_vision.cli import main
+
     run = trained
-    result = run_cli(["llamafactory-vision", "preview", str(run.config), "--out", "prev", "--n", "4"], tmp_path)
     out = tmp_path / "prev"
-    assert "preview written to" in result.stdout
+    assert main(["preview", str(run.config), "--out", str(out), "--n", "4"]) == 0
+    assert "preview written to" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
 
     train_rows = {str(run.data / row["images"][0]): row for row in read_jsonl(run.data / "ground_train.jsonl")}

@@ -5,6 +5,7 @@ family."""
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
 
@@ -113,9 +114,26 @@ def test_fast_tokenize_leaves_the_registered_template_alone():
     assert with_fast_tokenize(TEMPLATES["qwen2_vl"], True) is TEMPLATES["qwen2_vl"]  # stock templates: untouched
 
 
+class _Reads:
+    """Counts the size reads of :func:`~llamafactory_vision.image_header.image_size`'s two ways, header reader and
+    PIL's open (anyone's: the converter's verifying open too), keeping their behaviour."""
+
+    def __init__(self, stack: ExitStack):
+        from llamafactory_vision import image_header
+        from PIL import Image
+
+        header = mock.patch.object(image_header, "header_size", wraps=image_header.header_size)
+        self.header = stack.enter_context(header)
+        self.pil = stack.enter_context(mock.patch.object(Image, "open", wraps=Image.open))
+
+    def counts(self) -> tuple[int, int]:
+        """(header reads, PIL opens) so far."""
+        return self.header.call_count, self.pil.call_count
+
+
 def test_header_sizes_are_read_once_per_file_version(tmp_path):
     """A row's image size is asked for twice per tokenization; the header is read once, and again when the file
-    changes (oracle: PIL opening the file)."""
+    changes; a format the header reader leaves to PIL is opened by PIL once (oracle: PIL opening the file)."""
     import os
 
     from llamafactory_vision.grounding import plugin
@@ -123,19 +141,28 @@ def test_header_sizes_are_read_once_per_file_version(tmp_path):
 
     path = tmp_path / "a.png"
     Image.new("RGB", (30, 20)).save(path)
-    with mock.patch.object(plugin.Image, "open", wraps=Image.open) as opened:
+    with ExitStack() as stack:
+        reads = _Reads(stack)
         assert plugin.original_size(str(path)) == (30, 20)
         assert plugin.original_size(path) == (30, 20)
         assert plugin.original_size({"path": str(path)}) == (30, 20)
-        assert opened.call_count == 1
+        assert reads.counts() == (1, 0)  # one header read, no PIL open
         Image.new("RGB", (50, 40)).save(path)  # rewritten in place: a new version
         os.utime(path, ns=(1, 1))  # even with an old timestamp, the size in bytes differs (and mtime does)
         assert plugin.original_size(str(path)) == (50, 40)
-        assert opened.call_count == 2
-        with path.open("rb") as f:  # file objects and bytes are read every time
+        assert reads.counts() == (2, 0)
+        with path.open("rb") as f:  # file objects and bytes are read (by PIL) every time
             assert plugin.original_size(f) == (50, 40)
         assert plugin.original_size(path.read_bytes()) == (50, 40)
-        assert opened.call_count == 4
+        assert reads.counts() == (2, 2)
+
+        gif = tmp_path / "a.gif"  # not PNG or JPEG: the header reader declines, PIL opens it, once per version
+        Image.new("P", (13, 7)).save(gif)
+        with Image.open(gif) as image:
+            expected = image.size
+        assert reads.counts() == (2, 3)
+        assert plugin.original_size(str(gif)) == plugin.original_size(str(gif)) == expected == (13, 7)
+        assert reads.counts() == (3, 4)
 
 
 # --- image-token runs written as ids (ImageRunEncoding) ---------------------------------------------------------------
@@ -297,15 +324,16 @@ def test_the_converter_hands_its_header_read_to_tokenization(tmp_path):
     attr.join({"file_name": "rows.jsonl", "formatting": "grounding", "columns": {}})
     converter = GroundingDatasetConverter(attr, VisionDataArguments(template="qwen2_vl_ground", dataset_dir=str(tmp_path)))
     row = {"images": ["scene.png"], "objects": [{"ref": "a thing", "bbox": [1, 2, 30, 40]}]}
-    with mock.patch.object(plugin.Image, "open", wraps=Image.open) as opened:
+    with ExitStack() as stack:
+        reads = _Reads(stack)
         (image,) = converter(row, 0)["_images"]
-        assert opened.call_count == 0  # the converter's own check read the PNG without PIL (verified_size)
+        assert reads.counts() == (0, 0)  # the converter's own check read the PNG without PIL (verified_size)
         assert plugin.original_size(image) == (64, 48)
-        assert opened.call_count == 0
+        assert reads.counts() == (0, 0)  # no second read
         Image.new("RGB", (20, 10)).save(path)
         os.utime(path, ns=(1, 1))
         assert plugin.original_size(image) == (20, 10)  # another version of the file: read afresh
-        assert opened.call_count == 1
+        assert reads.counts() == (1, 0)
 
 
 # --- text elements encoded by the Rust tokenizer directly (DirectTextEncoder) ----------------------------------------

@@ -7,7 +7,15 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from conftest import GROUND_TEMPLATE, read_jsonl, run_cli, tokenized_rows, train_config, write_yaml
+from conftest import (
+    GROUND_TEMPLATE,
+    read_jsonl,
+    run_cli,
+    tokenized_rows,
+    train_config,
+    train_in_process,
+    write_yaml,
+)
 
 CUTOFF = 1024
 PACK_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "images", "packing_params")
@@ -99,9 +107,9 @@ def test_head_terms_on_a_packed_batch_equal_the_rows_alone(tiny_models, varied_d
 
 
 def test_neat_packing_trains_the_head_and_two_processes_equal_one(tiny_models, varied_data, tmp_path):
-    """`llamafactory-cli train` with the head on packed rows, 1 process (batch 1 x 2 accumulation steps) and 2 processes
-    (batch 1 each) on the same global batch: the same losses and the same trained head (plain SGD, so that float noise
-    is not amplified as Adam's first step does)."""
+    """`llamafactory-cli train` with the head on packed rows, 1 process (batch 1 x 2 accumulation steps, in this
+    process: `run_exp`, what the CLI calls) and 2 processes (batch 1 each) on the same global batch: the same losses
+    and the same trained head (plain SGD, so that float noise is not amplified as Adam's first step does)."""
     import torch
     from safetensors.torch import load_file
 
@@ -113,11 +121,12 @@ def test_neat_packing_trains_the_head_and_two_processes_equal_one(tiny_models, v
         out = tmp_path / procs
         config = train_config(tiny_models["qwen2_vl"], varied_data, out, "qwen2_vl_ground", **settings,
                               gradient_accumulation_steps=2 if procs == "1" else 1)  # fmt: skip
-        env = {}
         if procs == "2":
             config["ddp_backend"] = "gloo"
-            env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
-        run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / f"{procs}.yaml", config))], tmp_path, **env)
+            run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / f"{procs}.yaml", config))], tmp_path,
+                    FORCE_TORCHRUN="1", NPROC_PER_NODE="2")  # fmt: skip
+        else:
+            train_in_process(config)
         losses[procs] = [entry["loss"] for entry in read_jsonl(out / "trainer_log.jsonl") if "loss" in entry]
         heads[procs] = load_file(str(out / "bbox_head.safetensors"))
     assert len(losses["1"]) >= 2

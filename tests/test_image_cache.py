@@ -11,7 +11,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import GROUND_TEMPLATE, QWEN_FAMILIES, read_jsonl, run_cli, train_config, write_yaml
+from conftest import GROUND_TEMPLATE, QWEN_FAMILIES, read_jsonl, run_cli, train_config, train_in_process, write_yaml
 from llamafactory.data.mm_plugin import Qwen2VLPlugin, Qwen3VLPlugin
 from PIL import Image
 
@@ -233,10 +233,11 @@ def test_the_cache_is_refused_where_it_cannot_serve(tiny_models, varied_data, tm
 
 
 def test_training_with_the_cache_gives_the_same_losses(tiny_models, demo_data, tmp_path):
-    """Two epochs through `llamafactory-cli train`: the same loss at every step with the cache on and off, the second
+    """Two epochs of `llamafactory-cli train`: the same loss at every step with the cache on and off, the second
     epoch served from the cache (the count the workflow logs), and 2 processes with the cache (each its own) equal to
     1 on the same global batch (batch 1 x 2 accumulation steps = 2 processes x batch 1; plain SGD, so that float noise
-    is not amplified as Adam's first step does)."""
+    is not amplified as Adam's first step does). The 1-process runs take place in this process (`run_exp`, what the
+    CLI calls), the 2-process one through the CLI."""
     settings = {"max_steps": -1, "num_train_epochs": 2, "disable_shuffling": True, "per_device_train_batch_size": 1,
                 "optim": "sgd", "learning_rate": 1.0}  # fmt: skip
     runs = {"off": (False, "1"), "on": (True, "1"), "on_2proc": (True, "2")}
@@ -247,14 +248,14 @@ def test_training_with_the_cache_gives_the_same_losses(tiny_models, demo_data, t
             tiny_models["qwen2_vl"], demo_data, out, "qwen2_vl_ground", grounding_image_cache=cache,
             gradient_accumulation_steps=1 if procs == "2" else 2, **settings,
         )  # fmt: skip
-        env = {}
         if procs == "2":
             config["ddp_backend"] = "gloo"
-            env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
-        result = run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / f"{name}.yaml", config))], tmp_path,
-                         **env)  # fmt: skip
+            result = run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / f"{name}.yaml", config))],
+                             tmp_path, FORCE_TORCHRUN="1", NPROC_PER_NODE="2")  # fmt: skip
+            logs[name] = result.stdout + result.stderr
+        else:
+            logs[name] = "\n".join(train_in_process(config))
         losses[name] = [entry["loss"] for entry in read_jsonl(out / "trainer_log.jsonl") if "loss" in entry]
-        logs[name] = result.stdout + result.stderr
     assert len(losses["on"]) >= 4 and losses["on"] == losses["off"]
     assert losses["on_2proc"] == pytest.approx(losses["on"], rel=1e-5)
     assert "world size: 2" in logs["on_2proc"]

@@ -8,10 +8,12 @@ import struct
 import warnings
 import zlib
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from llamafactory_vision import image_header
 from llamafactory_vision.convert_records import Record, RecordError, open_image
-from llamafactory_vision.image_header import header_size, verified_size
+from llamafactory_vision.image_header import header_size, image_size, verified_size
 from PIL import Image
 
 
@@ -293,14 +295,12 @@ BAD_FILES = {
 
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
 def test_open_image_errors_equal_the_pil_only_path(tmp_path: Path, name: str, monkeypatch) -> None:
-    import llamafactory_vision.convert_records as records
-
     path = tmp_path / name
     path.write_bytes(BAD_FILES[name])
     rec = Record(tmp_path / "instances.json", "images[4]", {"file_name": name})
     with pytest.raises(RecordError) as fast:
         open_image(rec, "file_name", path)
-    monkeypatch.setattr(records, "header_size", lambda _path: None)
+    monkeypatch.setattr(image_header, "header_size", lambda _path: None)
     with pytest.raises(RecordError) as pil_only:
         open_image(rec, "file_name", path)
     assert str(fast.value) == str(pil_only.value)
@@ -320,6 +320,18 @@ def test_a_png_named_jpg_gives_its_size(tmp_path: Path) -> None:
     Image.new("RGB", (31, 17)).save(tmp_path / "x.jpg", format="PNG")
     assert header_size(tmp_path / "x.jpg") == (31, 17)
     assert open_image(Record(tmp_path / "i.json", "images[0]", {}), "file_name", tmp_path / "x.jpg") == (31, 17)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"])
+def test_image_size_reads_headers_and_falls_back_to_pil(tmp_path: Path, fmt: str) -> None:
+    """PNG and JPEG sizes come from the header reader without a PIL open; every other format is opened by PIL; both
+    give PIL's size (the oracle, read before counting)."""
+    path = tmp_path / f"x.{fmt.lower()}"
+    Image.new("RGB", (29, 11)).save(path, format=fmt)
+    expected = _pil_size(path)
+    with mock.patch.object(Image, "open", wraps=Image.open) as opened:
+        assert image_size(path) == expected == (29, 11)
+    assert opened.call_count == (0 if fmt in ("PNG", "JPEG") else 1)
 
 
 # --- verified_size: PIL's open + verify() -----------------------------------------------------------------------------

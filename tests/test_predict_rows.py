@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import GROUND_TEMPLATE, REPO, read_jsonl, run_cli, train_config, write_yaml
+from conftest import GROUND_TEMPLATE, REPO, read_jsonl, run_cli, train_config, train_in_process, write_yaml
 from llamafactory_vision.grounding.bbox_head import DEFAULT_LAYERS, BBoxHead, BBoxHeadConfig, save_head
 from llamafactory_vision.grounding.head_rows import LABEL_BOXES_COLUMN
 from PIL import Image
@@ -296,7 +296,7 @@ UNEVEN_SIZES = [(200, 100), (100, 200), (160, 160), (120, 90), (90, 120)]
 def test_two_process_predict_without_the_head_equals_one(tiny_models, tmp_path):
     """``llamafactory-cli train`` predict, no head, on the tiny Qwen2-VL (greedy): 2 processes on an uneven split
     write the same generated_predictions.jsonl rows (row, image, prompt, predict, label) and the same metrics as 1
-    process, and row i is dataset row i (its image and phrase)."""
+    process (in this process: ``run_exp``, what the CLI calls), and row i is dataset row i (its image and phrase)."""
     data = tmp_path / "data"
     data.mkdir()
     rows = []
@@ -317,9 +317,11 @@ def test_two_process_predict_without_the_head_equals_one(tiny_models, tmp_path):
             do_sample=False, ddp_timeout=120,
         )  # fmt: skip
         del config["dataset"]
-        env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"} if procs == "2" else {}
-        run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / f"predict{procs}.yaml", config))], tmp_path,
-                **env)  # fmt: skip
+        if procs == "2":
+            run_cli(["llamafactory-cli", "train", str(write_yaml(tmp_path / f"predict{procs}.yaml", config))],
+                    tmp_path, FORCE_TORCHRUN="1", NPROC_PER_NODE="2")  # fmt: skip
+        else:
+            train_in_process(config)
         outputs[procs] = (
             read_jsonl(tmp_path / procs / "generated_predictions.jsonl"),
             json.loads((tmp_path / procs / "predict_results.json").read_text()),

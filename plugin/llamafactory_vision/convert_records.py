@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
-from .image_header import header_size
+from .image_header import image_size
 
 _REQUIRED = object()  # default of `Record.get` for a field that must be present
 
@@ -73,18 +73,14 @@ def load_json(path: Path) -> Any:
 
 def open_image(rec: Record, field: str, file: Path) -> tuple[int, int]:
     """Open ``file`` (header only) for the record's ``field``; returns its ``(width, height)``, as PIL's
-    ``Image.open(file).size``: read by :func:`~llamafactory_vision.image_header.header_size` for well-formed PNG
-    and JPEG headers, by PIL for everything else (other formats, and every file PIL would refuse or warn about).
+    ``Image.open(file).size`` (:func:`~llamafactory_vision.image_header.image_size`: the header reader for
+    well-formed PNG and JPEG headers, PIL for everything else).
 
     Raises:
         RecordError: naming the record and field, reason ``missing_image`` or ``corrupt_image``.
     """
     try:
-        size = header_size(file)
-        if size is not None:
-            return size
-        with Image.open(file) as image:
-            return image.size
+        return image_size(file)
     except FileNotFoundError as err:
         raise rec.error(field, f"image file {str(file)!r} not found", "missing_image") from err
     except (UnidentifiedImageError, OSError) as err:

@@ -9,8 +9,10 @@ which then identifies, raises or warns exactly as it would have: other formats, 
 fill or junk bytes, MPO and Photoshop segments, an EXIF block PIL would parse for the DPI, PNG chunks other than the
 common ones, a size above ``Image.MAX_IMAGE_PIXELS`` (PIL's decompression-bomb warning or error).
 
-The size is the stored one, before any EXIF orientation, as ``Image.open(...).size`` is. :func:`verified_size`
-also stands in for PIL's ``verify()`` after the open (a PNG's chunk CRCs up to IEND), for the grounding converter.
+The size is the stored one, before any EXIF orientation, as ``Image.open(...).size`` is. :func:`image_size` is the
+one way the package reads an image file's size (conversion, tokenization): this reader where it decides, PIL
+otherwise. :func:`verified_size` also stands in for PIL's ``verify()`` after the open (a PNG's chunk CRCs up to
+IEND), for the grounding converter.
 """
 
 from __future__ import annotations
@@ -57,6 +59,18 @@ class _Head:
                 return False
             self.data += more
         return True
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(width, height)`` of the image file at ``path``, as ``PIL.Image.open(path).size`` gives it: from
+    :func:`header_size` where it decides (well-formed PNG and JPEG headers), else from PIL, which then identifies the
+    file or raises (and warns) exactly as its own open does: ``FileNotFoundError``, ``UnidentifiedImageError``,
+    ``OSError``, ``Image.DecompressionBombError``."""
+    size = header_size(path)
+    if size is not None:
+        return size
+    with Image.open(path) as image:
+        return image.size
 
 
 def header_size(path: str | os.PathLike[str]) -> tuple[int, int] | None:

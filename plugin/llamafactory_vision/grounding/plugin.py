@@ -30,6 +30,7 @@ from llamafactory_vision.grounding.formats import get_codec
 from llamafactory_vision.grounding.image_cache import ImageCacheMixin
 from llamafactory_vision.grounding.image_runs import image_run_template_class
 from llamafactory_vision.grounding.markers import has_markers, render_markers
+from llamafactory_vision.image_header import image_size
 
 
 def original_size(image) -> tuple[int, int]:
@@ -59,18 +60,18 @@ def file_version(path: str) -> FileVersion:
 
 
 def file_header_size(path: str) -> tuple[int, int]:
-    """(width, height) from the header of the file at ``path``, read once per file version.
+    """(width, height) from the header of the file at ``path`` (:func:`~llamafactory_vision.image_header.image_size`),
+    read once per file version.
 
     Preparing one grounding row asks for its image's size three times (the converter's check, box rendering in
     ``process_messages``, the token grid in ``_get_mm_token_metadata``), and every epoch of a cached dataset again; a
     header read costs far more than the ``os.stat`` that keys this memo, and a file rewritten since has another key,
-    so it is read afresh.
+    so it is read afresh. (``llamafactory-vision convert`` reads each image once and has no use for the memo.)
     """
     version = file_version(path)
     size = _HEADER_SIZES.get(version)
     if size is None:
-        with Image.open(path) as opened:
-            size = opened.size
+        size = image_size(path)
         remember_header_size(version, size)
     return size
 
