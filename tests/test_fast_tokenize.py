@@ -164,6 +164,15 @@ def test_header_sizes_are_read_once_per_file_version(tmp_path):
         assert plugin.original_size(str(gif)) == plugin.original_size(str(gif)) == expected == (13, 7)
         assert reads.counts() == (3, 4)
 
+        bmp = tmp_path / "a.bmp"  # 8x16 and 16x8 BMPs have the same byte size (rows padded to 4 bytes: 384 pixel bytes)
+        Image.new("RGB", (8, 16)).save(bmp)
+        assert plugin.original_size(str(bmp)) == (8, 16)
+        stat = os.stat(bmp)
+        Image.new("RGB", (16, 8)).save(bmp)
+        os.utime(bmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same byte size, the old mtime set back
+        assert (os.stat(bmp).st_size, os.stat(bmp).st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+        assert plugin.original_size(str(bmp)) == (16, 8)  # still a new version (ctime), read afresh
+
 
 # --- image-token runs written as ids (ImageRunEncoding) ---------------------------------------------------------------
 

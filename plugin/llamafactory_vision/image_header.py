@@ -61,6 +61,20 @@ class _Head:
         return True
 
 
+FileVersion = tuple[str, int, int, int, int]  # (path, inode, size in bytes, mtime_ns, ctime_ns)
+
+
+def file_version(path: str | os.PathLike[str]) -> FileVersion:
+    """``(path, inode, size in bytes, mtime_ns, ctime_ns)`` of the file at ``path`` as it is now: the key under which
+    what was read from it (its size, its preprocessed tensors) may be reused.
+
+    mtime can be set back by a program (``os.utime``, ``cp -p``, ``rsync -t``), so a rewrite of the same size with the
+    old mtime would pass as unchanged; the inode (a file replaced by rename) and ctime (which every write and every
+    ``utime`` advance, and no program can set) catch it, to the file system's ctime granularity."""
+    stat = os.stat(path)
+    return os.fspath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """``(width, height)`` of the image file at ``path``, as ``PIL.Image.open(path).size`` gives it: from
     :func:`header_size` where it decides (well-formed PNG and JPEG headers), else from PIL, which then identifies the

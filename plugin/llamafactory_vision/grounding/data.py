@@ -26,9 +26,9 @@ from llamafactory_vision.boxes import BoxError, normalize_xyxy, validate_pixel_b
 from llamafactory_vision.dataset_rows import SKIP_COLUMN, RowError, align_with_row_checks
 from llamafactory_vision.grounding.formats import GroundedObject
 from llamafactory_vision.grounding.markers import objects_marker, region_marker
-from llamafactory_vision.grounding.plugin import file_version, remember_header_size
+from llamafactory_vision.grounding.plugin import remember_header_size
 from llamafactory_vision.grounding.templates import TASKS, get_grounding_spec, load_grounding_specs
-from llamafactory_vision.image_header import verified_size
+from llamafactory_vision.image_header import file_version, verified_size
 from llamafactory_vision.log import get_logger
 
 logger = get_logger(__name__)

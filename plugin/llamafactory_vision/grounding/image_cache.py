@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from typing_extensions import override
 
+from llamafactory_vision.image_header import FileVersion, file_version
+
 MIB = 1 << 20
 _OUTPUT_KEYS = frozenset(("pixel_values", "image_grid_thw"))
 
@@ -51,20 +53,15 @@ def processor_settings(processor) -> tuple:
     )
 
 
-def file_key(image) -> tuple[str, int, int, int, int] | None:
-    """``(resolved path, inode, size in bytes, mtime_ns, ctime_ns)`` of an image given as a path or ``{"path": ...}``
-    without bytes; ``None`` for inputs that are not a file on disk (bytes, PIL images, file objects).
-
-    mtime can be set back by a program (``os.utime``, ``cp -p``, ``rsync -t``), so a rewrite of the same size with
-    the old mtime would pass as unchanged; the inode (a file replaced by rename) and ctime (which every write and
-    every ``utime`` advance, and no program can set) catch it, to the file system's ctime granularity."""
+def file_key(image) -> FileVersion | None:
+    """:func:`~llamafactory_vision.image_header.file_version` of an image given as a path or ``{"path": ...}`` without
+    bytes, under its resolved path (a symlink reaches its target's entry); ``None`` for inputs that are not a file on
+    disk (bytes, PIL images, file objects)."""
     if isinstance(image, dict) and image.get("bytes") is None:
         image = image.get("path")
     if not isinstance(image, (str, os.PathLike)):
         return None
-    path = os.path.realpath(image)
-    stat = os.stat(path)
-    return path, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+    return file_version(os.path.realpath(image))
 
 
 @dataclass(frozen=True)

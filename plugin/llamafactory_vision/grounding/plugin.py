@@ -30,7 +30,7 @@ from llamafactory_vision.grounding.formats import get_codec
 from llamafactory_vision.grounding.image_cache import ImageCacheMixin
 from llamafactory_vision.grounding.image_runs import image_run_template_class
 from llamafactory_vision.grounding.markers import has_markers, render_markers
-from llamafactory_vision.image_header import image_size
+from llamafactory_vision.image_header import FileVersion, file_version, image_size
 
 
 def original_size(image) -> tuple[int, int]:
@@ -48,15 +48,8 @@ def original_size(image) -> tuple[int, int]:
         return opened.size
 
 
-FileVersion = tuple[str, int, int]  # (path, mtime in ns, size in bytes)
 _HEADER_SIZES: dict[FileVersion, tuple[int, int]] = {}
 _HEADER_SIZES_KEPT = 65536
-
-
-def file_version(path: str) -> FileVersion:
-    """The key of :func:`file_header_size`'s memo for the file at ``path`` as it is now."""
-    stat = os.stat(path)
-    return path, stat.st_mtime_ns, stat.st_size
 
 
 def file_header_size(path: str) -> tuple[int, int]:
