@@ -44,9 +44,11 @@ def run_cli(args: list[str], cwd: Path, check: bool = True, **env: str) -> subpr
     return result
 
 
-class _Messages(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
+class LogLines(logging.Handler):
+    """Keeps the messages of the records it receives at ``level`` or above."""
+
+    def __init__(self, level: int = logging.INFO) -> None:
+        super().__init__(level)
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -62,7 +64,7 @@ def train_in_process(config: dict) -> list[str]:
     import torch
     from llamafactory.train.tuner import run_exp
 
-    handler, library = _Messages(), logging.getLogger("llamafactory")
+    handler, library = LogLines(), logging.getLogger("llamafactory")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     library.addHandler(handler)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import GROUND_TEMPLATE, REPO, read_jsonl, run_cli, train_config, train_in_process, write_yaml
+from conftest import GROUND_TEMPLATE, REPO, LogLines, read_jsonl, run_cli, train_config, train_in_process, write_yaml
 from llamafactory_vision.grounding.bbox_head import DEFAULT_LAYERS, BBoxHead, BBoxHeadConfig, save_head
 from llamafactory_vision.grounding.head_rows import LABEL_BOXES_COLUMN
 from PIL import Image
@@ -102,15 +102,6 @@ class PredictRun:
     log: list[str]
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 def predict(
     model_dir: Path, data: Path, output_dir: Path, fail_row: bool, head: bool = True, untraced: bool = False
 ) -> PredictRun:
@@ -158,7 +149,7 @@ def predict(
                 inputs = {k: v for k, v in inputs.items() if k != LABEL_BOXES_COLUMN}
             return super().prediction_step(model, inputs, *args, **kwargs)
 
-    handler = _Lines()
+    handler = LogLines(logging.WARNING)
     loggers = [logging.getLogger(f"llamafactory.vision.grounding.{name}") for name in ("trainer", "predict_trainer")]
     for vision_logger in loggers:
         vision_logger.addHandler(handler)
