@@ -4,8 +4,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #   bash benchmarks/gpu_all.sh             # on the GPU machine; results under $OUT (default out/gpu_all)
 #   bash benchmarks/gpu_all.sh --dry-run   # CPU check of the same steps at --small sizes (minutes)
 #
-# The first line installs the wheels carried in .whl/ (pinned stack; deepspeed and its dependencies for the ZeRO-3
-# step) into /tmp/site. Steps, each under its own time cap and all under one deadline, so a hang costs one step only:
+# The first line installs the wheels carried in .whl/ into /tmp/site: the pinned stack, diffusers, deepspeed and what
+# it needs, liger-kernel. `bash benchmarks/carry_wheels.sh` fills .whl/ here, before the device run. Steps, each under its own time cap and all under one deadline, so a hang costs one step only:
 #   cpu       benchmarks/bench_grounding.py --workload cpu, on one pinned core, in the background
 #   a         Qwen2-VL-2B LoRA r8 + full FT: stock vs ours vs ours + bbox head
 #   fast_path benchmarks/bench_fast_path.py: Qwen2-VL-2B LoRA, whole runs through run_exp, stock vs every fast-path
