@@ -172,7 +172,8 @@ def _png_header(head: _Head) -> tuple[tuple[int, int] | None, int]:
 def _png_chunks_verify(head: _Head, pos: int) -> bool:
     """Whether PIL's ``ChunkStream.verify`` passes from the chunk at ``pos`` (the first IDAT) on: every chunk until
     IEND complete, of a word-character type, with a matching CRC (IEND's own CRC and anything after it unread)."""
-    if head.size > MAX_VERIFIED_FILE or not head.has(head.size):
+    size = head.size  # one fstat
+    if size > MAX_VERIFIED_FILE or not head.has(size):
         return False  # very large files: PIL's block-wise reading; a file shorter than its size: PIL reports it
     data = head.data
     view = memoryview(data)
