@@ -197,6 +197,11 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def _progress(message: str) -> None:
+    """A timestamped line on stderr: the tail gpu_all.sh keeps of a step that ran out of time shows its last phase."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -205,7 +210,8 @@ def _sync(device: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class StepTiming:
     """One timed training step: wall seconds, non-padding tokens, model FLOPs, loss, the memory it allocated on top
-    of what was resident before it and the process's peak allocation during it (bytes; 0 on a CPU)."""
+    of what was resident before it and the process's peak allocation during it (bytes; 0 on a CPU), and the wall
+    seconds of the step spent collating the batch on the host CPU (part of ``seconds``)."""
 
     seconds: float
     tokens: int
@@ -213,6 +219,7 @@ class StepTiming:
     loss: float
     transient_bytes: int = 0
     peak_bytes: int = 0
+    collate_seconds: float = 0.0
 
 
 def interleaved_schedule(variants: Sequence[str], warmup: int, steps: int) -> list[tuple[str, int, bool]]:
@@ -256,6 +263,7 @@ def variant_figures(timed: Sequence[StepTiming], batch_size: int, peak_tflops: f
     transient allocation of its steps, i.e. its peak had it run alone, since the other variants stay resident."""
     seconds = sum(t.seconds for t in timed)
     tokens = sum(t.tokens for t in timed)
+    collate = sum(t.collate_seconds for t in timed)
     figures = {
         "seconds": round(seconds, 4),
         "tokens": tokens,
@@ -263,6 +271,9 @@ def variant_figures(timed: Sequence[StepTiming], batch_size: int, peak_tflops: f
         "tokens_per_s": round(tokens / seconds, 1),
         "tokens_per_sample": round(tokens / (batch_size * len(timed)), 1),
         "s_per_step": round(seconds / len(timed), 4),
+        # the host-CPU part of a step: what grounding_image_cache can shorten and no GPU kernel can
+        "collate_s_per_step": round(collate / len(timed), 4),
+        "collate_share": round(collate / seconds, 4),
         "losses": [round(t.loss, 4) for t in timed],
     }
     if device == "cuda":
@@ -300,6 +311,7 @@ def build_variant(model_dir: Path, data_dir: Path, work: Path, family: str, vari
     from llamafactory_vision.grounding.head_data import GroundingBBoxCollator
     from llamafactory_vision.grounding.trainer import BBoxLossConfig, bbox_head_loss
 
+    build_start = time.perf_counter()
     args, tokenizer_module, template, dataset, tokenize_s = tokenize(
         model_dir, data_dir, work / f"{variant}-{mode}", family, variant, mode, device
     )
@@ -333,6 +345,7 @@ def build_variant(model_dir: Path, data_dir: Path, work: Path, family: str, vari
         start = time.perf_counter()
         batch = collator(features)
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        collated = time.perf_counter()  # the copies are only queued: this is the host's share, not the transfer's
         inputs = {k: v for k, v in batch.items() if not k.startswith("bbox_")}
         with autocast:
             outputs = model(**inputs, output_hidden_states=with_head)
@@ -352,7 +365,9 @@ def build_variant(model_dir: Path, data_dir: Path, work: Path, family: str, vari
         lengths = batch["attention_mask"].sum(-1).cpu()
         patches = batch["image_grid_thw"].prod(-1).cpu()
         flops = flop_model.step_flops(lengths, patches, mode == "lora")
-        return StepTiming(seconds, int(lengths.sum()), flops, float(loss.detach()), peak - base, peak)
+        return StepTiming(
+            seconds, int(lengths.sum()), flops, float(loss.detach()), peak - base, peak, collated - start
+        )
 
     def resident_bytes() -> int:  # weights, buffers, optimizer state (gradients are freed after each step)
         state = [v for s in optimizer.state.values() for v in s.values()]
@@ -360,6 +375,7 @@ def build_variant(model_dir: Path, data_dir: Path, work: Path, family: str, vari
 
     info = {
         "rows_tokenized_per_s": round(len(dataset) / tokenize_s, 1),
+        "build_s": round(time.perf_counter() - build_start, 1),  # tokenize + load the model (and head) + optimizer
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     return VariantRunner(step, resident_bytes, info)
@@ -378,22 +394,29 @@ def run_training(workload: str, small: bool, device: str, work: Path, args: argp
     write_rows(data_dir, n=max(batch_size * (args.warmup + args.steps), 16), size_classes=("normal",))
     runs = []
     for arch, mode in WORKLOADS[workload]:
+        run_start = time.perf_counter()
+        phases = {}  # wall seconds of each phase, so a run that hits gpu_all.sh's time cap says where the time went
         family = arch_config(arch, small)["family"]
         model_dir = work / f"model-{arch}"
         if not model_dir.exists():
+            _progress(f"{arch} {mode}: writing the random-weight model")
             write_model(arch, model_dir, small, device, dtype)
+            phases["write_model_s"] = round(time.perf_counter() - run_start, 1)
         arch_data = work / f"data-{arch}"
         if not arch_data.exists():  # the stock twin depends on the family's box text
             shutil.copytree(data_dir, arch_data)
             write_stock_twin(arch_data, family, model_dir)
         _free(device)
-        runners = {
-            variant: build_variant(
+        runners = {}
+        for variant in VARIANTS:
+            _progress(f"{arch} {mode}: building {variant}")
+            runners[variant] = build_variant(
                 model_dir, arch_data, work, family, variant, mode, device=device, batch_size=batch_size
             )
-            for variant in VARIANTS
-        }
+        _progress(f"{arch} {mode}: {args.warmup} warm-up + {args.steps} timed rounds")
+        steps_start = time.perf_counter()
         timed, order = time_interleaved({v: r.step for v, r in runners.items()}, args.warmup, args.steps)
+        phases["rounds_s"] = round(time.perf_counter() - steps_start, 1)  # warm-up and timed, all variants
         variants = {
             variant: {
                 "variant": variant,
@@ -413,6 +436,7 @@ def run_training(workload: str, small: bool, device: str, work: Path, args: argp
             "ratio_ours_over_stock": ratio_of_totals(timed["ours"], timed["stock"]),
             "ratio_head_over_stock": ratio_of_totals(timed["ours_head"], timed["stock"]),
             "max_loss_diff_ours_vs_stock": round(loss_diff, 5),
+            "phases": {**phases, "run_s": round(time.perf_counter() - run_start, 1)},
         }  # fmt: skip
         if device == "cuda":  # each step resets the peak counter, so the process peak is the largest step peak
             run["process_peak_gib"] = round(max(t.peak_bytes for ts in timed.values() for t in ts) / 2**30, 2)

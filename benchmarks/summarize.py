@@ -47,10 +47,12 @@ def rows(results: Path) -> list[tuple[str, str, float | None]]:
             label = f"{run['arch']} {run['mode']}"
             if run.get("schedule") != "interleaved":  # the first harness timed the variants one after another
                 label += f" {SEQUENTIAL}"
-            mfu = v["stock"].get("mfu")
+            mfu, collate = v["stock"].get("mfu"), v["stock"].get("collate_share")
             text = f"stock {v['stock']['samples_per_s']} samples/s, {v['stock']['tokens_per_s']} tok/s" + (
                 f", {v['stock']['peak_gib']} GiB, MFU {mfu:.1%}" if mfu is not None else ""
             )
+            if collate is not None:  # since 2026-12-01: the share of a step spent collating on the host CPU
+                text += f", collate {collate:.0%}"
             out.append((f"{label}: stock", text, None))
             out.append((f"{label}: ours/stock", f"{v['ours']['tokens_per_s']} tok/s", run["ratio_ours_over_stock"]))
             out.append((f"{label}: ours+head/stock", f"{v['ours_head']['tokens_per_s']} tok/s",

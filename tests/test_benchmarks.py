@@ -79,7 +79,7 @@ def test_time_interleaved_calls_the_steppers_in_schedule_order_and_ratios_come_f
         def step(index):
             calls.append((variant, index))
             seconds, tokens = plan[variant][index - 1] if index >= 1 else (9.0, 1)  # index 0: the warm-up
-            return StepTiming(seconds=seconds, tokens=tokens, flops=0.0, loss=float(index))
+            return StepTiming(seconds, tokens, flops=0.0, loss=float(index), collate_seconds=seconds / 4)
 
         return step
 
@@ -95,6 +95,9 @@ def test_time_interleaved_calls_the_steppers_in_schedule_order_and_ratios_come_f
     assert figures["tokens_per_s"] == pytest.approx(200 / 1.1, abs=0.1)
     assert figures["samples_per_s"] == pytest.approx(8 / 1.1, abs=1e-3)
     assert figures["losses"] == [1.0, 2.0]
+    # collation: a quarter of each step, 0.275 s of 1.1 s over two steps
+    assert figures["collate_s_per_step"] == pytest.approx(0.1375, abs=1e-4)
+    assert figures["collate_share"] == pytest.approx(0.25, abs=1e-4)
 
 
 def test_small_training_run_interleaves_the_real_variants(tmp_path, monkeypatch):
@@ -117,6 +120,15 @@ def test_small_training_run_interleaves_the_real_variants(tmp_path, monkeypatch)
     assert run["ratio_ours_over_stock"] == pytest.approx(
         (ours["tokens"] / ours["seconds"]) / (stock["tokens"] / stock["seconds"]), rel=1e-3
     )
+    # where the time went: collation is part of each step; the rounds hold every variant's timed steps and the
+    # warm-up; the run holds the model writing, the builds and the rounds
+    for v in variants.values():
+        assert 0 < v["collate_s_per_step"] < v["s_per_step"] and 0 < v["collate_share"] < 1
+        assert v["build_s"] > 0
+    phases = run["phases"]
+    assert phases["rounds_s"] >= sum(v["seconds"] for v in variants.values())
+    builds = sum(v["build_s"] for v in variants.values())
+    assert phases["run_s"] >= phases["write_model_s"] + builds + phases["rounds_s"] - 0.3  # each rounded to 0.1 s
 
 
 def test_summary_marks_runs_of_the_sequential_harness(tmp_path):
