@@ -60,7 +60,7 @@ run_step() {
   (( cap > left )) && cap=$left
   if (( cap < 15 )); then STATUS[$name]="skipped (deadline)"; return; fi
   local t0=$(date +%s)
-  timeout --kill-after=10 "$cap" "$@" > "/tmp/gpu_all/$name.out" 2> "/tmp/gpu_all/$name.log"
+  timeout --kill-after=10 "$cap" "${REST[@]}" "$@" > "/tmp/gpu_all/$name.out" 2> "/tmp/gpu_all/$name.log"
   local rc=$?
   STATUS[$name]="rc=$rc $(( $(date +%s) - t0 ))s"
   (( rc == 124 || rc == 137 )) && STATUS[$name]="TIMEOUT after ${cap}s"
@@ -74,9 +74,14 @@ collect() {  # bench_grounding.py writes its own results/NAME.json (finished run
     tail -n 40 "/tmp/gpu_all/$1.out" "/tmp/gpu_all/$1.log"; } >> "$OUT/log.txt"
 }
 
-# cpu: one core, in the background while the GPU steps run (they use other cores).
+# cpu: one core, in the background while the GPU steps run, pinned to the other cores (REST, used by run_step): the
+# H200 run of 2026-11-30 pinned only the cpu step, so its core was not its own.
 CPU_FLAGS=(); [ $DRY = 1 ] && CPU_FLAGS=(--small)
-PIN=(); command -v taskset > /dev/null && PIN=(taskset -c "$(( $(nproc) - 1 ))")
+PIN=() REST=()
+CPUS=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'))  # a container's cores need not start at 0
+if command -v taskset > /dev/null && (( ${#CPUS[@]} > 1 )); then
+  PIN=(taskset -c "${CPUS[-1]}") REST=(taskset -c "$(IFS=,; echo "${CPUS[*]:0:${#CPUS[@]}-1}")")
+fi
 timeout $(( 420 * SCALE )) "${PIN[@]}" python3 benchmarks/bench_grounding.py --workload cpu "${CPU_FLAGS[@]}" \
   --out "$OUT/results/cpu.json" \
   > /tmp/gpu_all/cpu.out 2> /tmp/gpu_all/cpu.log &
