@@ -28,7 +28,10 @@ Reported per variant, from its totals over the timed steps: samples/s, tokens/s 
 (LM head included, embeddings and the tiny bbox head/LoRA matrices not), plus 4 x layers x attention width x
 sequence^2 per sequence (non-causal count) in the LLM and per image in the vision tower; LLM backward counts 2x
 forward with full fine-tuning and 1x (activation gradients only) with LoRA; the frozen vision tower runs forward only.
-Gradient-checkpointing recomputation is not counted (MFU, not hardware FLOPs utilisation).
+Gradient-checkpointing recomputation is not counted (MFU, not hardware FLOPs utilisation). Also per variant: the
+share of a step spent collating on the host (``collate_share``), and the ATen ops of one more, untimed step
+(``ops_per_step``, ``kernel_ops_per_step``: :class:`OpCounter`), which is what a step costs the host where it is
+launch-bound rather than compute-bound.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arch import arch_config, write_model
@@ -220,6 +224,23 @@ class StepTiming:
     transient_bytes: int = 0
     peak_bytes: int = 0
     collate_seconds: float = 0.0
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched inside it: ``ops`` all of them, ``kernels`` those that are not views.
+
+    On a GPU each non-view op launches at least one kernel and every op costs the host its dispatch, so at small
+    batches a step's time follows these counts rather than its FLOPs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.kernels = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.kernels += not func.is_view
+        return func(*args, **(kwargs or {}))
 
 
 def interleaved_schedule(variants: Sequence[str], warmup: int, steps: int) -> list[tuple[str, int, bool]]:
@@ -417,11 +438,17 @@ def run_training(workload: str, small: bool, device: str, work: Path, args: argp
         steps_start = time.perf_counter()
         timed, order = time_interleaved({v: r.step for v, r in runners.items()}, args.warmup, args.steps)
         phases["rounds_s"] = round(time.perf_counter() - steps_start, 1)  # warm-up and timed, all variants
+        ops = {}
+        for variant, runner in runners.items():  # one more step each, untimed: counting slows the dispatch
+            with OpCounter() as counter:
+                runner.step(args.warmup + args.steps)
+            ops[variant] = {"ops_per_step": counter.ops, "kernel_ops_per_step": counter.kernels}
         variants = {
             variant: {
                 "variant": variant,
                 "mode": mode,
                 **runner.info,
+                **ops[variant],
                 **variant_figures(timed[variant], batch_size, args.peak_tflops, device, runner.resident_bytes()),
             }
             for variant, runner in runners.items()

@@ -53,6 +53,8 @@ def rows(results: Path) -> list[tuple[str, str, float | None]]:
             )
             if collate is not None:  # since 2026-12-01: the share of a step spent collating on the host CPU
                 text += f", collate {collate:.0%}"
+            if "kernel_ops_per_step" in v["stock"]:  # since 2026-12-01: what a launch-bound step costs the host
+                text += f", {v['stock']['kernel_ops_per_step']:,} kernel ops/step"
             out.append((f"{label}: stock", text, None))
             out.append((f"{label}: ours/stock", f"{v['ours']['tokens_per_s']} tok/s", run["ratio_ours_over_stock"]))
             out.append((f"{label}: ours+head/stock", f"{v['ours_head']['tokens_per_s']} tok/s",

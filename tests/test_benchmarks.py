@@ -125,6 +125,10 @@ def test_small_training_run_interleaves_the_real_variants(tmp_path, monkeypatch)
     for v in variants.values():
         assert 0 < v["collate_s_per_step"] < v["s_per_step"] and 0 < v["collate_share"] < 1
         assert v["build_s"] > 0
+        assert 0 < v["kernel_ops_per_step"] < v["ops_per_step"]
+    # our template and collator leave the model's step op for op as stock's; the head adds its own ops
+    assert variants["ours"]["ops_per_step"] == stock["ops_per_step"]
+    assert variants["ours_head"]["ops_per_step"] > stock["ops_per_step"]
     phases = run["phases"]
     assert phases["rounds_s"] >= sum(v["seconds"] for v in variants.values())
     builds = sum(v["build_s"] for v in variants.values())
