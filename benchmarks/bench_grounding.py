@@ -438,17 +438,11 @@ def run_training(workload: str, small: bool, device: str, work: Path, args: argp
         steps_start = time.perf_counter()
         timed, order = time_interleaved({v: r.step for v, r in runners.items()}, args.warmup, args.steps)
         phases["rounds_s"] = round(time.perf_counter() - steps_start, 1)  # warm-up and timed, all variants
-        ops = {}
-        for variant, runner in runners.items():  # one more step each, untimed: counting slows the dispatch
-            with OpCounter() as counter:
-                runner.step(args.warmup + args.steps)
-            ops[variant] = {"ops_per_step": counter.ops, "kernel_ops_per_step": counter.kernels}
         variants = {
             variant: {
                 "variant": variant,
                 "mode": mode,
                 **runner.info,
-                **ops[variant],
                 **variant_figures(timed[variant], batch_size, args.peak_tflops, device, runner.resident_bytes()),
             }
             for variant, runner in runners.items()
@@ -468,6 +462,11 @@ def run_training(workload: str, small: bool, device: str, work: Path, args: argp
         if device == "cuda":  # each step resets the peak counter, so the process peak is the largest step peak
             run["process_peak_gib"] = round(max(t.peak_bytes for ts in timed.values() for t in ts) / 2**30, 2)
         runs.append(run)
+        save({"runs": runs})  # the timings are kept even if counting below fails
+        for variant, runner in runners.items():  # one more step each, untimed: counting slows the dispatch
+            with OpCounter() as counter:
+                runner.step(args.warmup + args.steps)
+            variants[variant].update(ops_per_step=counter.ops, kernel_ops_per_step=counter.kernels)
         del runners, timed  # free this run's models before the next run's are built
         save({"runs": runs})
     return {"runs": runs}
