@@ -74,8 +74,8 @@ collect() {  # bench_grounding.py writes its own results/NAME.json (finished run
     tail -n 40 "/tmp/gpu_all/$1.out" "/tmp/gpu_all/$1.log"; } >> "$OUT/log.txt"
 }
 
-# cpu: one core, in the background while the GPU steps run, pinned to the other cores (REST, used by run_step): the
-# H200 run of 2026-11-30 pinned only the cpu step, so its core was not its own.
+# cpu: on a core of its own (PIN), in the background, while run_step keeps the GPU steps on the other cores (REST).
+# The H200 run of 2026-11-30 pinned only the cpu step, so its core was not its own.
 CPU_FLAGS=(); [ $DRY = 1 ] && CPU_FLAGS=(--small)
 PIN=() REST=()
 CPUS=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'))  # a container's cores need not start at 0
