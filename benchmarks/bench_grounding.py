@@ -320,6 +320,8 @@ class VariantRunner:
     step: Callable[[int], StepTiming]
     resident_bytes: Callable[[], int]
     info: dict
+    model: torch.nn.Module
+    collate: Callable[[int], dict]  # step index -> that step's batch, on the device
 
 
 def build_variant(model_dir: Path, data_dir: Path, work: Path, family: str, variant: str, mode: str, *,
@@ -357,15 +359,17 @@ def build_variant(model_dir: Path, data_dir: Path, work: Path, family: str, vari
     flop_model = FlopModel.of(model, model.config)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
 
+    def collate(index: int) -> dict:
+        batch = collator([dataset[(index * batch_size + j) % len(dataset)] for j in range(batch_size)])
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
     def step(index: int) -> StepTiming:
-        features = [dataset[(index * batch_size + j) % len(dataset)] for j in range(batch_size)]
         _sync(device)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() if device == "cuda" else 0
         start = time.perf_counter()
-        batch = collator(features)
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = collate(index)
         collated = time.perf_counter()  # the copies are only queued: this is the host's share, not the transfer's
         inputs = {k: v for k, v in batch.items() if not k.startswith("bbox_")}
         with autocast:
@@ -399,7 +403,7 @@ def build_variant(model_dir: Path, data_dir: Path, work: Path, family: str, vari
         "build_s": round(time.perf_counter() - build_start, 1),  # tokenize + load the model (and head) + optimizer
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-    return VariantRunner(step, resident_bytes, info)
+    return VariantRunner(step, resident_bytes, info, model, collate)
 
 
 def run_training(workload: str, small: bool, device: str, work: Path, args: argparse.Namespace, save) -> dict:

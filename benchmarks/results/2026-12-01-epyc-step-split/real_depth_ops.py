@@ -1,12 +1,16 @@
 """ATen ops of one workload-(a) training step at Qwen2-VL-2B's real depths (28 LLM layers, 32 vision blocks) and the
 --small widths, batch 8, on a CPU: how many ops a step dispatches depends on the depth and the code path, not on the
-width, so this is the host's share of an H200 step. Usage, from the repository root::
+width, so this is the host's share of an H200 step. Usage, from the repository root (MODE: lora or full)::
 
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/results/2026-12-01-epyc-step-split/real_depth_ops.py lora out.json
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/results/2026-12-01-epyc-step-split/real_depth_ops.py MODE out.json
 
-A CPU step has no autocast (bf16 on the GPU adds its casts) and runs AdamW's foreach path (the GPU's is fused).
+``variants``: the whole step of each variant (AdamW fused, as on the GPU; no autocast). ``stock_forward_by_part``:
+the stock model's forward alone under bf16 autocast (as on the GPU), its ops split by the parts Liger's
+``apply_liger_kernel_to_qwen2_vl`` replaces: RMSNorm, the MLP (its SwiGLU and its linear layers), the M-RoPE
+application, the LM head and the loss; LayerNorm (vision) apart; everything else is ``other``.
 """
 
+import collections
 import json
 import sys
 import tempfile
@@ -21,9 +25,66 @@ _bootstrap.install()
 torch.set_num_threads(1)
 import arch
 import bench_grounding as bg
+from transformers.models.qwen2_vl import modeling_qwen2_vl
 
 arch._SMALL_TEXT["num_hidden_layers"] = arch.ARCHS["qwen2vl-2b"]["text"]["num_hidden_layers"]
 arch._SMALL_VISION["qwen2_vl"]["depth"] = arch.ARCHS["qwen2vl-2b"]["vision"]["depth"]
+
+
+class OpsByPart(bg.OpCounter):
+    """OpCounter that also files each op under the innermost tagged part running it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts, self.by_part = ["other"], collections.defaultdict(lambda: {"ops": 0, "kernels": 0})
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.by_part[self.parts[-1]]["ops"] += 1
+        self.by_part[self.parts[-1]]["kernels"] += not func.is_view
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def tag(self, module: torch.nn.Module, part: str) -> None:
+        def enter(module, args) -> None:
+            self.parts.append(part)
+
+        def leave(module, args, output) -> None:  # a hook that returns something replaces the module's output
+            self.parts.pop()
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
+
+    def tagged(self, fn, part: str):
+        def wrapper(*args, **kwargs):
+            self.parts.append(part)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.parts.pop()
+
+        return wrapper
+
+
+def forward_by_part(model: torch.nn.Module, batch: dict) -> dict:
+    counter = OpsByPart()
+    for name, module in model.named_modules():
+        if isinstance(module, modeling_qwen2_vl.Qwen2VLRMSNorm):
+            counter.tag(module, "rms_norm")
+        elif isinstance(module, modeling_qwen2_vl.Qwen2MLP):
+            counter.tag(module, "mlp")
+        elif isinstance(module, torch.nn.LayerNorm):
+            counter.tag(module, "layer_norm")
+        elif name.split(".")[-1] == "lm_head":
+            counter.tag(module, "lm_head")
+    modeling_qwen2_vl.apply_multimodal_rotary_pos_emb = counter.tagged(
+        modeling_qwen2_vl.apply_multimodal_rotary_pos_emb, "rope"
+    )
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.loss_function = counter.tagged(base.loss_function, "loss")
+    with torch.autocast("cpu", dtype=torch.bfloat16), counter:
+        model(**batch)
+    return {"ops": counter.ops, "kernels": counter.kernels, "by_part": dict(counter.by_part)}
+
+
 mode, out = sys.argv[1], Path(sys.argv[2])
 result = {"mode": mode, "batch_size": 8, "layers": 28, "vision_blocks": 32, "variants": {}}
 with tempfile.TemporaryDirectory() as tmp:
@@ -42,4 +103,8 @@ with tempfile.TemporaryDirectory() as tmp:
             "collate_s": round(timing.collate_seconds, 4),
         }  # fmt: skip
         print(variant, result["variants"][variant], flush=True)
+        if variant == "stock":
+            inputs = {k: v for k, v in runner.collate(2).items() if not k.startswith("bbox_")}
+            result["stock_forward_by_part"] = forward_by_part(runner.model, inputs)
+            print("stock forward by part", result["stock_forward_by_part"], flush=True)
 out.write_text(json.dumps(result, indent=1) + "\n")
