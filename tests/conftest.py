@@ -7,6 +7,8 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,24 +57,35 @@ class LogLines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread inside the block, as ``OMP_NUM_THREADS=1`` (``cli_env``) runs the CLI processes: float sums
+    over another thread count differ in the last bits, and a test compared with a CLI run must match it exactly."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_in_process(config: dict) -> list[str]:
     """``llamafactory-cli train`` on ``config`` inside this process: ``run_exp``, the function the CLI calls, with one
     torch thread as the CLI runs get (``cli_env``). It saves a CLI's start-up (~10 s of CPU importing torch,
     transformers and the host) where the process a run takes place in does not matter, e.g. the 1-process oracle of a
     2-process run. Returns the messages logged under the host's library logger (``llamafactory.*``: the host's lines
     and ours) at INFO and above."""
-    import torch
     from llamafactory.train.tuner import run_exp
 
     handler, library = LogLines(), logging.getLogger("llamafactory")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     library.addHandler(handler)
     try:
-        run_exp({k: str(v) if isinstance(v, Path) else v for k, v in config.items()})
+        with one_torch_thread():
+            run_exp({k: str(v) if isinstance(v, Path) else v for k, v in config.items()})
     finally:
         library.removeHandler(handler)
-        torch.set_num_threads(threads)
     return handler.lines
 
 

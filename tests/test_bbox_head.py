@@ -20,7 +20,16 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import GROUND_TEMPLATE, QWEN_FAMILIES, read_jsonl, run_cli, train_config, train_in_process, write_yaml
+from conftest import (
+    GROUND_TEMPLATE,
+    QWEN_FAMILIES,
+    one_torch_thread,
+    read_jsonl,
+    run_cli,
+    train_config,
+    train_in_process,
+    write_yaml,
+)
 from llamafactory_vision.grounding.bbox_head import (
     HEAD_CONFIG,
     HEAD_WEIGHTS,
@@ -44,10 +53,8 @@ HEAD_FILES = (HEAD_WEIGHTS, HEAD_CONFIG)
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def cli(args: list[str], cwd: Path, check: bool = True, **env: str):

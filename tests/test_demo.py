@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, cli_env, write_yaml
+from conftest import REPO, cli_env, one_torch_thread, write_yaml
 
 
 @pytest.mark.e2e
@@ -21,12 +21,8 @@ def test_demo_quick_runs_every_step_and_reports(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LLAMAFACTORY_VISION_DISABLE", raising=False)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "demo"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 gives the CLI runs
-    try:
+    with one_torch_thread():
         assert main(["demo", "--out", str(out), "--quick"]) == 0
-    finally:
-        torch.set_num_threads(threads)
     report = capsys.readouterr().out
     for line in ("text acc@0.5", "head acc@0.5", "text mIoU", "parse failures", "pictures:"):
         assert line in report

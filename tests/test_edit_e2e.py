@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, edit_config, read_jsonl, run_cli, write_yaml
+from conftest import REPO, edit_config, one_torch_thread, read_jsonl, run_cli, write_yaml
 from safetensors.torch import load_file
 
 STEPS = 4
@@ -204,10 +204,7 @@ def test_cli_edit_is_seeded_and_matches_the_pipeline(run_a, edit_models, edit_da
     head_key = next(k for k in saved if k.endswith("lm_head.weight"))
     assert torch.equal(pipe.mllm.get_input_embeddings().weight[ids], saved[embed_key][ids])
     assert torch.equal(pipe.mllm.get_output_embeddings().weight[ids], saved[head_key][ids])
-    # The CLI ran with one thread (cli_env); float sums over other thread counts differ in the last bits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():  # as the CLI ran
         with Image.open(source) as image:
             first = pipe(image, "make the circle blue", num_inference_steps=3,
                          generator=torch.Generator().manual_seed(5))  # fmt: skip
@@ -221,8 +218,6 @@ def test_cli_edit_is_seeded_and_matches_the_pipeline(run_a, edit_models, edit_da
         with Image.open(source) as image:
             reloaded = loaded(image, "make the circle blue", num_inference_steps=3,
                               generator=torch.Generator().manual_seed(5))  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
     assert (np.asarray(first.images[0]) == np.asarray(again.images[0])).all()
     assert (np.asarray(first.images[0]) != np.asarray(other.images[0])).any()
     with Image.open(tmp_path / "cli.png") as cli_image:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, edit_config, read_jsonl
+from conftest import REPO, edit_config, read_jsonl, train_in_process
 from safetensors.torch import load_file
 
 STEPS = 60
@@ -38,20 +38,13 @@ L1_RATIO = 0.6
 
 
 def _run(edit_models, pixel, data, out: Path, **extra) -> Path:
-    from llamafactory.train.tuner import run_exp
-
     config = edit_config(
         edit_models, data, out, diffusion_model_name_or_path=pixel, edit_resolution=16, do_predict=True,
         eval_dataset="synth_edit_train", per_device_train_batch_size=ROWS, lr_scheduler_type="constant",
         logging_steps=1, disable_gradient_checkpointing=True, edit_num_inference_steps=10, edit_text_guidance=1.0,
         edit_image_guidance=1.0, edit_max_new_tokens=4, edit_clip_model=edit_models["clip"], **extra,
     )  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the CLI runs under cli_env; the budget of this file is one core
-    try:
-        run_exp({k: str(v) if isinstance(v, Path) else v for k, v in config.items()})
-    finally:
-        torch.set_num_threads(threads)
+    train_in_process(config)  # one thread, as the CLI runs; the budget of this file is one core
     return out
 
 
