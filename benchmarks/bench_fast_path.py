@@ -46,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -65,6 +64,7 @@ from bench_grounding import (
     GROUND_TEMPLATE,
     STOCK_TEMPLATE,
     interleaved_schedule,
+    run_info,
     tokenize,
     write_result,
     write_rows,
@@ -402,10 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "fast_path",
         "small": args.small,
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": " ".join(sys.argv),
+        **run_info(args.device),
         "cpu_threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0],
     }

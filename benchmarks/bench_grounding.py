@@ -611,6 +611,16 @@ def run_cpu(small: bool, work: Path, repeat: int = 1) -> dict:
     }
 
 
+def run_info(device: str) -> dict:
+    """What a result file records of its run: the device (the GPU's name, else the CPU's), torch, date, command."""
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(sys.argv),
+    }
+
+
 def write_result(result: dict, out: Path | None) -> None:
     """Write a benchmark's result object as JSON to ``out`` (parents created); nothing when ``out`` is None."""
     if out is not None:
@@ -640,14 +650,7 @@ def main(argv: list[str] | None = None) -> dict:
     from llamafactory_vision import _bootstrap
 
     _bootstrap.install()  # the .pth does this where the package is pip-installed; idempotent
-    result = {
-        "workload": args.workload,
-        "small": args.small,
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": " ".join(sys.argv),
-    }
+    result = {"workload": args.workload, "small": args.small, **run_info(args.device)}
 
     def save(partial: dict) -> None:
         result.update(partial)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arch import write_model
-from bench_grounding import tokenize, write_result, write_rows
+from bench_grounding import run_info, tokenize, write_result, write_rows
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "pixel_values", "image_grid_thw")
 
@@ -103,11 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     result = {
         "benchmark": "image_cache",
-        "device": platform.processor() or "cpu",
+        **run_info("cpu"),
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": " ".join(sys.argv),
     }
     with tempfile.TemporaryDirectory() as tmp:
         result.update(run(Path(tmp), args.rows, args.batch_size, args.repeat))

@@ -6,7 +6,8 @@
 
 A benchmark script prints its result as the last JSON object on stdout (LLaMA-Factory logs to stdout too, so the
 object is found from the end). ``table`` and ``plot`` read ``a.json``, ``b.json`` and ``cpu.json`` from
-``bench_grounding.py`` and ``fast_path.json`` from ``bench_fast_path.py``, and list any other ``*.json`` (edit, mg_llava, zero3) by name with its top-level numbers.
+``bench_grounding.py`` and ``fast_path.json`` from ``bench_fast_path.py``, and list any other ``*.json`` (edit,
+mg_llava, zero3) by name with its top-level numbers.
 """
 
 from __future__ import annotations
